@@ -1,0 +1,176 @@
+//! Backend identity (its address) and the per-backend counters that live OUTSIDE snapshots, so a
+//! republish or a reload never resets them.
+//!
+//! `active` is the one counter every worker writes (least_connections needs a global count, and a
+//! connection counts from the moment it is assigned). Everything else is per worker: each worker
+//! writes only its own cache-line-padded slot and the admin side sums them at scrape time.
+//! Must not: do I/O, take locks on the data path, or know about rings or config files.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Pads a value to its own cache lines so two workers never write the same line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+/// Counters one worker keeps for one backend. Written only by that worker (relaxed adds on a line
+/// no other core writes), read by the admin side.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Connections established to this backend.
+    pub connections: AtomicU64,
+    /// Bytes client → backend.
+    pub bytes_up: AtomicU64,
+    /// Bytes backend → client.
+    pub bytes_down: AtomicU64,
+    /// Connect attempts refused (ECONNREFUSED).
+    pub connect_refused: AtomicU64,
+    /// Connect attempts that hit `connect_timeout`.
+    pub connect_timeout: AtomicU64,
+    /// Connect attempts that failed otherwise (unreachable, reset during handshake, ...).
+    pub connect_other: AtomicU64,
+}
+
+/// Adds `n` to a counter only this thread writes: a relaxed add, no fence.
+pub fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Per-backend state shared by every snapshot that lists the backend.
+#[derive(Debug)]
+pub struct BackendStats {
+    pub address: SocketAddr,
+    active: Padded<AtomicI64>,
+    workers: Box<[Padded<WorkerCounters>]>,
+}
+
+impl BackendStats {
+    pub fn new(address: SocketAddr, workers: usize) -> BackendStats {
+        BackendStats {
+            address,
+            active: Padded(AtomicI64::new(0)),
+            workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
+        }
+    }
+
+    /// Active connections across all workers (assigned and not yet closed).
+    pub fn active(&self) -> u64 {
+        self.active.0.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn inc_active(&self) {
+        self.active.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec_active(&self) {
+        self.active.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The counters of worker `id` (the calling worker's own slot).
+    pub fn worker(&self, id: usize) -> &WorkerCounters {
+        &self.workers[id % self.workers.len()].0
+    }
+
+    /// Sum of one counter over all workers (scrape time).
+    pub fn sum(&self, f: impl Fn(&WorkerCounters) -> &AtomicU64) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| f(&w.0).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Counters one worker keeps for one listener.
+#[derive(Debug, Default)]
+pub struct ListenerWorkerCounters {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed because no backend was eligible (all down, full, or all attempts failed).
+    pub no_backend: AtomicU64,
+    /// Connections open right now on this worker.
+    pub active: AtomicU64,
+}
+
+/// Per-listener counters, outside snapshots, per worker.
+#[derive(Debug)]
+pub struct ListenerStats {
+    workers: Box<[Padded<ListenerWorkerCounters>]>,
+}
+
+impl ListenerStats {
+    pub fn new(workers: usize) -> ListenerStats {
+        ListenerStats {
+            workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
+        }
+    }
+    pub fn worker(&self, id: usize) -> &ListenerWorkerCounters {
+        &self.workers[id % self.workers.len()].0
+    }
+    pub fn sum(&self, f: impl Fn(&ListenerWorkerCounters) -> &AtomicU64) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| f(&w.0).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Control-plane registry: one `BackendStats` per (listener, address), kept across republishes and
+/// reloads so counters carry over by backend address. Only the control plane touches it.
+#[derive(Debug)]
+pub struct Registry {
+    workers: usize,
+    entries: Mutex<Vec<(String, Arc<BackendStats>)>>,
+}
+
+impl Registry {
+    pub fn new(workers: usize) -> Registry {
+        Registry {
+            workers,
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The stats for a backend of a listener, created on first use.
+    pub fn get(&self, listener: &str, address: SocketAddr) -> Arc<BackendStats> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = entries
+            .iter()
+            .find(|(l, s)| l == listener && s.address == address)
+        {
+            return s.clone();
+        }
+        let s = Arc::new(BackendStats::new(address, self.workers));
+        entries.push((listener.to_string(), s.clone()));
+        s
+    }
+
+    /// Every (listener, stats) known, including backends removed from the config that still
+    /// have connections.
+    pub fn all(&self) -> Vec<(String, Arc<BackendStats>)> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_keeps_counters_by_address() {
+        let r = Registry::new(2);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let s1 = r.get("web", a);
+        s1.inc_active();
+        bump(&s1.worker(1).connections, 3);
+        let s2 = r.get("web", a);
+        assert!(Arc::ptr_eq(&s1, &s2));
+        assert_eq!(s2.active(), 1);
+        assert_eq!(s2.sum(|w| &w.connections), 3);
+        assert!(!Arc::ptr_eq(&s1, &r.get("db", a)));
+    }
+}

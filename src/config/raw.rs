@@ -1,0 +1,59 @@
+//! Serde mirror of the TOML config file, exactly as written by the operator.
+//!
+//! Owns the file's shape: section and field names, and which fields exist at all
+//! (`deny_unknown_fields` everywhere, so a misspelt field is an error with a line and column, not
+//! a silently ignored setting). It must hold NO logic: every field is optional, durations,
+//! addresses and enum names stay strings, integers stay `i64` (TOML's integer type, so that an
+//! out-of-range value reaches validation and gets a message naming the listener and field).
+//! Defaults and checks live in `config/mod.rs`.
+
+use serde::Deserialize;
+
+/// The whole file: `[runtime]`, `[admin]`, `[[listeners]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub runtime: Option<RawRuntime>,
+    pub admin: Option<RawAdmin>,
+    pub listeners: Option<Vec<RawListener>>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub workers: Option<i64>,
+    pub drain_timeout: Option<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Option<String>,
+}
+
+/// One `[[listeners]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<String>,
+    pub bind: Option<String>,
+    pub protocol: Option<String>,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub backends: Option<Vec<RawBackend>>,
+}
+
+/// One entry of a listener's `backends = [ { address = "...", weight = 2 } ]`
+/// (or, equivalently, one `[[listeners.backends]]` table).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: Option<String>,
+    pub weight: Option<i64>,
+}

@@ -1,0 +1,449 @@
+//! Tests of config loading: the example files, defaults, and one message per kind of mistake.
+//! No I/O except reading `config/*.toml` and one missing file.
+
+use super::*;
+use std::path::PathBuf;
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_config_loads() {
+    let files = examples();
+    assert!(files.len() >= 5, "expected ≥ 5 examples, found {files:?}");
+    for file in files {
+        let config = Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.summary().is_empty());
+    }
+}
+
+#[test]
+fn every_field_appears_in_some_example() {
+    let all: String = examples()
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("example readable"))
+        .collect();
+    let fields = [
+        "[runtime]",
+        "workers =",
+        "drain_timeout =",
+        "[admin]",
+        "bind =",
+        "[[listeners]]",
+        "name =",
+        "protocol =",
+        "balance =",
+        "hash_key =",
+        "maglev_table_size =",
+        "connect_timeout =",
+        "idle_timeout =",
+        "max_connections =",
+        "backends =",
+        "[[listeners.backends]]",
+        "address =",
+        "weight =",
+    ];
+    for field in fields {
+        assert!(all.contains(field), "no example shows {field:?}");
+    }
+}
+
+#[test]
+fn demo_example_matches_the_demo_subcommand() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let [demo] = config.listeners.as_slice() else {
+        panic!("one listener expected");
+    };
+    assert_eq!(demo.name, "demo");
+    assert_eq!(demo.bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(demo.balance, Policy::RoundRobin);
+    let ports: Vec<u16> = demo.backends.iter().map(|b| b.address.port()).collect();
+    assert_eq!(ports, [9001, 9002, 9003]);
+}
+
+#[test]
+fn defaults_applied() {
+    let config = Config::parse(
+        r#"
+        [[listeners]]
+        name = "web"
+        bind = "127.0.0.1:0"
+        backends = [ { address = "127.0.0.1:9001" } ]
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(config.runtime.workers, cpus.min(MAX_WORKERS));
+    assert_eq!(config.runtime.drain_timeout, Duration::from_secs(30));
+    assert_eq!(config.admin.bind, "127.0.0.1:9900".parse().unwrap());
+    let expected = Listener {
+        name: "web".to_string(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        balance: Policy::RoundRobin,
+        hash_key: HashKey::SourceIp,
+        maglev_table_size: 65537,
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(3600),
+        max_connections: 100_000,
+        backends: vec![BackendConfig {
+            address: "127.0.0.1:9001".parse().unwrap(),
+            weight: 1,
+        }],
+    };
+    assert_eq!(config.listeners, [expected]);
+}
+
+#[test]
+fn explicit_values_and_both_backend_forms() {
+    let config = Config::parse(
+        r#"
+        [runtime]
+        workers = 3
+        drain_timeout = "1.5s"
+        [admin]
+        bind = "[::1]:9901"
+        [[listeners]]
+        name = "a"
+        bind = "[::]:6379"
+        balance = "maglev"
+        hash_key = "source_ip_port"
+        maglev_table_size = 7
+        connect_timeout = "250ms"
+        idle_timeout = "5m"
+        max_connections = 10
+        backends = [ { address = "[::1]:7001", weight = 3 }, { address = "10.0.0.1:7002" } ]
+        [[listeners]]
+        name = "b"
+        bind = "127.0.0.1:0"
+        [[listeners.backends]]
+        address = "127.0.0.1:7003"
+        weight = 2
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.runtime.workers, 3);
+    assert_eq!(config.runtime.drain_timeout, Duration::from_millis(1500));
+    assert_eq!(config.admin.bind, "[::1]:9901".parse().unwrap());
+    let a = &config.listeners[0];
+    assert_eq!(a.balance, Policy::Maglev);
+    assert_eq!(a.hash_key, HashKey::SourceIpPort);
+    assert_eq!(a.maglev_table_size, 7);
+    assert_eq!(a.connect_timeout, Duration::from_millis(250));
+    assert_eq!(a.idle_timeout, Duration::from_secs(300));
+    assert_eq!(a.max_connections, 10);
+    assert_eq!(a.backends[0].address, "[::1]:7001".parse().unwrap());
+    assert_eq!(a.backends[0].weight, 3);
+    let b = &config.listeners[1].backends;
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].address.port(), b[0].weight), (7003, 2));
+    let summary = config.summary();
+    for want in [
+        "workers 3",
+        "drain_timeout 1500ms",
+        "[::1]:9901",
+        "listener \"a\": tcp [::]:6379, balance maglev (hash_key source_ip_port, table size 7)",
+        "connect_timeout 250ms, idle_timeout 5m, max_connections 10",
+        "backend [::1]:7001 weight 3",
+        "listener \"b\": tcp 127.0.0.1:0, balance round_robin\n",
+        "backend 127.0.0.1:7003 weight 2",
+    ] {
+        assert!(summary.contains(want), "{want:?} not in:\n{summary}");
+    }
+}
+
+#[test]
+fn port_zero_binds_do_not_conflict() {
+    let text = r#"
+        [[listeners]]
+        name = "a"
+        bind = "127.0.0.1:0"
+        backends = [ { address = "127.0.0.1:9001" } ]
+        [[listeners]]
+        name = "b"
+        bind = "127.0.0.1:0"
+        backends = [ { address = "127.0.0.1:9001" } ]
+    "#;
+    assert_eq!(Config::parse(text).map(|c| c.listeners.len()).ok(), Some(2));
+}
+
+/// A config with one listener "web" whose body (after `name`) is `body`.
+fn web(body: &str) -> String {
+    format!("[[listeners]]\nname = \"web\"\n{body}\n")
+}
+
+const BIND: &str = "bind = \"127.0.0.1:8080\"";
+const ONE_BACKEND: &str = "backends = [ { address = \"127.0.0.1:9001\" } ]";
+
+fn web_with(line: &str) -> String {
+    web(&format!("{BIND}\n{line}\n{ONE_BACKEND}"))
+}
+
+#[test]
+fn bad_configs_name_listener_field_and_value() {
+    let two_listeners =
+        |second: &str| format!("{}[[listeners]]\n{second}\n{ONE_BACKEND}\n", web_with(""));
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("empty file", String::new(), vec!["config", "field \"listeners\"", "none defined"]),
+        ("empty listeners", "listeners = []".into(), vec!["field \"listeners\"", "at least one"]),
+        ("no backends", web(BIND), vec!["listener \"web\"", "field \"backends\"", "missing"]),
+        (
+            "empty backends",
+            web(&format!("{BIND}\nbackends = []")),
+            vec!["listener \"web\"", "field \"backends\"", "[] is empty"],
+        ),
+        (
+            "bad backend address",
+            web(&format!(
+                "{BIND}\nbackends = [ {{ address = \"127.0.0.1:9001\" }}, {{ address = \"127.0.0.1:99999\" }} ]"
+            )),
+            vec![
+                "listener \"web\": field \"backends[1].address\": \"127.0.0.1:99999\" is not a socket address (expected IP:PORT, IPv6 as [::1]:PORT)",
+            ],
+        ),
+        (
+            "host name instead of IP",
+            web(&format!("bind = \"localhost:80\"\n{ONE_BACKEND}")),
+            vec!["listener \"web\"", "field \"bind\"", "\"localhost:80\"", "IP:PORT"],
+        ),
+        (
+            "IPv6 without brackets",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"::1:9001\" }} ]")),
+            vec!["listener \"web\"", "backends[0].address", "\"::1:9001\"", "[::1]:PORT"],
+        ),
+        (
+            "backend port 0",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"127.0.0.1:0\" }} ]")),
+            vec!["listener \"web\"", "backends[0].address", "\"127.0.0.1:0\"", "port 0"],
+        ),
+        (
+            "wildcard backend",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"0.0.0.0:80\" }} ]")),
+            vec!["listener \"web\"", "backends[0].address", "\"0.0.0.0:80\"", "unspecified"],
+        ),
+        (
+            "duplicate backend",
+            web(&format!(
+                "{BIND}\nbackends = [ {{ address = \"[::1]:80\" }}, {{ address = \"[::1]:80\" }} ]"
+            )),
+            vec!["listener \"web\"", "backends[1].address", "\"[::1]:80\"", "duplicates backends[0]"],
+        ),
+        (
+            "missing backend address",
+            web(&format!("{BIND}\nbackends = [ {{ weight = 2 }} ]")),
+            vec!["listener \"web\"", "backends[0].address", "missing"],
+        ),
+        (
+            "missing name",
+            format!("[[listeners]]\n{BIND}\n{ONE_BACKEND}\n"),
+            vec!["listeners[0]: field \"name\": missing"],
+        ),
+        (
+            "invalid name",
+            two_listeners("name = \"my web\"\nbind = \"127.0.0.1:8081\""),
+            vec!["listeners[1]: field \"name\": \"my web\" is not a valid name", "letters, digits"],
+        ),
+        (
+            "empty name",
+            two_listeners("name = \"\"\nbind = \"127.0.0.1:8081\""),
+            vec!["listeners[1]: field \"name\": \"\" is not a valid name"],
+        ),
+        (
+            "duplicate name",
+            two_listeners("name = \"web\"\nbind = \"127.0.0.1:8081\""),
+            vec!["listeners[1]: field \"name\": \"web\" is already used by listeners[0]"],
+        ),
+        (
+            "duplicate bind",
+            two_listeners("name = \"db\"\nbind = \"127.0.0.1:8080\""),
+            vec!["listener \"db\": field \"bind\": \"127.0.0.1:8080\" is already used by listener \"web\""],
+        ),
+        (
+            "wildcard bind overlaps",
+            two_listeners("name = \"db\"\nbind = \"0.0.0.0:8080\""),
+            vec!["listener \"db\": field \"bind\": \"0.0.0.0:8080\" overlaps 127.0.0.1:8080", "listener \"web\""],
+        ),
+        (
+            "missing bind",
+            web(ONE_BACKEND),
+            vec!["listener \"web\": field \"bind\": missing"],
+        ),
+        (
+            "weight 0",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"127.0.0.1:9001\", weight = 0 }} ]")),
+            vec!["listener \"web\": field \"backends[0].weight\": 0 must be ≥ 1"],
+        ),
+        (
+            "weight too large",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"127.0.0.1:9001\", weight = 4294967296 }} ]")),
+            vec!["listener \"web\": field \"backends[0].weight\": 4294967296 must be ≤ 4294967295"],
+        ),
+        (
+            "bad duration",
+            web_with("connect_timeout = \"5x\""),
+            vec!["listener \"web\": field \"connect_timeout\": \"5x\" is not a duration", "unknown unit", "ms, s, m or h"],
+        ),
+        (
+            "duration without unit",
+            web_with("idle_timeout = \"30\""),
+            vec!["listener \"web\": field \"idle_timeout\": \"30\" is not a duration", "unit is missing"],
+        ),
+        (
+            "zero timeout",
+            web_with("idle_timeout = \"0s\""),
+            vec!["listener \"web\": field \"idle_timeout\": \"0s\" must be greater than zero"],
+        ),
+        (
+            "duration as a number",
+            web_with("connect_timeout = 5"),
+            vec!["line 4", "connect_timeout", "expected a string"],
+        ),
+        (
+            "non-prime table size",
+            web_with("maglev_table_size = 65536"),
+            vec!["listener \"web\": field \"maglev_table_size\": 65536 is not prime (try 65537)"],
+        ),
+        (
+            "table size too small",
+            web_with("maglev_table_size = 2"),
+            vec!["listener \"web\": field \"maglev_table_size\": 2 must be a prime between 3 and 5000011"],
+        ),
+        (
+            "table size too large",
+            web_with("maglev_table_size = 5000012"),
+            vec!["listener \"web\"", "maglev_table_size", "5000012 must be a prime between 3 and 5000011"],
+        ),
+        (
+            "table size not above backend count",
+            web(&format!(
+                "{BIND}\nmaglev_table_size = 3\nbackends = [ {{ address = \"127.0.0.1:1\" }}, {{ address = \"127.0.0.1:2\" }}, {{ address = \"127.0.0.1:3\" }} ]"
+            )),
+            vec!["listener \"web\": field \"maglev_table_size\": 3 must be greater than the number of backends (3) (try 307)"],
+        ),
+        (
+            "unknown balance",
+            web_with("balance = \"fastest\""),
+            vec![
+                "listener \"web\": field \"balance\": \"fastest\" is not a balancing policy",
+                "\"round_robin\", \"least_connections\", \"random\", \"power_of_two\", \"maglev\"",
+            ],
+        ),
+        (
+            "unknown hash key",
+            web_with("hash_key = \"dest_ip\""),
+            vec!["listener \"web\": field \"hash_key\": \"dest_ip\"", "\"source_ip\", \"source_ip_port\""],
+        ),
+        (
+            "unknown listener field",
+            web_with("balanse = \"maglev\""),
+            vec!["line 4", "unknown field `balanse`", "balance"],
+        ),
+        (
+            "unknown section",
+            format!("[runtme]\nworkers = 2\n{}", web_with("")),
+            vec!["line 1", "unknown field `runtme`"],
+        ),
+        (
+            "unknown backend field",
+            web(&format!("{BIND}\nbackends = [ {{ adress = \"127.0.0.1:9001\" }} ]")),
+            vec!["line 4", "unknown field `adress`"],
+        ),
+        (
+            "workers 0",
+            format!("[runtime]\nworkers = 0\n{}", web_with("")),
+            vec!["runtime: field \"workers\": 0 must be between 1 and 1024"],
+        ),
+        (
+            "workers negative",
+            format!("[runtime]\nworkers = -4\n{}", web_with("")),
+            vec!["runtime: field \"workers\": -4 must be between 1 and 1024"],
+        ),
+        (
+            "bad drain timeout",
+            format!("[runtime]\ndrain_timeout = \"-1s\"\n{}", web_with("")),
+            vec!["runtime: field \"drain_timeout\": \"-1s\" is not a duration"],
+        ),
+        (
+            "bad admin bind",
+            format!("[admin]\nbind = \"9900\"\n{}", web_with("")),
+            vec!["admin: field \"bind\": \"9900\" is not a socket address"],
+        ),
+        (
+            "max_connections 0",
+            web_with("max_connections = 0"),
+            vec!["listener \"web\": field \"max_connections\": 0 must be between 1 and 4294967295"],
+        ),
+        (
+            "udp not implemented yet",
+            web_with("protocol = \"udp\""),
+            vec!["listener \"web\": field \"protocol\": \"udp\" is not implemented yet"],
+        ),
+        (
+            "unknown protocol",
+            web_with("protocol = \"sctp\""),
+            vec!["listener \"web\": field \"protocol\": \"sctp\" is not a protocol"],
+        ),
+        (
+            "TOML syntax",
+            "[[listeners]\nname = \"web\"".into(),
+            vec!["TOML parse error at line 1"],
+        ),
+    ];
+    for (what, text, wants) in cases {
+        let err = match Config::parse(&text) {
+            Ok(_) => panic!("{what}: accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        for want in wants {
+            assert!(err.contains(want), "{what}: {want:?} not in:\n{err}");
+        }
+    }
+}
+
+#[test]
+fn ipv6_addresses_accepted() {
+    let text = web(
+        "bind = \"[::]:443\"\nbackends = [ { address = \"[2001:db8::1]:8443\" }, { address = \"[::1]:8443\" } ]",
+    );
+    let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let l = &config.listeners[0];
+    assert!(l.bind.is_ipv6());
+    assert_eq!(l.backends[0].address, "[2001:db8::1]:8443".parse().unwrap());
+}
+
+#[test]
+fn load_errors_name_the_path() {
+    let missing = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/does-not-exist.toml");
+    let err = Config::load(&missing)
+        .expect_err("missing file")
+        .to_string();
+    assert!(err.contains("cannot read config file"), "{err}");
+    assert!(err.contains("does-not-exist.toml"), "{err}");
+
+    // The same validation error, with and without the path in front.
+    let err = Config::parse("").expect_err("no listeners");
+    assert!(
+        err.to_string().starts_with("config: field \"listeners\""),
+        "{err}"
+    );
+    let with_path = err.with_path(Path::new("x/ringlb.toml")).to_string();
+    assert!(
+        with_path.starts_with("x/ringlb.toml: config: field \"listeners\""),
+        "{with_path}"
+    );
+    let toml = Config::parse("listeners = 3").expect_err("wrong type");
+    let with_path = toml.with_path(Path::new("x/ringlb.toml")).to_string();
+    assert!(
+        with_path.starts_with("x/ringlb.toml: TOML parse error at line 1"),
+        "{with_path}"
+    );
+}

@@ -1,0 +1,38 @@
+//! ringlb: an L4 TCP/UDP load balancer for Linux on io_uring.
+//!
+//! ```text
+//!             control thread (config, health, reload, admin)
+//!                  │ publishes Arc<Snapshot> per listener (one pointer, swapped atomically)
+//!                  ▼
+//! listener ─► worker (own io_uring, own SO_REUSEPORT socket) ─► Snapshot::pick ─► connect ─► splice ⇄ ─► close
+//!                                                    per-backend counters (atomics, outside snapshots)
+//! ```
+//!
+//! A connection never leaves the worker that accepted it. Workers never call into the control
+//! plane; they read the latest snapshot and update per-backend atomics. The control plane never
+//! touches rings.
+//!
+//! Modules:
+//! - [`config`]: TOML → raw serde mirror → validated [`config::Config`].
+//! - [`balance`]: pure balancing policies (smooth WRR, least connections, random, P2C, Maglev).
+//! - [`backend`]: backend identity and the per-backend counters kept outside snapshots.
+//! - [`snapshot`]: the immutable per-listener pool snapshot and its publisher/reader.
+//! - [`control`]: owns the config, builds and publishes snapshots.
+//! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
+//! - [`worker`]: the per-core io_uring loop and the pure connection state machine.
+//! - [`uring`] and [`sys`]: the only places with `unsafe`.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod runtime;
+pub mod snapshot;
+#[allow(unsafe_code)]
+pub mod sys;
+#[allow(unsafe_code)]
+pub mod uring;
+pub mod worker;

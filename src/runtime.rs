@@ -1,0 +1,222 @@
+//! Starts the control plane and the workers, binds every listener's `SO_REUSEPORT` sockets (one
+//! per worker), handles signals and fans shutdown out to the workers.
+//!
+//! Signals are blocked in every thread and taken synchronously here with `sigtimedwait`, so no
+//! async-signal-safety concerns reach the rest of the crate. SIGTERM/SIGINT drain (a second one
+//! stops hard); SIGHUP is logged (reload comes with the operations issue).
+//! Must not: touch rings or connections; it talks to workers only through `worker::Shared`.
+
+use crate::config::{Config, Protocol};
+use crate::control::Control;
+use crate::sys;
+use crate::uring::{self, Ring};
+use crate::worker::{self, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
+use log::{error, info, warn};
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Listen backlog asked of the kernel (capped by net.core.somaxconn).
+const BACKLOG: i32 = 65535;
+
+/// Runtime failures (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    IoUring(String),
+    #[error("listener \"{listener}\": cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start worker {id}: {source}")]
+    Worker { id: usize, source: std::io::Error },
+    #[error("worker {id} failed: {reason}")]
+    WorkerFailed { id: usize, reason: String },
+    #[error("signal setup failed: {0}")]
+    Signals(nix::Error),
+}
+
+/// Binds one listening socket; `port 0` is resolved by the first bind and reused by the rest.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    Ok(s)
+}
+
+/// Binds `workers` sockets for one listener; returns them and the actual address.
+fn bind_listener(
+    name: &str,
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<Socket>, SocketAddr), RuntimeError> {
+    let err = |source| RuntimeError::Bind {
+        listener: name.to_string(),
+        addr,
+        source,
+    };
+    let first = bind_tcp(addr).map_err(err)?;
+    let actual = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(addr);
+    let mut socks = vec![first];
+    for _ in 1..workers {
+        socks.push(bind_tcp(actual).map_err(err)?);
+    }
+    Ok((socks, actual))
+}
+
+/// Runs ringlb until a stop signal has been handled and every worker has exited.
+pub fn run(config: Config) -> Result<(), RuntimeError> {
+    Ring::probe().map_err(|e| RuntimeError::IoUring(uring::unavailable_reason(&e)))?;
+    match sys::raise_nofile_limit() {
+        Ok((old, new)) if old != new => info!("raised RLIMIT_NOFILE soft limit {old} -> {new}"),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
+    let workers = config.runtime.workers;
+    let control = Control::new(&config);
+
+    // Bind everything before any thread starts so bind errors are reported up front.
+    let mut per_worker: Vec<Vec<ListenerSpec>> = (0..workers).map(|_| Vec::new()).collect();
+    for cl in &control.listeners {
+        let l = &cl.config;
+        if l.protocol != Protocol::Tcp {
+            continue;
+        }
+        let (socks, actual) = bind_listener(&l.name, l.bind, workers)?;
+        info!(
+            "listener \"{}\" listening on {} (tcp, {}, {} backends, {} workers)",
+            l.name,
+            actual,
+            l.balance.name(),
+            l.backends.len(),
+            workers
+        );
+        let name: Arc<str> = Arc::from(l.name.as_str());
+        for (w, sock) in socks.into_iter().enumerate() {
+            per_worker[w].push(ListenerSpec {
+                name: name.clone(),
+                socket: sock,
+                published: cl.published.clone(),
+                stats: cl.stats.clone(),
+                needs_client_addr: l.balance == crate::balance::Policy::Maglev,
+            });
+        }
+    }
+
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().map_err(RuntimeError::Signals)?;
+
+    let mut shared = Vec::with_capacity(workers);
+    let mut handles: Vec<JoinHandle<std::io::Result<()>>> = Vec::with_capacity(workers);
+    for (id, listeners) in per_worker.into_iter().enumerate() {
+        let sh = Arc::new(Shared::new(id).map_err(|source| RuntimeError::Worker { id, source })?);
+        let spec = WorkerSpec {
+            shared: sh.clone(),
+            listeners,
+            workers,
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("ringlb-w{id}"))
+            .spawn(move || worker::run(spec))
+            .map_err(|source| RuntimeError::Worker { id, source })?;
+        shared.push(sh);
+        handles.push(h);
+    }
+    info!(
+        "ready: {} listener(s), {} worker(s), drain timeout {:?}",
+        control.listeners.len(),
+        workers,
+        config.runtime.drain_timeout
+    );
+
+    // Main loop: wait for signals, watch workers.
+    let mut drain_deadline: Option<Instant> = None;
+    let mut hard = false;
+    loop {
+        if let Some(sig) = sys::wait_signal(&sigs, Duration::from_millis(100)) {
+            match Signal::try_from(sig) {
+                Ok(Signal::SIGHUP) => {
+                    warn!("SIGHUP received: configuration reload is not implemented yet; still running on the loaded config")
+                }
+                Ok(s) => {
+                    if drain_deadline.is_none() {
+                        let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
+                        info!(
+                            "{s} received: draining {live} open connection(s) for up to {:?} (send again to stop at once)",
+                            config.runtime.drain_timeout
+                        );
+                        drain_deadline = Some(Instant::now() + config.runtime.drain_timeout);
+                        shared.iter().for_each(|w| w.request_stop(DRAIN));
+                    } else if !hard {
+                        info!("{s} received again: closing every connection now");
+                        hard = true;
+                        shared.iter().for_each(|w| w.request_stop(HARD_STOP));
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(d) = drain_deadline {
+            if !hard && Instant::now() >= d {
+                let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
+                info!("drain timeout reached: closing {live} remaining connection(s)");
+                hard = true;
+                shared.iter().for_each(|w| w.request_stop(HARD_STOP));
+            }
+        }
+        if let Some((id, _)) = handles.iter().enumerate().find(|(_, h)| h.is_finished()) {
+            if drain_deadline.is_none() {
+                // A worker ended without being asked: the process cannot serve its share.
+                let h = handles.swap_remove(id);
+                let reason = match h.join() {
+                    Ok(Ok(())) => "exited unexpectedly".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "panicked".to_string(),
+                };
+                error!("worker {id} failed: {reason}; stopping");
+                shared.iter().for_each(|w| w.request_stop(HARD_STOP));
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(RuntimeError::WorkerFailed { id, reason });
+            }
+            if handles.iter().all(|h| h.is_finished()) {
+                let mut failed = None;
+                for (id, h) in handles.into_iter().enumerate() {
+                    match h.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => failed = Some((id, e.to_string())),
+                        Err(_) => failed = Some((id, "panicked".to_string())),
+                    }
+                }
+                if let Some((id, reason)) = failed {
+                    return Err(RuntimeError::WorkerFailed { id, reason });
+                }
+                info!("all connections closed; exiting");
+                return Ok(());
+            }
+        }
+    }
+}

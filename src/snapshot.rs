@@ -1,0 +1,95 @@
+//! The immutable per-listener pool snapshot (backends, weights, health bits, prebuilt balancing
+//! tables, per-listener settings) and the lock-free publish/read path between the control plane
+//! and the workers.
+//!
+//! The control plane builds a new `Snapshot` and swaps it in with one atomic pointer store
+//! (`arc_swap::ArcSwap`); each worker reads through an `arc_swap::Cache`, which costs one atomic
+//! load when nothing changed. Per-backend counters are NOT in the snapshot: each entry points at
+//! the `BackendStats` the registry keeps by address.
+//! Must not: do I/O or know about rings; it is data plus the pick that reads it.
+
+use crate::backend::{BackendStats, ListenerStats};
+use crate::balance::{flow_key, HashKey, PickState, Tables};
+use arc_swap::{ArcSwap, Cache};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Listener-level settings that may change on reload and that workers read per connection.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Per-listener connection cap (each worker enforces its share).
+    pub max_connections: u32,
+    pub hash_key: HashKey,
+}
+
+/// One backend as a snapshot sees it.
+#[derive(Debug)]
+pub struct Member {
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// Health bit: pickers never choose a member that is down.
+    pub up: bool,
+    pub stats: Arc<BackendStats>,
+}
+
+/// Everything a worker needs to place a connection of one listener.
+pub struct Snapshot {
+    /// Increases by one on every publish of this listener.
+    pub generation: u64,
+    pub listener: Arc<str>,
+    pub settings: Settings,
+    pub members: Vec<Member>,
+    pub tables: Tables,
+    pub listener_stats: Arc<ListenerStats>,
+}
+
+impl Snapshot {
+    /// Picks a member for a client, skipping down members and the addresses in `tried`.
+    pub fn pick(
+        &self,
+        st: &mut PickState,
+        client: Option<&SocketAddr>,
+        tried: &[SocketAddr],
+    ) -> Option<usize> {
+        let key = match client {
+            Some(c) => flow_key(c, self.settings.hash_key),
+            None => 0,
+        };
+        let members = &self.members;
+        self.tables.pick(
+            st,
+            key,
+            |i| members[i].up && !tried.contains(&members[i].address),
+            |i| members[i].stats.active(),
+        )
+    }
+
+    /// Number of members currently up.
+    pub fn up_count(&self) -> usize {
+        self.members.iter().filter(|m| m.up).count()
+    }
+}
+
+/// The published pointer for one listener.
+pub type Published = Arc<ArcSwap<Snapshot>>;
+
+/// A worker's cached view of one listener's published snapshot.
+pub struct Reader {
+    cache: Cache<Published, Arc<Snapshot>>,
+}
+
+impl Reader {
+    pub fn new(published: Published) -> Reader {
+        Reader {
+            cache: Cache::new(published),
+        }
+    }
+
+    /// The latest snapshot (one atomic load when unchanged).
+    pub fn load(&mut self) -> &Arc<Snapshot> {
+        self.cache.load()
+    }
+}

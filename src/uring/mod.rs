@@ -1,0 +1,288 @@
+//! The per-worker io_uring driver: a safe `Ring` over the `io-uring` crate, SQE builders for the
+//! handful of operations ringlb uses, a submission backlog, and `user_data` tokens.
+//!
+//! Ownership promise (what every `// SAFETY:` below rests on): memory an SQE points to is owned by
+//! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`), lives as long as
+//! the ring, and never moves; file descriptors named by an SQE belong to the caller's connection
+//! entry, which the worker does not free or close until every operation it submitted for that
+//! entry has completed. This module never logs and never allocates per operation (the backlog
+//! and tables grow, then are reused).
+//!
+//! Must not: know about connections, listeners or backends. It moves SQEs and CQEs, nothing else.
+
+mod token;
+
+pub use token::{Op, Token};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// `splice` flags: never block on the pipe; move pages where possible.
+const SPLICE_FLAGS: u32 = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+
+/// One completion, copied out of the CQ so the ring can be borrowed again while handling it.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    pub token: Token,
+    pub result: i32,
+    pub flags: u32,
+}
+
+impl Completion {
+    /// True when a multishot operation will post more completions.
+    pub fn more(&self) -> bool {
+        io_uring::cqueue::more(self.flags)
+    }
+}
+
+/// Identifies a timespec registered with [`Ring::timespec`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimespecId(usize);
+
+/// Why io_uring cannot be used here, phrased for the one line the binary prints.
+pub fn unavailable_reason(err: &io::Error) -> String {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    match err.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring is not available: this kernel has no io_uring support (ENOSYS); ringlb needs Linux ≥ 6.0 with io_uring".into(),
+        Some(libc::EPERM) if disabled == "2" => "io_uring is disabled on this host (kernel.io_uring_disabled = 2); set it to 0 to run ringlb".into(),
+        Some(libc::EPERM) if disabled == "1" => "io_uring is restricted on this host (kernel.io_uring_disabled = 1, only the io_uring_group may use it); run ringlb in that group or set it to 0".into(),
+        Some(libc::EPERM) => "io_uring is blocked (EPERM): probably a container seccomp profile (Docker's and containerd's default block io_uring); run with a profile that allows io_uring_setup/io_uring_enter/io_uring_register".into(),
+        _ => format!("io_uring setup failed: {err}"),
+    }
+}
+
+/// Socket addresses for in-flight connects, one slot per connection index, in fixed chunks so
+/// that a slot's address never moves while the table grows.
+struct AddrTable {
+    chunks: Vec<Box<[libc::sockaddr_storage; ADDR_CHUNK]>>,
+}
+
+const ADDR_CHUNK: usize = 256;
+
+impl AddrTable {
+    fn slot(&mut self, index: u32) -> &mut libc::sockaddr_storage {
+        let (c, i) = (index as usize / ADDR_CHUNK, index as usize % ADDR_CHUNK);
+        while self.chunks.len() <= c {
+            // SAFETY: sockaddr_storage is plain old data for which all-zero bytes are valid.
+            let zeroed: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            self.chunks.push(Box::new([zeroed; ADDR_CHUNK]));
+        }
+        &mut self.chunks[c][i]
+    }
+}
+
+/// One io_uring with a backlog for entries that did not fit in the submission queue.
+pub struct Ring {
+    ring: IoUring,
+    /// Groups of SQEs (a single entry, or a linked pair that must enter the SQ together).
+    backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
+    addrs: AddrTable,
+    /// Boxed on purpose: SQEs point into these, so they must not move when the Vec grows.
+    #[allow(clippy::vec_box)]
+    timespecs: Vec<Box<types::Timespec>>,
+}
+
+impl Ring {
+    /// Creates a ring with `entries` SQ entries and 4× as many CQ entries, single issuer and
+    /// cooperative task running (falling back without them on kernels that refuse the flags).
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(entries * 4)
+            .build(entries)
+            .or_else(|e| {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    IoUring::builder().setup_cqsize(entries * 4).build(entries)
+                } else {
+                    Err(e)
+                }
+            })?;
+        Ok(Ring {
+            ring,
+            backlog: VecDeque::new(),
+            addrs: AddrTable { chunks: Vec::new() },
+            timespecs: Vec::new(),
+        })
+    }
+
+    /// Checks once, at start, that io_uring can be set up at all.
+    pub fn probe() -> io::Result<()> {
+        IoUring::new(8).map(|_| ())
+    }
+
+    /// Registers a duration for use by timeouts; the timespec lives as long as the ring.
+    pub fn timespec(&mut self, d: Duration) -> TimespecId {
+        let ts = types::Timespec::new()
+            .sec(d.as_secs())
+            .nsec(d.subsec_nanos());
+        self.timespecs.push(Box::new(ts));
+        TimespecId(self.timespecs.len() - 1)
+    }
+
+    fn ts_ptr(&self, id: TimespecId) -> *const types::Timespec {
+        &*self.timespecs[id.0] as *const types::Timespec
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        self.push_group(e, None);
+    }
+
+    fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
+        if !self.backlog.is_empty() || !self.try_push(&first, second.as_ref()) {
+            // Make room by submitting what is queued, then try again before falling back.
+            let _ = self.ring.submit();
+            if !self.backlog.is_empty() || !self.try_push(&first, second.as_ref()) {
+                self.backlog.push_back((first, second));
+            }
+        }
+    }
+
+    fn try_push(&mut self, first: &squeue::Entry, second: Option<&squeue::Entry>) -> bool {
+        let mut sq = self.ring.submission();
+        let need = 1 + usize::from(second.is_some());
+        if sq.capacity() - sq.len() < need {
+            return false;
+        }
+        // SAFETY: every entry built by this module points only at memory owned by the Ring
+        // (AddrTable slots, boxed timespecs) or at nothing; the fds it names are kept open by the
+        // caller until the completion arrives (module docs).
+        unsafe {
+            let _ = sq.push(first);
+            if let Some(s) = second {
+                let _ = sq.push(s);
+            }
+        }
+        true
+    }
+
+    /// Multishot accept on a listening socket; accepted sockets are non-blocking and cloexec.
+    pub fn accept_multi(&mut self, listen_fd: RawFd, token: Token) {
+        let e = opcode::AcceptMulti::new(types::Fd(listen_fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// One-shot poll for `events` (`libc::POLLIN`, `POLLOUT`, ...).
+    pub fn poll(&mut self, fd: RawFd, events: u32, token: Token) {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// Multishot poll (used for a worker's wake-up eventfd).
+    pub fn poll_multi(&mut self, fd: RawFd, events: u32, token: Token) {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(true)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// Non-blocking splice of up to `len` bytes between a socket and a pipe (either way).
+    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, token: Token) {
+        let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
+            .flags(SPLICE_FLAGS)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// Connect `fd` to `addr`, linked to a timeout. `slot` is the caller's connection index:
+    /// the address is copied into the ring's table under that slot, and the caller promises not
+    /// to issue another connect for the same slot before this one completes. Two completions
+    /// follow: `connect_token` (0 or -errno, -ECANCELED on timeout) and `timeout_token`.
+    pub fn connect(
+        &mut self,
+        fd: RawFd,
+        slot: u32,
+        addr: &SocketAddr,
+        timeout: TimespecId,
+        connect_token: Token,
+        timeout_token: Token,
+    ) {
+        let sa = socket2::SockAddr::from(*addr);
+        let len = sa.len();
+        let storage = self.addrs.slot(slot);
+        // SAFETY: both regions are `len` ≤ sizeof(sockaddr_storage) bytes long and do not
+        // overlap (one is a local SockAddr, the other a slot in the ring's own table).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sa.as_ptr().cast::<u8>(),
+                (storage as *mut libc::sockaddr_storage).cast::<u8>(),
+                len as usize,
+            );
+        }
+        let addr_ptr = (storage as *const libc::sockaddr_storage).cast::<libc::sockaddr>();
+        let c = opcode::Connect::new(types::Fd(fd), addr_ptr, len)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(connect_token.0);
+        let t = opcode::LinkTimeout::new(self.ts_ptr(timeout))
+            .build()
+            .user_data(timeout_token.0);
+        self.push_group(c, Some(t));
+    }
+
+    /// A repeating timer: one completion per period until cancelled.
+    pub fn timer(&mut self, period: TimespecId, token: Token) {
+        let e = opcode::Timeout::new(self.ts_ptr(period))
+            .flags(types::TimeoutFlags::MULTISHOT)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// Cancels every in-flight operation on `fd` (polls, connects, accepts).
+    pub fn cancel_fd(&mut self, fd: RawFd, token: Token) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// Submits everything queued and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // EBUSY: the CQ is overflowing; reap first, the caller will come back.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        while let Some((first, second)) = self.backlog.pop_front() {
+            if !self.try_push(&first, second.as_ref()) {
+                self.backlog.push_front((first, second));
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every available completion into `out` (which the caller reuses).
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        for cqe in self.ring.completion() {
+            out.push(Completion {
+                token: Token(cqe.user_data()),
+                result: cqe.result(),
+                flags: cqe.flags(),
+            });
+        }
+    }
+
+    /// Entries waiting for room in the submission queue.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
+    }
+}

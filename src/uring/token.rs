@@ -1,0 +1,98 @@
+//! `user_data` tokens: 32 bits of slab index, 24 bits of generation, 8 bits of operation kind.
+//! A completion whose generation no longer matches its slot is stale and ignored by the worker.
+
+/// What an in-flight operation is. Connection ops carry a direction where it matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// Multishot accept; index = listener index.
+    Accept = 1,
+    /// The worker's periodic tick.
+    Tick = 2,
+    /// The worker's wake-up eventfd became readable.
+    Wake = 3,
+    /// Backend connect; index = connection slot.
+    Connect = 4,
+    /// The timeout linked to a connect.
+    ConnectTimeout = 5,
+    /// Poll for readable on the source of a direction (0 = client→backend, 1 = backend→client).
+    PollIn0 = 6,
+    PollIn1 = 7,
+    /// Splice socket → pipe.
+    SpliceIn0 = 8,
+    SpliceIn1 = 9,
+    /// Splice pipe → socket.
+    SpliceOut0 = 10,
+    SpliceOut1 = 11,
+    /// Poll for writable on the destination of a direction.
+    PollOut0 = 12,
+    PollOut1 = 13,
+    /// An ASYNC_CANCEL issued while closing a connection.
+    Cancel = 14,
+    /// Cancel of a listener's accept (index = listener index).
+    AcceptCancel = 15,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        use Op::*;
+        Some(match v {
+            1 => Accept,
+            2 => Tick,
+            3 => Wake,
+            4 => Connect,
+            5 => ConnectTimeout,
+            6 => PollIn0,
+            7 => PollIn1,
+            8 => SpliceIn0,
+            9 => SpliceIn1,
+            10 => SpliceOut0,
+            11 => SpliceOut1,
+            12 => PollOut0,
+            13 => PollOut1,
+            14 => Cancel,
+            15 => AcceptCancel,
+            _ => return None,
+        })
+    }
+}
+
+/// A packed `user_data` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token(pub u64);
+
+const GEN_MASK: u32 = (1 << 24) - 1;
+
+impl Token {
+    pub fn new(op: Op, index: u32, generation: u32) -> Token {
+        Token((index as u64) << 32 | ((generation & GEN_MASK) as u64) << 8 | op as u64)
+    }
+    pub fn op(self) -> Option<Op> {
+        Op::from_u8(self.0 as u8)
+    }
+    pub fn index(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    pub fn generation(self) -> u32 {
+        ((self.0 >> 8) as u32) & GEN_MASK
+    }
+    /// Generations wrap at 24 bits; callers compare through this.
+    pub fn gen_matches(self, generation: u32) -> bool {
+        self.generation() == generation & GEN_MASK
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let t = Token::new(Op::SpliceOut1, 123_456, (1 << 24) + 7);
+        assert_eq!(t.op(), Some(Op::SpliceOut1));
+        assert_eq!(t.index(), 123_456);
+        assert_eq!(t.generation(), 7);
+        assert!(t.gen_matches((1 << 24) + 7));
+        assert_eq!(Token(0).op(), None);
+    }
+}

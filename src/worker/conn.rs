@@ -1,0 +1,336 @@
+//! The PURE per-connection state machine: one `Flow` per direction (client→backend "up",
+//! backend→client "down"), each stepping through poll → splice in → splice out, half-close on EOF,
+//! and the close reasons a connection can end with.
+//!
+//! It takes operation results (bytes or -errno) and answers with the next operation to issue.
+//! Must not: do I/O, read clocks, or know about rings, fds or pipes; the worker owns those.
+
+/// Direction of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// client → backend
+    Up = 0,
+    /// backend → client
+    Down = 1,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::Up, Dir::Down];
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where a flow is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not started (connection still connecting).
+    Idle,
+    /// A POLLIN on the source is in flight; no pipe is held.
+    WaitReadable,
+    /// A splice source → pipe is in flight.
+    Reading,
+    /// A splice pipe → destination is in flight.
+    Writing,
+    /// A POLLOUT on the destination is in flight (destination's send buffer was full).
+    WaitWritable,
+    /// Source reached EOF and every byte was forwarded; destination was half-closed.
+    Done,
+}
+
+/// The next operation a flow wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Arm POLLIN on the source. The pipe is empty: the worker may return it to the pool.
+    PollIn,
+    /// Splice source → pipe (the worker takes a pipe if the flow holds none).
+    SpliceIn,
+    /// Splice this many bytes pipe → destination.
+    SpliceOut(u32),
+    /// Arm POLLOUT on the destination.
+    PollOut,
+    /// Source EOF, all forwarded: shut down the destination's write side. Flow is done.
+    ShutdownDest,
+    /// The source failed (reset, error): -errno.
+    SourceFailed(i32),
+    /// The destination failed (reset, EPIPE): -errno.
+    DestFailed(i32),
+}
+
+/// A splice-in that returned at least this much suggests a bulk stream: after draining the pipe,
+/// try reading again at once instead of arming a poll first (saves one round trip per chunk).
+const BULK_HINT: u32 = 16 * 1024;
+
+/// One direction of a proxied connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub phase: Phase,
+    /// Bytes sitting in the pipe, not yet written to the destination.
+    pub pending: u32,
+    /// Size of the last successful splice-in.
+    last_in: u32,
+    /// Total bytes forwarded to the destination.
+    pub bytes: u64,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow::new()
+    }
+}
+
+impl Flow {
+    pub const fn new() -> Flow {
+        Flow {
+            phase: Phase::Idle,
+            pending: 0,
+            last_in: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The connection is established: start waiting for data.
+    pub fn start(&mut self) -> Step {
+        self.phase = Phase::WaitReadable;
+        Step::PollIn
+    }
+
+    /// The POLLIN completed with `res` (a poll mask, or -errno).
+    pub fn on_readable(&mut self, res: i32) -> Step {
+        if res < 0 {
+            return Step::SourceFailed(res);
+        }
+        self.phase = Phase::Reading;
+        Step::SpliceIn
+    }
+
+    /// The splice source → pipe completed with `res` bytes (0 = EOF) or -errno.
+    pub fn on_spliced_in(&mut self, res: i32) -> Step {
+        match res {
+            n if n > 0 => {
+                self.pending = n as u32;
+                self.last_in = n as u32;
+                self.phase = Phase::Writing;
+                Step::SpliceOut(self.pending)
+            }
+            0 => {
+                self.phase = Phase::Done;
+                Step::ShutdownDest
+            }
+            e if e == -libc::EAGAIN || e == -libc::EINTR => {
+                self.phase = Phase::WaitReadable;
+                Step::PollIn
+            }
+            e => Step::SourceFailed(e),
+        }
+    }
+
+    /// The splice pipe → destination completed with `res` bytes or -errno.
+    pub fn on_spliced_out(&mut self, res: i32) -> Step {
+        match res {
+            n if n > 0 => {
+                let n = (n as u32).min(self.pending);
+                self.pending -= n;
+                self.bytes += u64::from(n);
+                if self.pending > 0 {
+                    Step::SpliceOut(self.pending)
+                } else if self.last_in >= BULK_HINT {
+                    self.phase = Phase::Reading;
+                    Step::SpliceIn
+                } else {
+                    self.phase = Phase::WaitReadable;
+                    Step::PollIn
+                }
+            }
+            e if e == 0 || e == -libc::EAGAIN || e == -libc::EINTR => {
+                self.phase = Phase::WaitWritable;
+                Step::PollOut
+            }
+            e => Step::DestFailed(e),
+        }
+    }
+
+    /// The POLLOUT completed with `res` (a poll mask, or -errno).
+    pub fn on_writable(&mut self, res: i32) -> Step {
+        if res < 0 {
+            return Step::DestFailed(res);
+        }
+        self.phase = Phase::Writing;
+        Step::SpliceOut(self.pending)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+}
+
+/// Why a connection ended. Counted and logged (debug, or the access log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished; the client sent its FIN first.
+    ClientEof,
+    /// Both directions finished; the backend sent its FIN first.
+    BackendEof,
+    ClientReset,
+    BackendReset,
+    /// Every connect attempt was refused.
+    BackendRefused,
+    /// The last connect attempt hit `connect_timeout`.
+    BackendTimeout,
+    /// The last connect attempt failed otherwise (unreachable, ...).
+    BackendError,
+    /// No eligible backend (all down, full, or none left to retry).
+    NoBackend,
+    IdleTimeout,
+    /// Closed by shutdown after the drain timeout.
+    Draining,
+    /// Out of a local resource (fds, pipes, memory).
+    Resource,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientEof => "client EOF",
+            CloseReason::BackendEof => "backend EOF",
+            CloseReason::ClientReset => "client reset",
+            CloseReason::BackendReset => "backend reset",
+            CloseReason::BackendRefused => "backend refused",
+            CloseReason::BackendTimeout => "backend timeout",
+            CloseReason::BackendError => "backend error",
+            CloseReason::NoBackend => "no healthy backend",
+            CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::Draining => "draining",
+            CloseReason::Resource => "local resource exhausted",
+        }
+    }
+
+    /// Which side, if any, should see a reset (RST) rather than a FIN when we close.
+    pub fn reset_other_side(self) -> Option<Side> {
+        match self {
+            CloseReason::ClientReset => Some(Side::Backend),
+            CloseReason::BackendReset => Some(Side::Client),
+            _ => None,
+        }
+    }
+
+    /// Reason for a flow failure: the failing side is the source or the destination of `dir`.
+    pub fn from_failure(dir: Dir, source_failed: bool) -> CloseReason {
+        match (dir, source_failed) {
+            (Dir::Up, true) | (Dir::Down, false) => CloseReason::ClientReset,
+            (Dir::Up, false) | (Dir::Down, true) => CloseReason::BackendReset,
+        }
+    }
+
+    /// Reason for a failed connect attempt result (-errno).
+    pub fn from_connect_error(res: i32) -> CloseReason {
+        match -res {
+            libc::ECONNREFUSED => CloseReason::BackendRefused,
+            libc::ECANCELED | libc::ETIMEDOUT | libc::ETIME => CloseReason::BackendTimeout,
+            _ => CloseReason::BackendError,
+        }
+    }
+}
+
+/// One end of a proxied connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_message_round_trip() {
+        let mut f = Flow::new();
+        assert_eq!(f.start(), Step::PollIn);
+        assert_eq!(f.on_readable(1), Step::SpliceIn);
+        assert_eq!(f.on_spliced_in(100), Step::SpliceOut(100));
+        assert_eq!(f.on_spliced_out(60), Step::SpliceOut(40));
+        assert_eq!(f.on_spliced_out(40), Step::PollIn);
+        assert_eq!(f.bytes, 100);
+        assert_eq!(f.phase, Phase::WaitReadable);
+        assert_eq!(f.pending, 0);
+    }
+
+    #[test]
+    fn bulk_reads_again_without_poll() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        assert_eq!(f.on_spliced_in(1 << 20), Step::SpliceOut(1 << 20));
+        assert_eq!(f.on_spliced_out(1 << 20), Step::SpliceIn);
+        assert_eq!(f.on_spliced_in(-libc::EAGAIN), Step::PollIn);
+    }
+
+    #[test]
+    fn full_destination_waits_for_writable() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        f.on_spliced_in(10);
+        assert_eq!(f.on_spliced_out(-libc::EAGAIN), Step::PollOut);
+        assert_eq!(f.on_writable(4), Step::SpliceOut(10));
+        assert_eq!(
+            f.on_spliced_out(-libc::EPIPE),
+            Step::DestFailed(-libc::EPIPE)
+        );
+    }
+
+    #[test]
+    fn eof_half_closes_destination() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        assert_eq!(f.on_spliced_in(0), Step::ShutdownDest);
+        assert!(f.is_done());
+    }
+
+    #[test]
+    fn source_errors_fail() {
+        let mut f = Flow::new();
+        f.start();
+        assert_eq!(
+            f.on_readable(-libc::ECANCELED),
+            Step::SourceFailed(-libc::ECANCELED)
+        );
+        let mut g = Flow::new();
+        g.start();
+        g.on_readable(1);
+        assert_eq!(
+            g.on_spliced_in(-libc::ECONNRESET),
+            Step::SourceFailed(-libc::ECONNRESET)
+        );
+    }
+
+    #[test]
+    fn reasons_map_sides() {
+        assert_eq!(
+            CloseReason::from_failure(Dir::Up, true),
+            CloseReason::ClientReset
+        );
+        assert_eq!(
+            CloseReason::from_failure(Dir::Up, false),
+            CloseReason::BackendReset
+        );
+        assert_eq!(
+            CloseReason::from_failure(Dir::Down, true),
+            CloseReason::BackendReset
+        );
+        assert_eq!(
+            CloseReason::ClientReset.reset_other_side(),
+            Some(Side::Backend)
+        );
+        assert_eq!(
+            CloseReason::from_connect_error(-libc::ECANCELED),
+            CloseReason::BackendTimeout
+        );
+        assert_eq!(
+            CloseReason::from_connect_error(-libc::ECONNREFUSED),
+            CloseReason::BackendRefused
+        );
+    }
+}
