@@ -43,7 +43,21 @@ pub fn bump(c: &AtomicU64, n: u64) {
 pub struct BackendStats {
     pub address: SocketAddr,
     active: Padded<AtomicI64>,
+    /// Connect failures in a row, across workers (passive health). Workers add on failure and
+    /// reset on success only when non-zero, so the healthy path does not write this line.
+    consecutive_failures: Padded<AtomicU64>,
     workers: Box<[Padded<WorkerCounters>]>,
+    /// Written by the control plane only.
+    pub control: ControlCounters,
+}
+
+/// Counters the control plane keeps per backend (health checks, flips, ejections).
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    pub flips: AtomicU64,
+    pub ejections: AtomicU64,
 }
 
 impl BackendStats {
@@ -51,8 +65,32 @@ impl BackendStats {
         BackendStats {
             address,
             active: Padded(AtomicI64::new(0)),
+            consecutive_failures: Padded(AtomicU64::new(0)),
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
+            control: ControlCounters::default(),
         }
+    }
+
+    /// A connect to this backend failed (any worker).
+    pub fn connect_failed(&self) {
+        self.consecutive_failures.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connect to this backend succeeded: resets the failure streak (no write when already 0).
+    pub fn connect_succeeded(&self) {
+        if self.consecutive_failures.0.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.0.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Connect failures in a row.
+    pub fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures.0.load(Ordering::Relaxed)
+    }
+
+    /// Forgets the failure streak (an ejection ended).
+    pub fn reset_failures(&self) {
+        self.consecutive_failures.0.store(0, Ordering::Relaxed);
     }
 
     /// Active connections across all workers (assigned and not yet closed).
@@ -91,18 +129,39 @@ pub struct ListenerWorkerCounters {
     pub no_backend: AtomicU64,
     /// Connections open right now on this worker.
     pub active: AtomicU64,
+    /// Closed connections by reason (index: `CLOSE_REASONS`).
+    pub closes: [AtomicU64; CLOSE_REASONS.len()],
 }
+
+/// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
+/// `CloseReason` to an index with `close_index`).
+pub const CLOSE_REASONS: [&str; 11] = [
+    "client_eof",
+    "backend_eof",
+    "client_reset",
+    "backend_reset",
+    "backend_refused",
+    "backend_timeout",
+    "backend_error",
+    "no_backend",
+    "idle_timeout",
+    "draining",
+    "resource",
+];
 
 /// Per-listener counters, outside snapshots, per worker.
 #[derive(Debug)]
 pub struct ListenerStats {
     workers: Box<[Padded<ListenerWorkerCounters>]>,
+    /// Maglev slots moved by rebuilds (control plane).
+    pub slots_moved: AtomicU64,
 }
 
 impl ListenerStats {
     pub fn new(workers: usize) -> ListenerStats {
         ListenerStats {
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
+            slots_moved: AtomicU64::new(0),
         }
     }
     pub fn worker(&self, id: usize) -> &ListenerWorkerCounters {

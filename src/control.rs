@@ -8,9 +8,59 @@ use crate::balance::{Maglev, Policy, Tables};
 use crate::config::{Config, Listener};
 use crate::snapshot::{Member, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
-use log::info;
+use log::{error, info};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What other threads (signal handler loop, admin endpoint) ask of the control thread.
+pub enum Request {
+    /// Re-read the config file and apply it; the reply carries the summary or the error.
+    Reload {
+        reply: Option<Sender<Result<String, String>>>,
+    },
+}
+
+/// The control thread's period when nothing is due (heartbeat, passive-health checks).
+const CONTROL_TICK: Duration = Duration::from_millis(100);
+
+/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
+pub fn run_thread(
+    mut control: Control,
+    mut config: Config,
+    path: PathBuf,
+    requests: Receiver<Request>,
+    heartbeat: Arc<AtomicU64>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        heartbeat.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match requests.recv_timeout(CONTROL_TICK) {
+            Ok(Request::Reload { reply }) => {
+                let result = match Config::load(&path) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(new) => control.reload(&config, &new).inspect(|_| config = new),
+                };
+                match &result {
+                    Ok(summary) => info!("reload of {} done: {summary}", path.display()),
+                    Err(e) => error!(
+                        "reload of {} failed, still running the previous configuration: {e}",
+                        path.display()
+                    ),
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(result);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+}
 
 /// One listener as the control plane holds it.
 pub struct ControlListener {
@@ -51,6 +101,68 @@ impl Control {
         }
     }
 
+    /// Applies a new, already validated configuration: every listener's backends, weights and
+    /// settings are republished. Changes that need sockets or threads (listeners added, removed
+    /// or re-bound, worker count, admin bind) are refused as a whole: nothing is half-applied.
+    /// Returns a one-line summary.
+    pub fn reload(&mut self, old: &Config, new: &Config) -> Result<String, String> {
+        if old.runtime.workers != new.runtime.workers {
+            return Err(format!(
+                "runtime: field \"workers\": {} -> {} needs a restart",
+                old.runtime.workers, new.runtime.workers
+            ));
+        }
+        if old.admin.bind != new.admin.bind {
+            return Err(format!(
+                "admin: field \"bind\": {} -> {} needs a restart",
+                old.admin.bind, new.admin.bind
+            ));
+        }
+        let same_set = old.listeners.len() == new.listeners.len()
+            && old
+                .listeners
+                .iter()
+                .zip(&new.listeners)
+                .all(|(a, b)| a.name == b.name && a.bind == b.bind && a.protocol == b.protocol);
+        if !same_set {
+            let names = |c: &Config| {
+                c.listeners
+                    .iter()
+                    .map(|l| format!("{}@{}", l.name, l.bind))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(format!(
+                "listeners changed ({} -> {}): adding, removing, reordering or re-binding listeners needs a restart in this version",
+                names(old),
+                names(new)
+            ));
+        }
+        let (mut added, mut removed, mut changed) = (0usize, 0usize, 0usize);
+        for (i, l) in new.listeners.iter().enumerate() {
+            let cur = &self.listeners[i].config;
+            if cur == l {
+                continue;
+            }
+            changed += 1;
+            added += l
+                .backends
+                .iter()
+                .filter(|b| !cur.backends.iter().any(|c| c.address == b.address))
+                .count();
+            removed += cur
+                .backends
+                .iter()
+                .filter(|c| !l.backends.iter().any(|b| b.address == c.address))
+                .count();
+            self.listeners[i].config = l.clone();
+            self.republish(i);
+        }
+        Ok(format!(
+            "{changed} listener(s) changed, {added} backend(s) added, {removed} backend(s) removed"
+        ))
+    }
+
     /// Rebuilds and publishes listener `i`'s snapshot from its current config (health changes,
     /// weight changes). Returns the new generation.
     pub fn republish(&mut self, i: usize) -> u64 {
@@ -58,7 +170,9 @@ impl Control {
         l.generation += 1;
         let snap = build_snapshot(&l.config, l.generation, &self.registry, &l.stats);
         let old = l.published.load_full();
-        log_tables(&l.config, &snap, Some(&old));
+        if let Some(moved) = log_tables(&l.config, &snap, Some(&old)) {
+            l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
+        }
         l.published.store(Arc::new(snap));
         l.generation
     }
@@ -89,6 +203,7 @@ fn build_snapshot(
             idle_timeout: l.idle_timeout,
             max_connections: l.max_connections,
             hash_key: l.hash_key,
+            access_log: false,
         },
         tables: Tables::build(l.balance, &pairs, l.maglev_table_size),
         members,
@@ -96,14 +211,12 @@ fn build_snapshot(
     }
 }
 
-/// Logs a Maglev table's shape and, on a rebuild, how many slots moved.
-fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) {
+/// Logs a Maglev table's shape and, on a rebuild, how many slots moved (returned).
+fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) -> Option<u64> {
     if l.balance != Policy::Maglev {
-        return;
+        return None;
     }
-    let Some(m) = snap.tables.maglev() else {
-        return;
-    };
+    let m = snap.tables.maglev()?;
     let per = m.slots_per_backend();
     let (min, max) = (
         per.iter().copied().min().unwrap_or(0),
@@ -126,6 +239,7 @@ fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) {
             max
         ),
     }
+    moved
 }
 
 fn slots_moved(old: &Maglev, old_snap: &Snapshot, new: &Maglev, new_snap: &Snapshot) -> u64 {

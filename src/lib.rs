@@ -23,12 +23,14 @@
 //! - [`uring`] and [`sys`]: the only places with `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod health;
 pub mod runtime;
 pub mod snapshot;
 #[allow(unsafe_code)]

@@ -6,8 +6,9 @@
 //! stops hard); SIGHUP is logged (reload comes with the operations issue).
 //! Must not: touch rings or connections; it talks to workers only through `worker::Shared`.
 
+use crate::admin::{self, AdminState, ListenerView};
 use crate::config::{Config, Protocol};
-use crate::control::Control;
+use crate::control::{self, Control, Request};
 use crate::sys;
 use crate::uring::{self, Ring};
 use crate::worker::{self, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
@@ -15,8 +16,8 @@ use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,11 @@ pub enum RuntimeError {
     Worker { id: usize, source: std::io::Error },
     #[error("worker {id} failed: {reason}")]
     WorkerFailed { id: usize, reason: String },
+    #[error("admin: cannot serve on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("signal setup failed: {0}")]
     Signals(nix::Error),
 }
@@ -84,7 +90,7 @@ fn bind_listener(
 }
 
 /// Runs ringlb until a stop signal has been handled and every worker has exited.
-pub fn run(config: Config) -> Result<(), RuntimeError> {
+pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     Ring::probe().map_err(|e| RuntimeError::IoUring(uring::unavailable_reason(&e)))?;
     match sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => info!("raised RLIMIT_NOFILE soft limit {old} -> {new}"),
@@ -92,7 +98,9 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
         Err(e) => warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
     let workers = config.runtime.workers;
+    let epoch = Instant::now();
     let control = Control::new(&config);
+    let mut views: Vec<ListenerView> = Vec::new();
 
     // Bind everything before any thread starts so bind errors are reported up front.
     let mut per_worker: Vec<Vec<ListenerSpec>> = (0..workers).map(|_| Vec::new()).collect();
@@ -102,6 +110,13 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
             continue;
         }
         let (socks, actual) = bind_listener(&l.name, l.bind, workers)?;
+        views.push(ListenerView {
+            name: l.name.clone(),
+            protocol: l.protocol.name(),
+            bound: Some(actual),
+            published: cl.published.clone(),
+            stats: cl.stats.clone(),
+        });
         info!(
             "listener \"{}\" listening on {} (tcp, {}, {} backends, {} workers)",
             l.name,
@@ -131,7 +146,8 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
     let mut shared = Vec::with_capacity(workers);
     let mut handles: Vec<JoinHandle<std::io::Result<()>>> = Vec::with_capacity(workers);
     for (id, listeners) in per_worker.into_iter().enumerate() {
-        let sh = Arc::new(Shared::new(id).map_err(|source| RuntimeError::Worker { id, source })?);
+        let sh =
+            Arc::new(Shared::new(id, epoch).map_err(|source| RuntimeError::Worker { id, source })?);
         let spec = WorkerSpec {
             shared: sh.clone(),
             listeners,
@@ -144,12 +160,42 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
         shared.push(sh);
         handles.push(h);
     }
-    info!(
-        "ready: {} listener(s), {} worker(s), drain timeout {:?}",
-        control.listeners.len(),
-        workers,
-        config.runtime.drain_timeout
-    );
+    // Control thread and admin endpoint.
+    let (req_tx, req_rx) = mpsc::channel::<Request>();
+    let control_hb = Arc::new(AtomicU64::new(0));
+    let admin_state = Arc::new(AdminState {
+        epoch,
+        listeners: arc_swap::ArcSwap::from_pointee(views),
+        registry: control.registry.clone(),
+        worker_heartbeats: shared.iter().map(|s| s.heartbeat.clone()).collect(),
+        control_heartbeat: control_hb.clone(),
+        requests: Mutex::new(req_tx.clone()),
+    });
+    let admin_bind = config.admin.bind;
+    let admin_addr = admin::start(admin_bind, admin_state).map_err(|source| {
+        shared.iter().for_each(|w| w.request_stop(HARD_STOP));
+        RuntimeError::Admin {
+            addr: admin_bind,
+            source,
+        }
+    })?;
+    admin::log_started(admin_addr);
+    let n_listeners = control.listeners.len();
+    let drain_timeout = config.runtime.drain_timeout;
+    let control_stop = Arc::new(AtomicBool::new(false));
+    let control_handle = {
+        let (stop, path) = (control_stop.clone(), path.to_path_buf());
+        std::thread::Builder::new()
+            .name("ringlb-control".into())
+            .spawn(move || {
+                control::run_thread(control, config, path, req_rx, control_hb, epoch, stop)
+            })
+            .map_err(|source| RuntimeError::Worker {
+                id: usize::MAX,
+                source,
+            })?
+    };
+    info!("ready: {n_listeners} listener(s), {workers} worker(s), drain timeout {drain_timeout:?}");
 
     // Main loop: wait for signals, watch workers.
     let mut drain_deadline: Option<Instant> = None;
@@ -158,16 +204,17 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
         if let Some(sig) = sys::wait_signal(&sigs, Duration::from_millis(100)) {
             match Signal::try_from(sig) {
                 Ok(Signal::SIGHUP) => {
-                    warn!("SIGHUP received: configuration reload is not implemented yet; still running on the loaded config")
+                    info!("SIGHUP received: reloading {}", path.display());
+                    let _ = req_tx.send(Request::Reload { reply: None });
                 }
                 Ok(s) => {
                     if drain_deadline.is_none() {
                         let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
                         info!(
                             "{s} received: draining {live} open connection(s) for up to {:?} (send again to stop at once)",
-                            config.runtime.drain_timeout
+                            drain_timeout
                         );
-                        drain_deadline = Some(Instant::now() + config.runtime.drain_timeout);
+                        drain_deadline = Some(Instant::now() + drain_timeout);
                         shared.iter().for_each(|w| w.request_stop(DRAIN));
                     } else if !hard {
                         info!("{s} received again: closing every connection now");
@@ -214,6 +261,8 @@ pub fn run(config: Config) -> Result<(), RuntimeError> {
                 if let Some((id, reason)) = failed {
                     return Err(RuntimeError::WorkerFailed { id, reason });
                 }
+                control_stop.store(true, Ordering::Relaxed);
+                let _ = control_handle.join();
                 info!("all connections closed; exiting");
                 return Ok(());
             }

@@ -23,6 +23,8 @@ pub struct Settings {
     /// Per-listener connection cap (each worker enforces its share).
     pub max_connections: u32,
     pub hash_key: HashKey,
+    /// One info line per closed connection.
+    pub access_log: bool,
 }
 
 /// One backend as a snapshot sees it.

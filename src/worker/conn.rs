@@ -205,6 +205,11 @@ impl CloseReason {
         }
     }
 
+    /// Index into `backend::CLOSE_REASONS` (metrics label).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Which side, if any, should see a reset (RST) rather than a FIN when we close.
     pub fn reset_other_side(self) -> Option<Side> {
         match self {

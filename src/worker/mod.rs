@@ -54,19 +54,22 @@ pub struct Shared {
     pub wake: OwnedFd,
     /// RUN, DRAIN or HARD_STOP.
     pub stop: AtomicU8,
-    /// Milliseconds since the worker started, stored every tick (liveness).
-    pub heartbeat: AtomicU64,
+    /// Milliseconds since `epoch`, stored every tick (liveness, read by the admin endpoint).
+    pub heartbeat: Arc<AtomicU64>,
+    /// The process-wide time origin heartbeats are measured from.
+    pub epoch: Instant,
     /// Connections open on this worker.
     pub live: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(id: usize) -> io::Result<Shared> {
+    pub fn new(id: usize, epoch: Instant) -> io::Result<Shared> {
         Ok(Shared {
             id,
             wake: sys::eventfd()?,
             stop: AtomicU8::new(RUN),
-            heartbeat: AtomicU64::new(0),
+            heartbeat: Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64)),
+            epoch,
             live: AtomicU64::new(0),
         })
     }
@@ -311,7 +314,10 @@ impl Worker {
         let limit = (snap.settings.max_connections as usize).div_ceil(self.workers) as u32;
         let idle_ms = snap.settings.idle_timeout.as_millis() as u64;
         let _ = socket2::SockRef::from(&client).set_tcp_nodelay(true);
-        let client_addr = if l.needs_client_addr || log::log_enabled!(log::Level::Debug) {
+        let client_addr = if l.needs_client_addr
+            || snap.settings.access_log
+            || log::log_enabled!(log::Level::Debug)
+        {
             sys::peer_addr(client.as_fd())
         } else {
             None
@@ -518,6 +524,7 @@ impl Worker {
             conn.last_active_ms = now;
             if let Some(m) = &conn.member {
                 bump(&m.worker(wid).connections, 1);
+                m.connect_succeeded();
             }
             debug!(
                 "conn {idx}: {:?} -> {:?} connected (attempt {})",
@@ -542,6 +549,7 @@ impl Worker {
                 1,
             );
             m.dec_active();
+            m.connect_failed();
         }
         debug!(
             "conn {idx}: connect to {:?} failed: {} (attempt {})",
@@ -696,6 +704,20 @@ impl Worker {
             conn.flows[1].bytes
         );
         let li = conn.listener as usize;
+        let l = &mut self.listeners[li];
+        bump(&l.stats.worker(self.id).closes[reason.index()], 1);
+        if l.reader.load().settings.access_log {
+            info!(
+                "access: listener={} client={} backend={} duration_ms={} bytes_up={} bytes_down={} reason=\"{}\"",
+                l.name,
+                conn.client_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                conn.backend_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                self.now_ms.saturating_sub(conn.opened_ms),
+                conn.flows[0].bytes,
+                conn.flows[1].bytes,
+                reason.as_str()
+            );
+        }
         // Pipes still held here may hold bytes that were never forwarded: close them, do not
         // return them to the pool. fds close as `conn` drops.
         drop(conn);
@@ -722,7 +744,10 @@ impl Worker {
             let tick = self.timespec_for(TICK);
             self.ring.timer(tick, Token::new(Op::Tick, 0, 0));
         }
-        self.shared.heartbeat.store(self.now_ms, Ordering::Relaxed);
+        self.shared.heartbeat.store(
+            self.shared.epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
         self.check_stop();
         for li in 0..self.listeners.len() {
             let l = &self.listeners[li];

@@ -1,0 +1,469 @@
+//! The admin HTTP endpoint (tiny_http, one thread): `/livez`, `/readyz`, `/metrics` (Prometheus
+//! text), `/status` (JSON), and the control requests `POST /reload`.
+//!
+//! It reads published snapshots, the backend registry and per-worker counters (summed at scrape
+//! time) and forwards control requests to the control thread over a channel.
+//! Must not: touch rings or connections, or mutate anything but through the control channel.
+
+use crate::backend::{ListenerStats, Registry, CLOSE_REASONS};
+use crate::control::Request;
+use crate::snapshot::Published;
+use log::{info, warn};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A worker or the control thread is considered stuck when its heartbeat is older than this.
+pub const STUCK_AFTER: Duration = Duration::from_secs(3);
+
+/// One listener as the admin endpoint sees it.
+#[derive(Clone)]
+pub struct ListenerView {
+    pub name: String,
+    pub protocol: &'static str,
+    /// The address actually bound (port 0 resolved), or None if not bound.
+    pub bound: Option<SocketAddr>,
+    pub published: Published,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Everything the admin endpoint reads.
+pub struct AdminState {
+    pub epoch: Instant,
+    pub listeners: arc_swap::ArcSwap<Vec<ListenerView>>,
+    pub registry: Arc<Registry>,
+    /// Per worker: heartbeat in ms since `epoch`.
+    pub worker_heartbeats: Vec<Arc<AtomicU64>>,
+    /// Control thread heartbeat in ms since `epoch`.
+    pub control_heartbeat: Arc<AtomicU64>,
+    pub requests: Mutex<Sender<Request>>,
+}
+
+/// Starts the admin server on `bind`; returns the bound address.
+pub fn start(bind: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
+    let server = tiny_http::Server::http(bind).map_err(std::io::Error::other)?;
+    let addr = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| std::io::Error::other("admin server has no IP address"))?;
+    std::thread::Builder::new()
+        .name("ringlb-admin".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let (status, ctype, body) = route(&state, req.method(), req.url());
+                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
+                    .expect("static header is valid");
+                let resp = tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header);
+                if let Err(e) = req.respond(resp) {
+                    warn!("admin: cannot answer: {e}");
+                }
+            }
+        })?;
+    Ok(addr)
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn route(state: &AdminState, method: &tiny_http::Method, url: &str) -> (u16, &'static str, String) {
+    use tiny_http::Method::{Get, Head, Post};
+    let path = url.split('?').next().unwrap_or("");
+    match (method, path) {
+        (Get | Head, "/livez") => {
+            let (ok, text) = liveness(state);
+            (if ok { 200 } else { 503 }, TEXT, text)
+        }
+        (Get | Head, "/readyz") => {
+            let (ok, text) = readiness(state);
+            (if ok { 200 } else { 503 }, TEXT, text)
+        }
+        (Get | Head, "/metrics") => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(state),
+        ),
+        (Get | Head, "/status") => (200, "application/json", status_json(state)),
+        (Post, "/reload") => control_request(state, |reply| Request::Reload { reply: Some(reply) }),
+        (_, "/livez" | "/readyz" | "/metrics" | "/status" | "/reload") => {
+            (405, TEXT, "method not allowed\n".into())
+        }
+        _ => (
+            404,
+            TEXT,
+            "not found; try /livez /readyz /metrics /status, POST /reload\n".into(),
+        ),
+    }
+}
+
+fn control_request(
+    state: &AdminState,
+    make: impl FnOnce(Sender<Result<String, String>>) -> Request,
+) -> (u16, &'static str, String) {
+    let (tx, rx) = mpsc::channel();
+    let sent = state
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(make(tx));
+    if sent.is_err() {
+        return (503, TEXT, "control thread is not running\n".into());
+    }
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(summary)) => (200, TEXT, format!("{summary}\n")),
+        Ok(Err(e)) => (400, TEXT, format!("{e}\n")),
+        Err(_) => (503, TEXT, "control thread did not answer in 30 s\n".into()),
+    }
+}
+
+fn age_ms(state: &AdminState, hb: &AtomicU64) -> u64 {
+    (state.epoch.elapsed().as_millis() as u64).saturating_sub(hb.load(Ordering::Relaxed))
+}
+
+/// Live = the control thread and every worker ticked recently.
+pub fn liveness(state: &AdminState) -> (bool, String) {
+    let mut problems = Vec::new();
+    let stuck = STUCK_AFTER.as_millis() as u64;
+    let c = age_ms(state, &state.control_heartbeat);
+    if c > stuck {
+        problems.push(format!("control thread heartbeat is {c} ms old"));
+    }
+    for (i, hb) in state.worker_heartbeats.iter().enumerate() {
+        let a = age_ms(state, hb);
+        if a > stuck {
+            problems.push(format!("worker {i} heartbeat is {a} ms old"));
+        }
+    }
+    if problems.is_empty() {
+        (true, "ok\n".into())
+    } else {
+        (false, problems.join("\n") + "\n")
+    }
+}
+
+/// Ready = every listener is bound and has at least one backend up.
+pub fn readiness(state: &AdminState) -> (bool, String) {
+    let mut problems = Vec::new();
+    for l in state.listeners.load().iter() {
+        if l.bound.is_none() {
+            problems.push(format!("listener \"{}\": not bound", l.name));
+            continue;
+        }
+        let snap = l.published.load();
+        let up = snap.up_count();
+        if up == 0 {
+            problems.push(format!(
+                "listener \"{}\": no healthy backend (0/{} up)",
+                l.name,
+                snap.members.len()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        (true, "ready\n".into())
+    } else {
+        (false, problems.join("\n") + "\n")
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4). Per-worker counters are summed here.
+pub fn metrics(state: &AdminState) -> String {
+    let mut out = String::with_capacity(8192);
+    let listeners = state.listeners.load();
+    let backends = state.registry.all();
+    let mut f = Family { out: &mut out };
+    f.head(
+        "ringlb_connections_total",
+        "counter",
+        "Connections established to a backend.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let v = b.sum(|w| &w.connections);
+        f.line(
+            "ringlb_connections_total",
+            &[("listener", l), ("backend", &a)],
+            v,
+        );
+    }
+    f.head(
+        "ringlb_active_connections",
+        "gauge",
+        "Connections assigned to a backend and not yet closed (all workers).",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_active_connections",
+            &[("listener", l), ("backend", &a)],
+            b.active(),
+        );
+    }
+    f.head(
+        "ringlb_bytes_total",
+        "counter",
+        "Bytes forwarded, by direction.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let up = b.sum(|w| &w.bytes_up);
+        let down = b.sum(|w| &w.bytes_down);
+        f.line(
+            "ringlb_bytes_total",
+            &[
+                ("listener", l),
+                ("backend", &a),
+                ("direction", "to_backend"),
+            ],
+            up,
+        );
+        f.line(
+            "ringlb_bytes_total",
+            &[("listener", l), ("backend", &a), ("direction", "to_client")],
+            down,
+        );
+    }
+    f.head(
+        "ringlb_connect_errors_total",
+        "counter",
+        "Failed connect attempts to a backend, by reason.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        for (reason, v) in [
+            ("refused", b.sum(|w| &w.connect_refused)),
+            ("timeout", b.sum(|w| &w.connect_timeout)),
+            ("other", b.sum(|w| &w.connect_other)),
+        ] {
+            f.line(
+                "ringlb_connect_errors_total",
+                &[("listener", l), ("backend", &a), ("reason", reason)],
+                v,
+            );
+        }
+    }
+    f.head(
+        "ringlb_backend_up",
+        "gauge",
+        "1 if the backend is eligible for new connections (healthy, not ejected), else 0.",
+    );
+    for lv in listeners.iter() {
+        let snap = lv.published.load();
+        for m in &snap.members {
+            let a = m.address.to_string();
+            f.line(
+                "ringlb_backend_up",
+                &[("listener", &lv.name), ("backend", &a)],
+                u64::from(m.up),
+            );
+        }
+    }
+    f.head(
+        "ringlb_health_checks_total",
+        "counter",
+        "Active health probes, by result.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let c = &b.control;
+        f.line(
+            "ringlb_health_checks_total",
+            &[("listener", l), ("backend", &a), ("result", "success")],
+            c.checks_ok.load(Ordering::Relaxed),
+        );
+        f.line(
+            "ringlb_health_checks_total",
+            &[("listener", l), ("backend", &a), ("result", "failure")],
+            c.checks_failed.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_health_flips_total",
+        "counter",
+        "Up/down transitions of a backend.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_health_flips_total",
+            &[("listener", l), ("backend", &a)],
+            b.control.flips.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_ejections_total",
+        "counter",
+        "Passive ejections after consecutive connect failures.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_ejections_total",
+            &[("listener", l), ("backend", &a)],
+            b.control.ejections.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_accepted_total",
+        "counter",
+        "Client connections accepted.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_accepted_total",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.accepted),
+        );
+    }
+    f.head(
+        "ringlb_listener_active_connections",
+        "gauge",
+        "Client connections open on the listener.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_listener_active_connections",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.active),
+        );
+    }
+    f.head(
+        "ringlb_no_backend_total",
+        "counter",
+        "Client connections closed at once because no backend was eligible.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_no_backend_total",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.no_backend),
+        );
+    }
+    f.head(
+        "ringlb_closes_total",
+        "counter",
+        "Closed client connections, by close reason.",
+    );
+    for lv in listeners.iter() {
+        for (i, reason) in CLOSE_REASONS.iter().enumerate() {
+            f.line(
+                "ringlb_closes_total",
+                &[("listener", &lv.name), ("reason", reason)],
+                lv.stats.sum(|w| &w.closes[i]),
+            );
+        }
+    }
+    f.head(
+        "ringlb_maglev_slots_moved_total",
+        "counter",
+        "Maglev table slots that changed owner on rebuilds.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_maglev_slots_moved_total",
+            &[("listener", &lv.name)],
+            lv.stats.slots_moved.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_snapshot_generation",
+        "gauge",
+        "Generation of the listener's published backend snapshot.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_snapshot_generation",
+            &[("listener", &lv.name)],
+            lv.published.load().generation,
+        );
+    }
+    f.head(
+        "ringlb_worker_heartbeat_age_milliseconds",
+        "gauge",
+        "Time since each worker loop last ticked.",
+    );
+    for (i, hb) in state.worker_heartbeats.iter().enumerate() {
+        f.line(
+            "ringlb_worker_heartbeat_age_milliseconds",
+            &[("worker", &i.to_string())],
+            age_ms(state, hb),
+        );
+    }
+    out
+}
+
+/// `/status`: listeners, backends, health, weights, active connections.
+pub fn status_json(state: &AdminState) -> String {
+    let listeners: Vec<serde_json::Value> = state
+        .listeners
+        .load()
+        .iter()
+        .map(|lv| {
+            let snap = lv.published.load();
+            let backends: Vec<serde_json::Value> = snap
+                .members
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "address": m.address.to_string(),
+                        "weight": m.weight,
+                        "up": m.up,
+                        "active_connections": m.stats.active(),
+                        "connections_total": m.stats.sum(|w| &w.connections),
+                        "consecutive_connect_failures": m.stats.consecutive_failures(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": lv.name,
+                "protocol": lv.protocol,
+                "bind": lv.bound.map(|a| a.to_string()),
+                "balance": snap.tables.policy().name(),
+                "generation": snap.generation,
+                "active_connections": lv.stats.sum(|w| &w.active),
+                "backends_up": snap.up_count(),
+                "backends": backends,
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "uptime_seconds": state.epoch.elapsed().as_secs(),
+        "workers": state.worker_heartbeats.len(),
+        "listeners": listeners,
+    });
+    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Logs where the admin endpoint listens (tests parse this line).
+pub fn log_started(addr: SocketAddr) {
+    info!("admin endpoint on http://{addr} (/livez /readyz /metrics /status)");
+}
