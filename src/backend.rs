@@ -155,6 +155,9 @@ pub struct ListenerStats {
     workers: Box<[Padded<ListenerWorkerCounters>]>,
     /// Maglev slots moved by rebuilds (control plane).
     pub slots_moved: AtomicU64,
+    /// Round-robin ticket shared by the workers: one relaxed add per pick makes smooth WRR
+    /// global across workers (as HAProxy's `roundrobin` is), at the cost of one shared line.
+    rr_ticket: Padded<AtomicU64>,
 }
 
 impl ListenerStats {
@@ -162,7 +165,13 @@ impl ListenerStats {
         ListenerStats {
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
             slots_moved: AtomicU64::new(0),
+            rr_ticket: Padded(AtomicU64::new(0)),
         }
+    }
+
+    /// Takes the next round-robin ticket.
+    pub fn next_rr_ticket(&self) -> u64 {
+        self.rr_ticket.0.fetch_add(1, Ordering::Relaxed)
     }
     pub fn worker(&self, id: usize) -> &ListenerWorkerCounters {
         &self.workers[id % self.workers.len()].0

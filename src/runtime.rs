@@ -57,6 +57,8 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
     )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: no setsockopt per accept.
+    s.set_tcp_nodelay(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -209,13 +211,19 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                 }
                 Ok(s) => {
                     if drain_deadline.is_none() {
-                        let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
-                        info!(
-                            "{s} received: draining {live} open connection(s) for up to {:?} (send again to stop at once)",
-                            drain_timeout
-                        );
                         drain_deadline = Some(Instant::now() + drain_timeout);
                         shared.iter().for_each(|w| w.request_stop(DRAIN));
+                        // Say "draining" only once every worker's listening socket is closed.
+                        let t0 = Instant::now();
+                        while t0.elapsed() < Duration::from_secs(2)
+                            && !shared.iter().all(|w| w.listeners_closed.load(Ordering::SeqCst))
+                        {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
+                        info!(
+                            "{s} received: listeners closed, new connections are refused; draining {live} open connection(s) for up to {drain_timeout:?} (send again to stop at once)"
+                        );
                     } else if !hard {
                         info!("{s} received again: closing every connection now");
                         hard = true;

@@ -9,7 +9,7 @@
 //! Must not: do I/O or know about rings; it is data plus the pick that reads it.
 
 use crate::backend::{BackendStats, ListenerStats};
-use crate::balance::{flow_key, HashKey, PickState, Tables};
+use crate::balance::{flow_key, HashKey, PickState, Policy, Tables};
 use arc_swap::{ArcSwap, Cache};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,6 +61,9 @@ impl Snapshot {
             None => 0,
         };
         let members = &self.members;
+        if self.tables.policy() == Policy::RoundRobin {
+            st.set_rr_cursor(self.listener_stats.next_rr_ticket());
+        }
         self.tables.pick(
             st,
             key,

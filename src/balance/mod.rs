@@ -277,6 +277,12 @@ pub struct PickState {
 }
 
 impl PickState {
+    /// Positions the round-robin cursor (callers that share one ticket counter across workers
+    /// set it from that counter before each pick, so the smooth WRR sequence is global).
+    pub fn set_rr_cursor(&mut self, cursor: u64) {
+        self.rr_cursor = cursor;
+    }
+
     pub fn new(seed: u64) -> PickState {
         let mut rng = hash::Rng::new(seed);
         PickState {

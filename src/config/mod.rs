@@ -4,13 +4,18 @@
 //! durations and policy names, and every check that can be made without touching the network
 //! (unique names and binds, prime Maglev table size, positive timeouts, ...). [`Config::load`] is
 //! the one path used by both `check` and `run`, so a config that passes `check` is the config
-//! that runs. It must not bind sockets, resolve names or start anything.
+//! that runs. It must not bind sockets, resolve names or start anything. One listener's checks
+//! live in `listener.rs`, its `[listeners.health]` / `[listeners.passive]` tables in `health.rs`.
 //!
 //! Validation stops at the FIRST error: the message then names exactly one listener, field and
 //! value, and fixing errors one by one in file order is what an operator does anyway.
 
 mod duration;
 mod error;
+mod health;
+#[cfg(test)]
+mod health_tests;
+mod listener;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -21,11 +26,17 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::balance::{self, HashKey, Policy};
+use crate::balance::{HashKey, Policy};
 
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
-use raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawRuntime};
+pub use health::{
+    escape_bytes, unescape, HealthConfig, PassiveConfig, DEFAULT_BASE_EJECTION_TIME,
+    DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
+};
+use listener::{is_valid_name, validate_listener};
+use raw::{RawAdmin, RawConfig, RawRuntime};
 
 /// Upper bound for `runtime.workers`: far above any core count this runs on, low enough to catch
 /// a typo before it starts a thousand rings.
@@ -104,12 +115,19 @@ pub struct Listener {
     pub balance: Policy,
     /// Only used by Maglev; accepted (and validated) for every policy.
     pub hash_key: HashKey,
-    /// Prime, ≥ 3, greater than the number of backends, ≤ [`balance::MAX_MAGLEV_TABLE_SIZE`].
+    /// Prime, ≥ 3, greater than the number of backends, ≤ [`crate::balance::MAX_MAGLEV_TABLE_SIZE`].
     /// Validated for every policy, used only by Maglev.
     pub maglev_table_size: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: u32,
+    /// One info line per closed connection. Default false.
+    pub access_log: bool,
+    /// Active health checks; `None`: backends are not probed and count as up (unless passively
+    /// ejected).
+    pub health: Option<HealthConfig>,
+    /// Passive ejection after connect failures (on by default; `consecutive_failures = 0` is off).
+    pub passive: PassiveConfig,
     /// At least one; addresses unique within the listener.
     pub backends: Vec<BackendConfig>,
 }
@@ -134,9 +152,16 @@ impl Config {
 
     /// Parses and validates a config from TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Toml {
-            path: None,
-            message: e.to_string().trim_end().to_string(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.to_string().trim_end().to_string();
+            let scope = e.span().and_then(|span| listener_at(text, span.start));
+            ConfigError::Toml {
+                path: None,
+                message: match scope {
+                    Some(scope) => format!("{scope}: {message}"),
+                    None => message,
+                },
+            }
         })?;
         validate(raw)
     }
@@ -172,17 +197,67 @@ impl Config {
             }
             let _ = writeln!(
                 out,
-                "\n  connect_timeout {}, idle_timeout {}, max_connections {}",
+                "\n  connect_timeout {}, idle_timeout {}, max_connections {}, access_log {}",
                 format_duration(l.connect_timeout),
                 format_duration(l.idle_timeout),
-                l.max_connections
+                l.max_connections,
+                if l.access_log { "on" } else { "off" }
             );
+            let health = l
+                .health
+                .as_ref()
+                .map_or("off".to_string(), |h| h.describe());
+            let _ = writeln!(out, "  health checks: {health}");
+            let _ = writeln!(out, "  passive ejection: {}", l.passive.describe());
             for b in &l.backends {
                 let _ = writeln!(out, "  backend {} weight {}", b.address, b.weight);
             }
         }
         out
     }
+}
+
+/// The listener a TOML error at byte `offset` belongs to, as `listener "web"` (or
+/// `listeners[2]` when the name cannot be read), found from the `[[listeners]]` headers before
+/// it; `None` outside listener tables (and for the inline `listeners = [...]` form). Only names
+/// the scope: toml's own message still gives the line and column.
+fn listener_at(text: &str, offset: usize) -> Option<String> {
+    let mut index: Option<usize> = None;
+    for line in text.get(..offset)?.lines() {
+        let line = line.trim_start();
+        if !line.starts_with('[') {
+            continue;
+        }
+        let header: String = line
+            .split('#')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        if header == "[[listeners]]" {
+            index = Some(index.map_or(0, |i| i + 1));
+        } else if !header.starts_with("[listeners.") && !header.starts_with("[[listeners.") {
+            index = None; // [runtime], [admin], ...: outside every listener
+        }
+    }
+    let index = index?;
+    let name = text
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|t| {
+            t.get("listeners")?
+                .as_array()?
+                .get(index)?
+                .get("name")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .filter(|name| is_valid_name(name));
+    Some(match name {
+        Some(name) => format!("listener {name:?}"),
+        None => format!("listeners[{index}]"),
+    })
 }
 
 fn invalid(scope: &str, field: &str, problem: String) -> ConfigError {
@@ -289,304 +364,4 @@ fn parse_address(scope: &str, field: &str, s: &str) -> Result<SocketAddr, Config
             format!("{s:?} is not a socket address ({ADDRESS_EXPECTED})"),
         )
     })
-}
-
-fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-fn validate_listener(
-    index: usize,
-    raw: RawListener,
-    names: &mut HashMap<String, usize>,
-) -> Result<Listener, ConfigError> {
-    // Until the name is known to be valid and unique, the listener is named by its position.
-    let at = format!("listeners[{index}]");
-    let name_expected = "expected a unique, non-empty name of letters, digits, '_', '.' and '-'; \
-                         it becomes a metrics label";
-    let Some(name) = raw.name else {
-        return Err(invalid(&at, "name", format!("missing ({name_expected})")));
-    };
-    if !is_valid_name(&name) {
-        return Err(invalid(
-            &at,
-            "name",
-            format!("{name:?} is not a valid name ({name_expected})"),
-        ));
-    }
-    if let Some(first) = names.get(&name) {
-        return Err(invalid(
-            &at,
-            "name",
-            format!("{name:?} is already used by listeners[{first}]"),
-        ));
-    }
-    names.insert(name.clone(), index);
-    let scope = format!("listener {name:?}");
-    let scope = scope.as_str();
-
-    let Some(bind) = raw.bind else {
-        return Err(invalid(
-            scope,
-            "bind",
-            format!("missing ({ADDRESS_EXPECTED})"),
-        ));
-    };
-    let bind = parse_address(scope, "bind", &bind)?;
-
-    let protocol = match raw.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(s) => match Protocol::from_name(s) {
-            Some(Protocol::Tcp) => Protocol::Tcp,
-            Some(Protocol::Udp) => {
-                return Err(invalid(
-                    scope,
-                    "protocol",
-                    format!("{s:?} is not implemented yet (only \"tcp\" is supported for now)"),
-                ))
-            }
-            None => {
-                return Err(invalid(
-                    scope,
-                    "protocol",
-                    format!(
-                    "{s:?} is not a protocol (expected \"tcp\"; \"udp\" is not implemented yet)"
-                ),
-                ))
-            }
-        },
-    };
-
-    let balance = match raw.balance.as_deref() {
-        None => Policy::RoundRobin,
-        Some(s) => Policy::from_name(s).ok_or_else(|| {
-            let names = Policy::ALL.map(Policy::name);
-            invalid(
-                scope,
-                "balance",
-                format!(
-                    "{s:?} is not a balancing policy (expected one of {})",
-                    quoted_list(&names)
-                ),
-            )
-        })?,
-    };
-
-    let hash_key = match raw.hash_key.as_deref() {
-        None => HashKey::SourceIp,
-        Some(s) => HashKey::from_name(s).ok_or_else(|| {
-            let names = HashKey::ALL.map(HashKey::name);
-            invalid(
-                scope,
-                "hash_key",
-                format!(
-                    "{s:?} is not a hash key (expected one of {})",
-                    quoted_list(&names)
-                ),
-            )
-        })?,
-    };
-
-    let connect_timeout = positive_duration(
-        scope,
-        "connect_timeout",
-        raw.connect_timeout,
-        DEFAULT_CONNECT_TIMEOUT,
-    )?;
-    // Only TCP gets here (UDP was refused above); UDP flows will need their own default.
-    let idle_timeout = positive_duration(
-        scope,
-        "idle_timeout",
-        raw.idle_timeout,
-        DEFAULT_TCP_IDLE_TIMEOUT,
-    )?;
-
-    let max_connections = match raw.max_connections {
-        None => DEFAULT_MAX_CONNECTIONS,
-        Some(n) => u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-            invalid(
-                scope,
-                "max_connections",
-                format!("{n} must be between 1 and {}", u32::MAX),
-            )
-        })?,
-    };
-
-    let backends = validate_backends(scope, raw.backends)?;
-    let maglev_table_size = validate_table_size(scope, raw.maglev_table_size, backends.len())?;
-
-    Ok(Listener {
-        name,
-        bind,
-        protocol,
-        balance,
-        hash_key,
-        maglev_table_size,
-        connect_timeout,
-        idle_timeout,
-        max_connections,
-        backends,
-    })
-}
-
-fn quoted_list(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn positive_duration(
-    scope: &str,
-    field: &str,
-    raw: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(s) = raw else {
-        return Ok(default);
-    };
-    let d = parse_duration(&s).map_err(|e| invalid(scope, field, e))?;
-    if d.is_zero() {
-        return Err(invalid(
-            scope,
-            field,
-            format!("{s:?} must be greater than zero"),
-        ));
-    }
-    Ok(d)
-}
-
-fn validate_backends(
-    scope: &str,
-    raw: Option<Vec<RawBackend>>,
-) -> Result<Vec<BackendConfig>, ConfigError> {
-    let raw =
-        match raw {
-            None => return Err(invalid(
-                scope,
-                "backends",
-                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ])"
-                    .to_string(),
-            )),
-            Some(raw) if raw.is_empty() => {
-                return Err(invalid(
-                    scope,
-                    "backends",
-                    "[] is empty (expected at least one backend)".to_string(),
-                ))
-            }
-            Some(raw) => raw,
-        };
-    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
-    for (i, b) in raw.into_iter().enumerate() {
-        let field = format!("backends[{i}].address");
-        let Some(text) = b.address else {
-            return Err(invalid(
-                scope,
-                &field,
-                format!("missing ({ADDRESS_EXPECTED})"),
-            ));
-        };
-        let address = parse_address(scope, &field, &text)?;
-        if address.port() == 0 {
-            return Err(invalid(
-                scope,
-                &field,
-                format!("{text:?} has port 0 (expected a port between 1 and 65535)"),
-            ));
-        }
-        if address.ip().is_unspecified() {
-            return Err(invalid(
-                scope,
-                &field,
-                format!(
-                    "{text:?} is an unspecified (wildcard) address (expected the backend's own IP)"
-                ),
-            ));
-        }
-        if let Some(first) = backends.iter().position(|o| o.address == address) {
-            return Err(invalid(
-                scope,
-                &field,
-                format!("{text:?} duplicates backends[{first}].address"),
-            ));
-        }
-        let weight = match b.weight {
-            None => 1,
-            Some(w) if w < 1 => {
-                return Err(invalid(
-                    scope,
-                    &format!("backends[{i}].weight"),
-                    format!("{w} must be ≥ 1"),
-                ))
-            }
-            Some(w) => u32::try_from(w).map_err(|_| {
-                invalid(
-                    scope,
-                    &format!("backends[{i}].weight"),
-                    format!("{w} must be ≤ {}", u32::MAX),
-                )
-            })?,
-        };
-        backends.push(BackendConfig { address, weight });
-    }
-    Ok(backends)
-}
-
-/// The smallest prime ≥ `n`, if there is one ≤ [`balance::MAX_MAGLEV_TABLE_SIZE`].
-fn prime_at_or_above(n: u64) -> Option<u64> {
-    (n..=u64::from(balance::MAX_MAGLEV_TABLE_SIZE)).find(|&p| balance::is_prime(p))
-}
-
-fn validate_table_size(
-    scope: &str,
-    raw: Option<i64>,
-    backend_count: usize,
-) -> Result<u32, ConfigError> {
-    const FIELD: &str = "maglev_table_size";
-    let max = balance::MAX_MAGLEV_TABLE_SIZE;
-    let explicit = raw.is_some();
-    let raw = raw.unwrap_or(i64::from(balance::DEFAULT_MAGLEV_TABLE_SIZE));
-    let Some(size) = u32::try_from(raw).ok().filter(|s| (3..=max).contains(s)) else {
-        return Err(invalid(
-            scope,
-            FIELD,
-            format!("{raw} must be a prime between 3 and {max}"),
-        ));
-    };
-    let try_prime = |from: u64| match prime_at_or_above(from) {
-        Some(p) => format!(" (try {p})"),
-        None => String::new(),
-    };
-    let backends = u64::try_from(backend_count).unwrap_or(u64::MAX);
-    if u64::from(size) <= backends {
-        let default_note = if explicit { "" } else { " (the default)" };
-        // The Maglev paper keeps every backend's share within about 1% of its weight when the
-        // table has at least 100 slots per backend: suggest that, within the maximum.
-        let suggestion = backends
-            .saturating_mul(100)
-            .min(u64::from(max))
-            .max(backends + 1);
-        return Err(invalid(
-            scope,
-            FIELD,
-            format!(
-                "{size}{default_note} must be greater than the number of backends \
-                 ({backend_count}){}",
-                try_prime(suggestion)
-            ),
-        ));
-    }
-    if !balance::is_prime(u64::from(size)) {
-        return Err(invalid(
-            scope,
-            FIELD,
-            format!("{size} is not prime{}", try_prime(u64::from(size))),
-        ));
-    }
-    Ok(size)
 }

@@ -46,7 +46,32 @@ pub struct RawListener {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+    pub access_log: Option<bool>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+}
+
+/// A listener's `[listeners.health]` table: active health checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+}
+
+/// A listener's `[listeners.passive]` table: ejection after connect failures.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejected_percent: Option<i64>,
 }
 
 /// One entry of a listener's `backends = [ { address = "...", weight = 2 } ]`

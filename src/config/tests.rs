@@ -46,10 +46,23 @@ fn every_field_appears_in_some_example() {
         "connect_timeout =",
         "idle_timeout =",
         "max_connections =",
+        "access_log =",
         "backends =",
         "[[listeners.backends]]",
         "address =",
         "weight =",
+        "[listeners.health]",
+        "interval =",
+        "timeout =",
+        "rise =",
+        "fall =",
+        "send =",
+        "expect =",
+        "[listeners.passive]",
+        "consecutive_failures =",
+        "base_ejection_time =",
+        "max_ejection_time =",
+        "max_ejected_percent =",
     ];
     for field in fields {
         assert!(all.contains(field), "no example shows {field:?}");
@@ -95,6 +108,14 @@ fn defaults_applied() {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(3600),
         max_connections: 100_000,
+        access_log: false,
+        health: None,
+        passive: PassiveConfig {
+            consecutive_failures: 3,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        },
         backends: vec![BackendConfig {
             address: "127.0.0.1:9001".parse().unwrap(),
             weight: 1,
@@ -152,7 +173,8 @@ fn explicit_values_and_both_backend_forms() {
         "drain_timeout 1500ms",
         "[::1]:9901",
         "listener \"a\": tcp [::]:6379, balance maglev (hash_key source_ip_port, table size 7)",
-        "connect_timeout 250ms, idle_timeout 5m, max_connections 10",
+        "connect_timeout 250ms, idle_timeout 5m, max_connections 10, access_log off",
+        "  health checks: off\n",
         "backend [::1]:7001 weight 3",
         "listener \"b\": tcp 127.0.0.1:0, balance round_robin\n",
         "backend 127.0.0.1:7003 weight 2",
@@ -445,5 +467,36 @@ fn load_errors_name_the_path() {
     assert!(
         with_path.starts_with("x/ringlb.toml: TOML parse error at line 1"),
         "{with_path}"
+    );
+}
+
+#[test]
+fn toml_errors_inside_a_listener_name_it() {
+    let text = format!(
+        "[runtime]\nworkers = 2\n{}[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:8081\"\n{ONE_BACKEND}\n\
+         [listeners.health]\nintervall = \"1s\"\n",
+        web_with("")
+    );
+    let err = Config::parse(&text).expect_err("unknown field").to_string();
+    assert!(
+        err.starts_with("listener \"db\": TOML parse error at line 13"),
+        "{err}"
+    );
+    assert!(err.contains("unknown field `intervall`"), "{err}");
+    let err = Config::parse(&web_with("colour = \"blue\"")).expect_err("unknown field");
+    assert!(
+        err.to_string()
+            .starts_with("listener \"web\": TOML parse error"),
+        "{err}"
+    );
+    // Outside listeners, and when the name itself is unreadable.
+    let err =
+        Config::parse(&format!("{}[admin]\nbindd = 1\n", web_with(""))).expect_err("unknown field");
+    assert!(err.to_string().starts_with("TOML parse error"), "{err}");
+    let err = Config::parse("[[listeners]]\nname = 3\n").expect_err("wrong type");
+    assert!(
+        err.to_string()
+            .starts_with("listeners[0]: TOML parse error"),
+        "{err}"
     );
 }

@@ -60,6 +60,8 @@ pub struct Shared {
     pub epoch: Instant,
     /// Connections open on this worker.
     pub live: AtomicU64,
+    /// Set once, while draining, every listening socket of this worker is closed.
+    pub listeners_closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -71,6 +73,7 @@ impl Shared {
             heartbeat: Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64)),
             epoch,
             live: AtomicU64::new(0),
+            listeners_closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -230,8 +233,11 @@ impl Worker {
         if !self.draining {
             return false;
         }
-        let idle = self.listeners.iter().all(|l| l.socket.is_none())
-            && self.shared.live.load(Ordering::Relaxed) == 0;
+        let closed = self.listeners.iter().all(|l| l.socket.is_none());
+        if closed {
+            self.shared.listeners_closed.store(true, Ordering::SeqCst);
+        }
+        let idle = closed && self.shared.live.load(Ordering::Relaxed) == 0;
         idle || matches!(self.hard_stop_at_ms, Some(t) if self.now_ms > t + 2000)
     }
 
@@ -313,7 +319,6 @@ impl Worker {
         let snap = l.reader.load();
         let limit = (snap.settings.max_connections as usize).div_ceil(self.workers) as u32;
         let idle_ms = snap.settings.idle_timeout.as_millis() as u64;
-        let _ = socket2::SockRef::from(&client).set_tcp_nodelay(true);
         let client_addr = if l.needs_client_addr
             || snap.settings.access_log
             || log::log_enabled!(log::Level::Debug)
@@ -790,9 +795,7 @@ impl Worker {
                     l.socket = None;
                 }
             }
-            if self.id == 0 {
-                info!("draining: listeners closed, waiting for open connections to finish");
-            }
+            debug!("worker {}: draining", self.id);
         }
         if stop >= HARD_STOP && self.hard_stop_at_ms.is_none() {
             self.hard_stop_at_ms = Some(self.now_ms);

@@ -1,0 +1,323 @@
+//! Validation of one `[[listeners]]` table: its name, bind, policy, timeouts, limits and backends
+//! (health and passive-ejection settings are checked in `health.rs`).
+//!
+//! Owns the listener-level defaults and messages; like the rest of `config`, it must not touch the
+//! network. Stops at the first error.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::health::{validate_health, validate_passive};
+use super::raw::{RawBackend, RawListener};
+use super::{
+    invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener, Protocol,
+    ADDRESS_EXPECTED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT,
+};
+use crate::balance::{self, HashKey, Policy};
+
+pub(super) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+pub(super) fn validate_listener(
+    index: usize,
+    raw: RawListener,
+    names: &mut HashMap<String, usize>,
+) -> Result<Listener, ConfigError> {
+    // Until the name is known to be valid and unique, the listener is named by its position.
+    let at = format!("listeners[{index}]");
+    let name_expected = "expected a unique, non-empty name of letters, digits, '_', '.' and '-'; \
+                         it becomes a metrics label";
+    let Some(name) = raw.name else {
+        return Err(invalid(&at, "name", format!("missing ({name_expected})")));
+    };
+    if !is_valid_name(&name) {
+        return Err(invalid(
+            &at,
+            "name",
+            format!("{name:?} is not a valid name ({name_expected})"),
+        ));
+    }
+    if let Some(first) = names.get(&name) {
+        return Err(invalid(
+            &at,
+            "name",
+            format!("{name:?} is already used by listeners[{first}]"),
+        ));
+    }
+    names.insert(name.clone(), index);
+    let scope = format!("listener {name:?}");
+    let scope = scope.as_str();
+
+    let Some(bind) = raw.bind else {
+        return Err(invalid(
+            scope,
+            "bind",
+            format!("missing ({ADDRESS_EXPECTED})"),
+        ));
+    };
+    let bind = parse_address(scope, "bind", &bind)?;
+
+    let protocol = match raw.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(s) => match Protocol::from_name(s) {
+            Some(Protocol::Tcp) => Protocol::Tcp,
+            Some(Protocol::Udp) => {
+                return Err(invalid(
+                    scope,
+                    "protocol",
+                    format!("{s:?} is not implemented yet (only \"tcp\" is supported for now)"),
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    scope,
+                    "protocol",
+                    format!(
+                    "{s:?} is not a protocol (expected \"tcp\"; \"udp\" is not implemented yet)"
+                ),
+                ))
+            }
+        },
+    };
+
+    let balance = match raw.balance.as_deref() {
+        None => Policy::RoundRobin,
+        Some(s) => Policy::from_name(s).ok_or_else(|| {
+            let names = Policy::ALL.map(Policy::name);
+            invalid(
+                scope,
+                "balance",
+                format!(
+                    "{s:?} is not a balancing policy (expected one of {})",
+                    quoted_list(&names)
+                ),
+            )
+        })?,
+    };
+
+    let hash_key = match raw.hash_key.as_deref() {
+        None => HashKey::SourceIp,
+        Some(s) => HashKey::from_name(s).ok_or_else(|| {
+            let names = HashKey::ALL.map(HashKey::name);
+            invalid(
+                scope,
+                "hash_key",
+                format!(
+                    "{s:?} is not a hash key (expected one of {})",
+                    quoted_list(&names)
+                ),
+            )
+        })?,
+    };
+
+    let connect_timeout = positive_duration(
+        scope,
+        "connect_timeout",
+        raw.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    // Only TCP gets here (UDP was refused above); UDP flows will need their own default.
+    let idle_timeout = positive_duration(
+        scope,
+        "idle_timeout",
+        raw.idle_timeout,
+        DEFAULT_TCP_IDLE_TIMEOUT,
+    )?;
+
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) => u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+            invalid(
+                scope,
+                "max_connections",
+                format!("{n} must be between 1 and {}", u32::MAX),
+            )
+        })?,
+    };
+
+    let backends = validate_backends(scope, raw.backends)?;
+    let maglev_table_size = validate_table_size(scope, raw.maglev_table_size, backends.len())?;
+
+    let access_log = raw.access_log.unwrap_or(false);
+    let health = raw.health.map(|h| validate_health(scope, h)).transpose()?;
+    let passive = validate_passive(scope, raw.passive.unwrap_or_default())?;
+
+    Ok(Listener {
+        name,
+        bind,
+        protocol,
+        balance,
+        hash_key,
+        maglev_table_size,
+        connect_timeout,
+        idle_timeout,
+        max_connections,
+        access_log,
+        health,
+        passive,
+        backends,
+    })
+}
+
+pub(super) fn quoted_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(super) fn positive_duration(
+    scope: &str,
+    field: &str,
+    raw: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(s) = raw else {
+        return Ok(default);
+    };
+    let d = parse_duration(&s).map_err(|e| invalid(scope, field, e))?;
+    if d.is_zero() {
+        return Err(invalid(
+            scope,
+            field,
+            format!("{s:?} must be greater than zero"),
+        ));
+    }
+    Ok(d)
+}
+
+fn validate_backends(
+    scope: &str,
+    raw: Option<Vec<RawBackend>>,
+) -> Result<Vec<BackendConfig>, ConfigError> {
+    let raw =
+        match raw {
+            None => return Err(invalid(
+                scope,
+                "backends",
+                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ])"
+                    .to_string(),
+            )),
+            Some(raw) if raw.is_empty() => {
+                return Err(invalid(
+                    scope,
+                    "backends",
+                    "[] is empty (expected at least one backend)".to_string(),
+                ))
+            }
+            Some(raw) => raw,
+        };
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    for (i, b) in raw.into_iter().enumerate() {
+        let field = format!("backends[{i}].address");
+        let Some(text) = b.address else {
+            return Err(invalid(
+                scope,
+                &field,
+                format!("missing ({ADDRESS_EXPECTED})"),
+            ));
+        };
+        let address = parse_address(scope, &field, &text)?;
+        if address.port() == 0 {
+            return Err(invalid(
+                scope,
+                &field,
+                format!("{text:?} has port 0 (expected a port between 1 and 65535)"),
+            ));
+        }
+        if address.ip().is_unspecified() {
+            return Err(invalid(
+                scope,
+                &field,
+                format!(
+                    "{text:?} is an unspecified (wildcard) address (expected the backend's own IP)"
+                ),
+            ));
+        }
+        if let Some(first) = backends.iter().position(|o| o.address == address) {
+            return Err(invalid(
+                scope,
+                &field,
+                format!("{text:?} duplicates backends[{first}].address"),
+            ));
+        }
+        let weight = match b.weight {
+            None => 1,
+            Some(w) if w < 1 => {
+                return Err(invalid(
+                    scope,
+                    &format!("backends[{i}].weight"),
+                    format!("{w} must be ≥ 1"),
+                ))
+            }
+            Some(w) => u32::try_from(w).map_err(|_| {
+                invalid(
+                    scope,
+                    &format!("backends[{i}].weight"),
+                    format!("{w} must be ≤ {}", u32::MAX),
+                )
+            })?,
+        };
+        backends.push(BackendConfig { address, weight });
+    }
+    Ok(backends)
+}
+
+/// The smallest prime ≥ `n`, if there is one ≤ [`balance::MAX_MAGLEV_TABLE_SIZE`].
+fn prime_at_or_above(n: u64) -> Option<u64> {
+    (n..=u64::from(balance::MAX_MAGLEV_TABLE_SIZE)).find(|&p| balance::is_prime(p))
+}
+
+fn validate_table_size(
+    scope: &str,
+    raw: Option<i64>,
+    backend_count: usize,
+) -> Result<u32, ConfigError> {
+    const FIELD: &str = "maglev_table_size";
+    let max = balance::MAX_MAGLEV_TABLE_SIZE;
+    let explicit = raw.is_some();
+    let raw = raw.unwrap_or(i64::from(balance::DEFAULT_MAGLEV_TABLE_SIZE));
+    let Some(size) = u32::try_from(raw).ok().filter(|s| (3..=max).contains(s)) else {
+        return Err(invalid(
+            scope,
+            FIELD,
+            format!("{raw} must be a prime between 3 and {max}"),
+        ));
+    };
+    let try_prime = |from: u64| match prime_at_or_above(from) {
+        Some(p) => format!(" (try {p})"),
+        None => String::new(),
+    };
+    let backends = u64::try_from(backend_count).unwrap_or(u64::MAX);
+    if u64::from(size) <= backends {
+        let default_note = if explicit { "" } else { " (the default)" };
+        // The Maglev paper keeps every backend's share within about 1% of its weight when the
+        // table has at least 100 slots per backend: suggest that, within the maximum.
+        let suggestion = backends
+            .saturating_mul(100)
+            .min(u64::from(max))
+            .max(backends + 1);
+        return Err(invalid(
+            scope,
+            FIELD,
+            format!(
+                "{size}{default_note} must be greater than the number of backends \
+                 ({backend_count}){}",
+                try_prime(suggestion)
+            ),
+        ));
+    }
+    if !balance::is_prime(u64::from(size)) {
+        return Err(invalid(
+            scope,
+            FIELD,
+            format!("{size} is not prime{}", try_prime(u64::from(size))),
+        ));
+    }
+    Ok(size)
+}
