@@ -189,38 +189,39 @@ impl ListenerStats {
 #[derive(Debug)]
 pub struct Registry {
     workers: usize,
-    entries: Mutex<Vec<(String, Arc<BackendStats>)>>,
+    entries: Mutex<hashbrown::HashMap<(String, SocketAddr), Arc<BackendStats>>>,
 }
 
 impl Registry {
     pub fn new(workers: usize) -> Registry {
         Registry {
             workers,
-            entries: Mutex::new(Vec::new()),
+            entries: Mutex::new(hashbrown::HashMap::new()),
         }
     }
 
     /// The stats for a backend of a listener, created on first use.
     pub fn get(&self, listener: &str, address: SocketAddr) -> Arc<BackendStats> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, s)) = entries
-            .iter()
-            .find(|(l, s)| l == listener && s.address == address)
-        {
-            return s.clone();
-        }
-        let s = Arc::new(BackendStats::new(address, self.workers));
-        entries.push((listener.to_string(), s.clone()));
-        s
+        entries
+            .entry((listener.to_string(), address))
+            .or_insert_with(|| Arc::new(BackendStats::new(address, self.workers)))
+            .clone()
     }
 
     /// Every (listener, stats) known, including backends removed from the config that still
     /// have connections.
+    /// Sorted by listener then address, so scrapes are stable.
     pub fn all(&self) -> Vec<(String, Arc<BackendStats>)> {
-        self.entries
+        let mut v: Vec<(String, Arc<BackendStats>)> = self
+            .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .map(|((l, _), s)| (l.clone(), s.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1.address).cmp(&(&b.0, b.1.address)));
+        v
     }
 }
 

@@ -44,7 +44,9 @@ pub struct Snapshot {
     pub listener: Arc<str>,
     pub settings: Settings,
     pub members: Vec<Member>,
-    pub tables: Tables,
+    /// Shared between snapshots whose (address, weight) list and policy are unchanged (a
+    /// health flip republishes without rebuilding a Maglev table).
+    pub tables: Arc<Tables>,
     pub listener_stats: Arc<ListenerStats>,
 }
 

@@ -236,6 +236,13 @@ impl Scheduler {
             .map(|e| (e.target.listener.as_str(), e.target.addr, e.ok, e.failed))
     }
 
+    /// The (listener, backend address) of a target id, if it is still a target.
+    pub fn target(&self, id: u64) -> Option<(&str, SocketAddr)> {
+        self.entries
+            .get(&id)
+            .map(|e| (e.target.listener.as_str(), e.target.addr))
+    }
+
     /// Number of targets.
     pub fn len(&self) -> usize {
         self.entries.len()

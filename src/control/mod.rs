@@ -1,18 +1,23 @@
-//! The control plane: owns the validated config, the backend-stats registry and one published
-//! snapshot per listener; builds and publishes snapshots (with a prebuilt Maglev table) and logs
-//! what each rebuild changed.
-//! Must not: import `worker` or `uring`, or touch rings. Workers only ever see what it publishes.
+//! The control plane: owns the validated config, the backend-stats registry, health state and
+//! one published snapshot per listener; builds and publishes snapshots (with a prebuilt Maglev
+//! table), runs the control thread (requests, active probes, passive ejection) and logs what each
+//! rebuild changed.
+//! Must not: import `worker` or `uring`, or touch rings. Workers only ever see what it publishes;
+//! what must happen on worker threads (binding new listeners) goes through [`ListenerHost`].
+
+mod health;
 
 use crate::backend::{ListenerStats, Registry};
 use crate::balance::{Maglev, Policy, Tables};
-use crate::config::{Config, Listener};
+use crate::config::{Config, Listener, Protocol};
 use crate::snapshot::{Member, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
+use health::HealthDriver;
 use log::{error, info};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,43 +29,8 @@ pub enum Request {
     },
 }
 
-/// The control thread's period when nothing is due (heartbeat, passive-health checks).
-const CONTROL_TICK: Duration = Duration::from_millis(100);
-
-/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
-pub fn run_thread(
-    mut control: Control,
-    mut config: Config,
-    path: PathBuf,
-    requests: Receiver<Request>,
-    heartbeat: Arc<AtomicU64>,
-    epoch: Instant,
-    stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        heartbeat.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        match requests.recv_timeout(CONTROL_TICK) {
-            Ok(Request::Reload { reply }) => {
-                let result = match Config::load(&path) {
-                    Err(e) => Err(e.to_string()),
-                    Ok(new) => control.reload(&config, &new).inspect(|_| config = new),
-                };
-                match &result {
-                    Ok(summary) => info!("reload of {} done: {summary}", path.display()),
-                    Err(e) => error!(
-                        "reload of {} failed, still running the previous configuration: {e}",
-                        path.display()
-                    ),
-                }
-                if let Some(r) = reply {
-                    let _ = r.send(result);
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-}
+/// The control thread's longest wait (heartbeat, passive-health checks, requests).
+const CONTROL_TICK: Duration = Duration::from_millis(50);
 
 /// One listener as the control plane holds it.
 pub struct ControlListener {
@@ -74,18 +44,20 @@ pub struct ControlListener {
 pub struct Control {
     pub registry: Arc<Registry>,
     pub listeners: Vec<ControlListener>,
+    health: HealthDriver,
 }
 
 impl Control {
     /// Builds and publishes the first snapshot of every listener.
     pub fn new(config: &Config) -> Control {
         let registry = Arc::new(Registry::new(config.runtime.workers));
+        let health = HealthDriver::new(&config.listeners, Instant::now());
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
                 let stats = Arc::new(ListenerStats::new(config.runtime.workers));
-                let snap = build_snapshot(l, 1, &registry, &stats);
+                let snap = build_snapshot(l, 1, &registry, &stats, &health, None);
                 log_tables(l, &snap, None);
                 ControlListener {
                     config: l.clone(),
@@ -98,6 +70,7 @@ impl Control {
         Control {
             registry,
             listeners,
+            health,
         }
     }
 
@@ -138,7 +111,8 @@ impl Control {
                 names(new)
             ));
         }
-        let (mut added, mut removed, mut changed) = (0usize, 0usize, 0usize);
+        self.health.set_listeners(&new.listeners, Instant::now());
+        let (mut added, mut removed, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
         for (i, l) in new.listeners.iter().enumerate() {
             let cur = &self.listeners[i].config;
             if cur == l {
@@ -156,25 +130,87 @@ impl Control {
                 .filter(|c| !l.backends.iter().any(|b| b.address == c.address))
                 .count();
             self.listeners[i].config = l.clone();
-            self.republish(i);
+            moved += self.republish(i);
         }
         Ok(format!(
-            "{changed} listener(s) changed, {added} backend(s) added, {removed} backend(s) removed"
+            "{changed} listener(s) changed, {added} backend(s) added, {removed} backend(s) removed, {moved} maglev slot(s) moved"
         ))
     }
 
-    /// Rebuilds and publishes listener `i`'s snapshot from its current config (health changes,
-    /// weight changes). Returns the new generation.
+    /// Rebuilds and publishes listener `i`'s snapshot from its current config and health.
+    /// Returns the Maglev slots moved (0 for other policies).
     pub fn republish(&mut self, i: usize) -> u64 {
         let l = &mut self.listeners[i];
         l.generation += 1;
-        let snap = build_snapshot(&l.config, l.generation, &self.registry, &l.stats);
         let old = l.published.load_full();
-        if let Some(moved) = log_tables(&l.config, &snap, Some(&old)) {
-            l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
-        }
+        let snap = build_snapshot(
+            &l.config,
+            l.generation,
+            &self.registry,
+            &l.stats,
+            &self.health,
+            Some(&old),
+        );
+        let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
+        l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
+        info!(
+            "listener \"{}\": published generation {} ({}/{} backends up)",
+            l.config.name,
+            snap.generation,
+            snap.up_count(),
+            snap.members.len()
+        );
         l.published.store(Arc::new(snap));
-        l.generation
+        moved
+    }
+
+    /// One pass of health work: start due probes, collect results (waiting up to `wait`), apply
+    /// passive ejection, and republish every listener whose health changed.
+    fn health_step(&mut self, wait: Duration) {
+        let changed = self.health.step(&self.listeners, &self.registry, wait);
+        for name in changed {
+            if let Some(i) = self.listeners.iter().position(|l| l.config.name == name) {
+                self.republish(i);
+            }
+        }
+    }
+}
+
+/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
+pub fn run_thread(
+    mut control: Control,
+    mut config: Config,
+    path: PathBuf,
+    requests: Receiver<Request>,
+    heartbeat: Arc<AtomicU64>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        heartbeat.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        loop {
+            match requests.try_recv() {
+                Ok(Request::Reload { reply }) => {
+                    let result = match Config::load(&path) {
+                        Err(e) => Err(e.to_string()),
+                        Ok(new) => control.reload(&config, &new).inspect(|_| config = new),
+                    };
+                    match &result {
+                        Ok(summary) => info!("reload of {} done: {summary}", path.display()),
+                        Err(e) => error!(
+                            "reload of {} failed, still running the previous configuration: {e}",
+                            path.display()
+                        ),
+                    }
+                    if let Some(r) = reply {
+                        let _ = r.send(result);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        control.health_step(CONTROL_TICK);
     }
 }
 
@@ -183,6 +219,8 @@ fn build_snapshot(
     generation: u64,
     registry: &Registry,
     stats: &Arc<ListenerStats>,
+    health: &HealthDriver,
+    old: Option<&Snapshot>,
 ) -> Snapshot {
     let members: Vec<Member> = l
         .backends
@@ -190,11 +228,26 @@ fn build_snapshot(
         .map(|b| Member {
             address: b.address,
             weight: b.weight,
-            up: true,
+            up: health.is_up(&l.name, b.address),
             stats: registry.get(&l.name, b.address),
         })
         .collect();
     let pairs: Vec<(SocketAddr, u32)> = members.iter().map(|m| (m.address, m.weight)).collect();
+    let reuse = old.filter(|o| {
+        o.tables.policy() == l.balance
+            && o.members.len() == pairs.len()
+            && o.members
+                .iter()
+                .zip(&pairs)
+                .all(|(m, p)| (m.address, m.weight) == *p)
+            && o.tables
+                .maglev()
+                .is_none_or(|m| m.size() == l.maglev_table_size)
+    });
+    let tables = match reuse {
+        Some(o) => o.tables.clone(),
+        None => Arc::new(Tables::build(l.balance, &pairs, l.maglev_table_size)),
+    };
     Snapshot {
         generation,
         listener: Arc::from(l.name.as_str()),
@@ -203,9 +256,9 @@ fn build_snapshot(
             idle_timeout: l.idle_timeout,
             max_connections: l.max_connections,
             hash_key: l.hash_key,
-            access_log: false,
+            access_log: l.access_log,
         },
-        tables: Tables::build(l.balance, &pairs, l.maglev_table_size),
+        tables,
         members,
         listener_stats: stats.clone(),
     }
@@ -213,7 +266,7 @@ fn build_snapshot(
 
 /// Logs a Maglev table's shape and, on a rebuild, how many slots moved (returned).
 fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) -> Option<u64> {
-    if l.balance != Policy::Maglev {
+    if l.balance != Policy::Maglev || l.protocol != Protocol::Tcp && l.protocol != Protocol::Udp {
         return None;
     }
     let m = snap.tables.maglev()?;
