@@ -5,7 +5,7 @@
 //! time) and forwards control requests to the control thread over a channel.
 //! Must not: touch rings or connections, or mutate anything but through the control channel.
 
-use crate::backend::{ListenerStats, Registry, CLOSE_REASONS};
+use crate::backend::{process_ms, ListenerStats, Registry, CLOSE_REASONS};
 use crate::control::Request;
 use crate::snapshot::Published;
 use log::{info, warn};
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A worker or the control thread is considered stuck when its heartbeat is older than this.
 pub const STUCK_AFTER: Duration = Duration::from_secs(3);
@@ -32,12 +32,11 @@ pub struct ListenerView {
 
 /// Everything the admin endpoint reads.
 pub struct AdminState {
-    pub epoch: Instant,
-    pub listeners: arc_swap::ArcSwap<Vec<ListenerView>>,
+    pub listeners: Arc<arc_swap::ArcSwap<Vec<ListenerView>>>,
     pub registry: Arc<Registry>,
-    /// Per worker: heartbeat in ms since `epoch`.
+    /// Per worker: heartbeat (`process_ms()` at its last tick).
     pub worker_heartbeats: Vec<Arc<AtomicU64>>,
-    /// Control thread heartbeat in ms since `epoch`.
+    /// Control thread heartbeat (`process_ms()`).
     pub control_heartbeat: Arc<AtomicU64>,
     pub requests: Mutex<Sender<Request>>,
 }
@@ -88,15 +87,46 @@ fn route(state: &AdminState, method: &tiny_http::Method, url: &str) -> (u16, &'s
         ),
         (Get | Head, "/status") => (200, "application/json", status_json(state)),
         (Post, "/reload") => control_request(state, |reply| Request::Reload { reply: Some(reply) }),
+        (Post, p) if p.starts_with("/backends/") => match parse_backend_action(p) {
+            Some((listener, backend, drain)) => control_request(state, |reply| Request::Drain {
+                listener,
+                backend,
+                drain,
+                reply,
+            }),
+            None => (
+                404,
+                TEXT,
+                "expected POST /backends/<listener>/<ip:port>/drain or .../undrain\n".into(),
+            ),
+        },
         (_, "/livez" | "/readyz" | "/metrics" | "/status" | "/reload") => {
             (405, TEXT, "method not allowed\n".into())
         }
         _ => (
             404,
             TEXT,
-            "not found; try /livez /readyz /metrics /status, POST /reload\n".into(),
+            "not found; try /livez /readyz /metrics /status, POST /reload, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
         ),
     }
+}
+
+/// `/backends/<listener>/<address>/drain|undrain` → (listener, address, drain?). IPv6 addresses
+/// are written `[::1]:80` (percent-encoded brackets are accepted too).
+fn parse_backend_action(path: &str) -> Option<(String, SocketAddr, bool)> {
+    let rest = path.strip_prefix("/backends/")?;
+    let (listener, rest) = rest.split_once('/')?;
+    let (addr, action) = rest.rsplit_once('/')?;
+    let addr = addr
+        .replace("%5B", "[")
+        .replace("%5D", "]")
+        .replace("%3A", ":");
+    let drain = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => return None,
+    };
+    Some((listener.to_string(), addr.parse().ok()?, drain))
 }
 
 fn control_request(
@@ -119,8 +149,8 @@ fn control_request(
     }
 }
 
-fn age_ms(state: &AdminState, hb: &AtomicU64) -> u64 {
-    (state.epoch.elapsed().as_millis() as u64).saturating_sub(hb.load(Ordering::Relaxed))
+fn age_ms(_state: &AdminState, hb: &AtomicU64) -> u64 {
+    process_ms().saturating_sub(hb.load(Ordering::Relaxed))
 }
 
 /// Live = the control thread and every worker ticked recently.
@@ -454,7 +484,7 @@ pub fn status_json(state: &AdminState) -> String {
         })
         .collect();
     let v = serde_json::json!({
-        "uptime_seconds": state.epoch.elapsed().as_secs(),
+        "uptime_seconds": process_ms() / 1000,
         "workers": state.worker_heartbeats.len(),
         "listeners": listeners,
     });

@@ -10,6 +10,16 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Milliseconds since the process's time origin (set by the first call; the runtime calls it at
+/// start). The clock every thread uses for timestamps it shares (heartbeats, removal times).
+pub fn process_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// Pads a value to its own cache lines so two workers never write the same line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -49,6 +59,9 @@ pub struct BackendStats {
     workers: Box<[Padded<WorkerCounters>]>,
     /// Written by the control plane only.
     pub control: ControlCounters,
+    /// When the backend was removed from its listener by a reload (ms since the process epoch,
+    /// +1 so that 0 means "present"). Workers close its connections `drain_timeout` later.
+    removed_at: AtomicU64,
 }
 
 /// Counters the control plane keeps per backend (health checks, flips, ejections).
@@ -68,6 +81,21 @@ impl BackendStats {
             consecutive_failures: Padded(AtomicU64::new(0)),
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
             control: ControlCounters::default(),
+            removed_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the backend removed at `now_ms` (ms since the process epoch), or present again.
+    pub fn set_removed(&self, now_ms: Option<u64>) {
+        self.removed_at
+            .store(now_ms.map_or(0, |t| t + 1), Ordering::Relaxed);
+    }
+
+    /// When the backend was removed (ms since the process epoch), if it was.
+    pub fn removed_at(&self) -> Option<u64> {
+        match self.removed_at.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
         }
     }
 
@@ -135,7 +163,7 @@ pub struct ListenerWorkerCounters {
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
 /// `CloseReason` to an index with `close_index`).
-pub const CLOSE_REASONS: [&str; 11] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "client_eof",
     "backend_eof",
     "client_reset",
@@ -147,6 +175,8 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "idle_timeout",
     "draining",
     "resource",
+    "queue_timeout",
+    "bad_proxy_header",
 ];
 
 /// Per-listener counters, outside snapshots, per worker.

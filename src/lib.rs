@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod health;
+pub mod proxy_protocol;
 pub mod runtime;
 pub mod snapshot;
 #[allow(unsafe_code)]

@@ -1,17 +1,22 @@
 //! Starts the control plane and the workers, binds every listener's `SO_REUSEPORT` sockets (one
-//! per worker), handles signals and fans shutdown out to the workers.
+//! per worker), handles signals and fans shutdown out to the workers. Implements the
+//! [`ListenerHost`] through which a reload adds or removes listeners on running workers.
 //!
 //! Signals are blocked in every thread and taken synchronously here with `sigtimedwait`, so no
 //! async-signal-safety concerns reach the rest of the crate. SIGTERM/SIGINT drain (a second one
-//! stops hard); SIGHUP is logged (reload comes with the operations issue).
+//! stops hard); SIGHUP reloads the config file.
 //! Must not: touch rings or connections; it talks to workers only through `worker::Shared`.
 
 use crate::admin::{self, AdminState, ListenerView};
-use crate::config::{Config, Protocol};
-use crate::control::{self, Control, Request};
+use crate::backend::{process_ms, ListenerStats};
+use crate::balance::Policy;
+use crate::config::{Config, Listener, Protocol};
+use crate::control::{self, Bound, Control, ListenerHost, Request};
+use crate::snapshot::Published;
 use crate::sys;
 use crate::uring::{self, Ring};
-use crate::worker::{self, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
+use crate::worker::{self, Command, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
+use arc_swap::ArcSwap;
 use log::{error, info, warn};
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
@@ -48,8 +53,8 @@ pub enum RuntimeError {
     Signals(nix::Error),
 }
 
-/// Binds one listening socket; `port 0` is resolved by the first bind and reused by the rest.
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
+/// Binds one listening socket with the listener's socket options (inherited by accepted sockets).
+fn bind_tcp(addr: SocketAddr, l: &Listener) -> std::io::Result<Socket> {
     let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -57,8 +62,12 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
     )?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: no setsockopt per accept.
+    // Accepted sockets inherit TCP_NODELAY and keepalive settings from the listener on Linux:
+    // no setsockopt per accept.
     s.set_tcp_nodelay(true)?;
+    if let Some(idle) = l.tcp_keepalive {
+        s.set_tcp_keepalive(&worker::keepalive_params(idle))?;
+    }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -67,40 +76,121 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// Binds `workers` sockets for one listener; returns them and the actual address.
-fn bind_listener(
-    name: &str,
-    addr: SocketAddr,
-    workers: usize,
-) -> Result<(Vec<Socket>, SocketAddr), RuntimeError> {
+/// Binds `workers` sockets for one listener; `port 0` is resolved by the first bind and reused
+/// by the rest. Returns them and the actual address.
+fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
     let err = |source| RuntimeError::Bind {
-        listener: name.to_string(),
-        addr,
+        listener: l.name.clone(),
+        addr: l.bind,
         source,
     };
-    let first = bind_tcp(addr).map_err(err)?;
+    let first = bind_tcp(l.bind, l).map_err(err)?;
     let actual = first
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
-        .unwrap_or(addr);
-    let mut socks = vec![first];
+        .unwrap_or(l.bind);
+    let mut sockets = vec![first];
     for _ in 1..workers {
-        socks.push(bind_tcp(actual).map_err(err)?);
+        sockets.push(bind_tcp(actual, l).map_err(err)?);
     }
-    Ok((socks, actual))
+    Ok(Bound {
+        sockets,
+        addr: actual,
+    })
+}
+
+fn log_listening(l: &Listener, addr: SocketAddr, workers: usize) {
+    info!(
+        "listener \"{}\" listening on {} ({}, {}, {} backends, {} workers)",
+        l.name,
+        addr,
+        l.protocol.name(),
+        l.balance.name(),
+        l.backends.len(),
+        workers
+    );
+}
+
+fn spec_for(
+    l: &Listener,
+    socket: Socket,
+    published: &Published,
+    stats: &Arc<ListenerStats>,
+) -> ListenerSpec {
+    ListenerSpec {
+        name: Arc::from(l.name.as_str()),
+        socket,
+        published: published.clone(),
+        stats: stats.clone(),
+        needs_client_addr: l.balance == Policy::Maglev,
+    }
+}
+
+/// The runtime side of reloads: binds sockets, hands them to the workers, keeps the admin
+/// endpoint's listener list current.
+struct Host {
+    workers: Vec<Arc<Shared>>,
+    views: Arc<ArcSwap<Vec<ListenerView>>>,
+}
+
+impl ListenerHost for Host {
+    fn bind(&mut self, l: &Listener) -> Result<Bound, String> {
+        if l.protocol != Protocol::Tcp {
+            return Err(format!("protocol {:?} is not served", l.protocol.name()));
+        }
+        bind_listener(l, self.workers.len()).map_err(|e| match e {
+            RuntimeError::Bind { addr, source, .. } => format!("cannot bind {addr}: {source}"),
+            other => other.to_string(),
+        })
+    }
+
+    fn start(
+        &mut self,
+        l: &Listener,
+        bound: Bound,
+        published: Published,
+        stats: Arc<ListenerStats>,
+    ) {
+        log_listening(l, bound.addr, self.workers.len());
+        for (w, sock) in self.workers.iter().zip(bound.sockets) {
+            w.send(Command::AddListener(spec_for(l, sock, &published, &stats)));
+        }
+        let mut views: Vec<ListenerView> = self.views.load().as_ref().clone();
+        views.retain(|v| v.name != l.name);
+        views.push(ListenerView {
+            name: l.name.clone(),
+            protocol: l.protocol.name(),
+            bound: Some(bound.addr),
+            published,
+            stats,
+        });
+        self.views.store(Arc::new(views));
+    }
+
+    fn remove(&mut self, name: &str) {
+        info!("listener \"{name}\" removed: stops accepting; its open connections drain");
+        for w in &self.workers {
+            w.send(Command::RemoveListener {
+                name: Arc::from(name),
+            });
+        }
+        let mut views: Vec<ListenerView> = self.views.load().as_ref().clone();
+        views.retain(|v| v.name != name);
+        self.views.store(Arc::new(views));
+    }
 }
 
 /// Runs ringlb until a stop signal has been handled and every worker has exited.
 pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     Ring::probe().map_err(|e| RuntimeError::IoUring(uring::unavailable_reason(&e)))?;
+    let _ = process_ms(); // fixes the process's time origin
     match sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => info!("raised RLIMIT_NOFILE soft limit {old} -> {new}"),
         Ok(_) => {}
         Err(e) => warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
     let workers = config.runtime.workers;
-    let epoch = Instant::now();
     let control = Control::new(&config);
     let mut views: Vec<ListenerView> = Vec::new();
 
@@ -111,31 +201,17 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         if l.protocol != Protocol::Tcp {
             continue;
         }
-        let (socks, actual) = bind_listener(&l.name, l.bind, workers)?;
+        let bound = bind_listener(l, workers)?;
+        log_listening(l, bound.addr, workers);
         views.push(ListenerView {
             name: l.name.clone(),
             protocol: l.protocol.name(),
-            bound: Some(actual),
+            bound: Some(bound.addr),
             published: cl.published.clone(),
             stats: cl.stats.clone(),
         });
-        info!(
-            "listener \"{}\" listening on {} (tcp, {}, {} backends, {} workers)",
-            l.name,
-            actual,
-            l.balance.name(),
-            l.backends.len(),
-            workers
-        );
-        let name: Arc<str> = Arc::from(l.name.as_str());
-        for (w, sock) in socks.into_iter().enumerate() {
-            per_worker[w].push(ListenerSpec {
-                name: name.clone(),
-                socket: sock,
-                published: cl.published.clone(),
-                stats: cl.stats.clone(),
-                needs_client_addr: l.balance == crate::balance::Policy::Maglev,
-            });
+        for (w, sock) in bound.sockets.into_iter().enumerate() {
+            per_worker[w].push(spec_for(l, sock, &cl.published, &cl.stats));
         }
     }
 
@@ -145,13 +221,15 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     }
     sigs.thread_block().map_err(RuntimeError::Signals)?;
 
-    let mut shared = Vec::with_capacity(workers);
+    let mut shared: Vec<Arc<Shared>> = Vec::with_capacity(workers);
     let mut handles: Vec<JoinHandle<std::io::Result<()>>> = Vec::with_capacity(workers);
     for (id, listeners) in per_worker.into_iter().enumerate() {
-        let sh =
-            Arc::new(Shared::new(id, epoch).map_err(|source| RuntimeError::Worker { id, source })?);
+        let (sh, commands) =
+            Shared::new(id).map_err(|source| RuntimeError::Worker { id, source })?;
+        let sh = Arc::new(sh);
         let spec = WorkerSpec {
             shared: sh.clone(),
+            commands,
             listeners,
             workers,
         };
@@ -162,12 +240,13 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         shared.push(sh);
         handles.push(h);
     }
+
     // Control thread and admin endpoint.
     let (req_tx, req_rx) = mpsc::channel::<Request>();
-    let control_hb = Arc::new(AtomicU64::new(0));
+    let control_hb = Arc::new(AtomicU64::new(process_ms()));
+    let views = Arc::new(ArcSwap::from_pointee(views));
     let admin_state = Arc::new(AdminState {
-        epoch,
-        listeners: arc_swap::ArcSwap::from_pointee(views),
+        listeners: views.clone(),
         registry: control.registry.clone(),
         worker_heartbeats: shared.iter().map(|s| s.heartbeat.clone()).collect(),
         control_heartbeat: control_hb.clone(),
@@ -185,12 +264,16 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let n_listeners = control.listeners.len();
     let drain_timeout = config.runtime.drain_timeout;
     let control_stop = Arc::new(AtomicBool::new(false));
+    let host = Box::new(Host {
+        workers: shared.clone(),
+        views,
+    });
     let control_handle = {
         let (stop, path) = (control_stop.clone(), path.to_path_buf());
         std::thread::Builder::new()
             .name("ringlb-control".into())
             .spawn(move || {
-                control::run_thread(control, config, path, req_rx, control_hb, epoch, stop)
+                control::run_thread(control, host, config, path, req_rx, control_hb, stop)
             })
             .map_err(|source| RuntimeError::Worker {
                 id: usize::MAX,
@@ -216,7 +299,9 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                         // Say "draining" only once every worker's listening socket is closed.
                         let t0 = Instant::now();
                         while t0.elapsed() < Duration::from_secs(2)
-                            && !shared.iter().all(|w| w.listeners_closed.load(Ordering::SeqCst))
+                            && !shared
+                                .iter()
+                                .all(|w| w.listeners_closed.load(Ordering::SeqCst))
                         {
                             std::thread::sleep(Duration::from_millis(2));
                         }

@@ -10,6 +10,7 @@
 
 use crate::backend::{BackendStats, ListenerStats};
 use crate::balance::{flow_key, HashKey, PickState, Policy, Tables};
+use crate::proxy_protocol::Version as ProxyVersion;
 use arc_swap::{ArcSwap, Cache};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,36 @@ pub struct Settings {
     pub hash_key: HashKey,
     /// One info line per closed connection.
     pub access_log: bool,
+    /// TCP keepalive idle time on both legs (None: off).
+    pub tcp_keepalive: Option<Duration>,
+    /// How long a client waits for a slot when every eligible backend is full (0: no queue).
+    pub queue_timeout: Duration,
+    /// Send a PROXY header of this version to the backend before any client byte.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Expect a PROXY header from the client, within this long.
+    pub accept_proxy: Option<Duration>,
+    /// Connections to a removed backend (or of a removed listener) are closed this long after
+    /// the removal; None: they run until they end.
+    pub drain_timeout: Option<Duration>,
+}
+
+/// What [`Snapshot::pick`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// Index into `members`.
+    Member(usize),
+    /// Every eligible backend is at its `max_connections`: the client may queue.
+    AllFull,
+    /// No backend is eligible (all down, drained, or already tried).
+    None,
+}
+
+impl Member {
+    /// At its connection cap (counted across workers).
+    pub fn is_full(&self) -> bool {
+        self.max_connections
+            .is_some_and(|max| self.stats.active() >= u64::from(max))
+    }
 }
 
 /// One backend as a snapshot sees it.
@@ -34,6 +65,8 @@ pub struct Member {
     pub weight: u32,
     /// Health bit: pickers never choose a member that is down.
     pub up: bool,
+    /// Per-backend connection cap (pickers skip a full backend).
+    pub max_connections: Option<u32>,
     pub stats: Arc<BackendStats>,
 }
 
@@ -51,13 +84,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Picks a member for a client, skipping down members and the addresses in `tried`.
+    /// Picks a member for a client, skipping down or full members and the addresses in `tried`.
     pub fn pick(
         &self,
         st: &mut PickState,
         client: Option<&SocketAddr>,
         tried: &[SocketAddr],
-    ) -> Option<usize> {
+    ) -> Pick {
         let key = match client {
             Some(c) => flow_key(c, self.settings.hash_key),
             None => 0,
@@ -66,12 +99,25 @@ impl Snapshot {
         if self.tables.policy() == Policy::RoundRobin {
             st.set_rr_cursor(self.listener_stats.next_rr_ticket());
         }
-        self.tables.pick(
+        let picked = self.tables.pick(
             st,
             key,
-            |i| members[i].up && !tried.contains(&members[i].address),
+            |i| {
+                let m = &members[i];
+                m.up && !m.is_full() && !tried.contains(&m.address)
+            },
             |i| members[i].stats.active(),
-        )
+        );
+        match picked {
+            Some(i) => Pick::Member(i),
+            None if members
+                .iter()
+                .any(|m| m.up && m.weight > 0 && m.is_full() && !tried.contains(&m.address)) =>
+            {
+                Pick::AllFull
+            }
+            None => Pick::None,
+        }
     }
 
     /// Number of members currently up.

@@ -151,3 +151,16 @@ pub fn wait_signal(set: &nix::sys::signal::SigSet, timeout: std::time::Duration)
     let rc = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
     (rc > 0).then_some(rc)
 }
+
+/// The local address of a connected socket (what the client connected to).
+pub fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    socket2::SockRef::from(&fd).local_addr().ok()?.as_socket()
+}
+
+/// Views an initialised byte buffer as the `MaybeUninit` buffer socket2's `recv`/`peek` take.
+pub fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    // SAFETY: MaybeUninit<u8> has the same layout as u8; the only unsound use would be writing
+    // an uninitialised value through the result, and socket2's recv/peek only write bytes the
+    // kernel initialised. The borrow keeps `buf` exclusively ours for the result's lifetime.
+    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
+}

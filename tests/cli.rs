@@ -152,12 +152,12 @@ fn bad_cases() -> Vec<BadCase> {
             expect: vec!["twin", "name"],
         },
         BadCase {
-            what: "weight 0",
+            what: "negative weight",
             toml: one_listener(
-                "zeroweight",
-                &[r#"backends = [ { address = "127.0.0.1:9001", weight = 0 } ]"#],
+                "negweight",
+                &[r#"backends = [ { address = "127.0.0.1:9001", weight = -1 } ]"#],
             ),
-            expect: vec!["zeroweight", "weight", "0"],
+            expect: vec!["negweight", "weight", "-1"],
         },
         BadCase {
             what: "bad duration",

@@ -1,5 +1,6 @@
-//! Validation of one `[[listeners]]` table: its name, bind, policy, timeouts, limits and backends
-//! (health and passive-ejection settings are checked in `health.rs`).
+//! Validation of one `[[listeners]]` table: its name, bind, policy, timeouts, limits, keepalive,
+//! PROXY protocol settings and backends (health and passive-ejection settings are checked in
+//! `health.rs`).
 //!
 //! Owns the listener-level defaults and messages; like the rest of `config`, it must not touch the
 //! network. Stops at the first error.
@@ -10,10 +11,13 @@ use std::time::Duration;
 use super::health::{validate_health, validate_passive};
 use super::raw::{RawBackend, RawListener};
 use super::{
-    invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener, Protocol,
-    ADDRESS_EXPECTED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_IDLE_TIMEOUT,
+    format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
+    Protocol, ADDRESS_EXPECTED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_QUEUE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT,
+    DEFAULT_TCP_KEEPALIVE, MAX_TCP_KEEPALIVE,
 };
 use crate::balance::{self, HashKey, Policy};
+use crate::proxy_protocol;
 
 pub(super) fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -143,6 +147,34 @@ pub(super) fn validate_listener(
     let maglev_table_size = validate_table_size(scope, raw.maglev_table_size, backends.len())?;
 
     let access_log = raw.access_log.unwrap_or(false);
+    let drain_timeout = raw
+        .drain_timeout
+        .map(|s| parse_duration(&s).map_err(|e| invalid(scope, "drain_timeout", e)))
+        .transpose()?;
+    let tcp_keepalive = validate_keepalive(scope, raw.tcp_keepalive)?;
+    let queue_timeout = match raw.queue_timeout {
+        None => DEFAULT_QUEUE_TIMEOUT,
+        Some(s) => parse_duration(&s).map_err(|e| invalid(scope, "queue_timeout", e))?,
+    };
+    let proxy_protocol = raw
+        .proxy_protocol
+        .map(|s| {
+            proxy_protocol::Version::from_name(&s).ok_or_else(|| {
+                invalid(
+                    scope,
+                    "proxy_protocol",
+                    format!("{s:?} is not a PROXY protocol version (expected \"v1\" or \"v2\")"),
+                )
+            })
+        })
+        .transpose()?;
+    let accept_proxy_protocol = raw.accept_proxy_protocol.unwrap_or(false);
+    let proxy_protocol_timeout = positive_duration(
+        scope,
+        "proxy_protocol_timeout",
+        raw.proxy_protocol_timeout,
+        DEFAULT_PROXY_PROTOCOL_TIMEOUT,
+    )?;
     let health = raw.health.map(|h| validate_health(scope, h)).transpose()?;
     let passive = validate_passive(scope, raw.passive.unwrap_or_default())?;
 
@@ -157,6 +189,12 @@ pub(super) fn validate_listener(
         idle_timeout,
         max_connections,
         access_log,
+        drain_timeout,
+        tcp_keepalive,
+        queue_timeout,
+        proxy_protocol,
+        accept_proxy_protocol,
+        proxy_protocol_timeout,
         health,
         passive,
         backends,
@@ -189,6 +227,40 @@ pub(super) fn positive_duration(
         ));
     }
     Ok(d)
+}
+
+/// `tcp_keepalive`: `"0s"` is off (`None`); otherwise whole seconds (the socket option counts in
+/// seconds, and silently rounding `"1500ms"` down would be surprising) up to Linux's limit.
+fn validate_keepalive(scope: &str, raw: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    const FIELD: &str = "tcp_keepalive";
+    let Some(s) = raw else {
+        return Ok(Some(DEFAULT_TCP_KEEPALIVE));
+    };
+    let d = parse_duration(&s).map_err(|e| invalid(scope, FIELD, e))?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d.subsec_nanos() != 0 {
+        return Err(invalid(
+            scope,
+            FIELD,
+            format!(
+                "{s:?} must be a whole number of seconds (TCP keepalive counts in seconds; \
+                 \"0s\" turns it off)"
+            ),
+        ));
+    }
+    if d > MAX_TCP_KEEPALIVE {
+        return Err(invalid(
+            scope,
+            FIELD,
+            format!(
+                "{s:?} must be at most {} (Linux's limit for TCP_KEEPIDLE; \"0s\" turns it off)",
+                format_duration(MAX_TCP_KEEPALIVE)
+            ),
+        ));
+    }
+    Ok(Some(d))
 }
 
 fn validate_backends(
@@ -246,13 +318,14 @@ fn validate_backends(
                 format!("{text:?} duplicates backends[{first}].address"),
             ));
         }
+        // Weight 0 is valid: the backend is drained (no new connections, open ones stay).
         let weight = match b.weight {
             None => 1,
-            Some(w) if w < 1 => {
+            Some(w) if w < 0 => {
                 return Err(invalid(
                     scope,
                     &format!("backends[{i}].weight"),
-                    format!("{w} must be ≥ 1"),
+                    format!("{w} must be ≥ 0 (0 drains the backend)"),
                 ))
             }
             Some(w) => u32::try_from(w).map_err(|_| {
@@ -263,7 +336,28 @@ fn validate_backends(
                 )
             })?,
         };
-        backends.push(BackendConfig { address, weight });
+        let max_connections = match b.max_connections {
+            None => None,
+            Some(n) if n < 1 => {
+                return Err(invalid(
+                    scope,
+                    &format!("backends[{i}].max_connections"),
+                    format!("{n} must be ≥ 1 (omit it for no limit)"),
+                ))
+            }
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                invalid(
+                    scope,
+                    &format!("backends[{i}].max_connections"),
+                    format!("{n} must be ≤ {} (omit it for no limit)", u32::MAX),
+                )
+            })?),
+        };
+        backends.push(BackendConfig {
+            address,
+            weight,
+            max_connections,
+        });
     }
     Ok(backends)
 }

@@ -16,6 +16,8 @@ mod health;
 #[cfg(test)]
 mod health_tests;
 mod listener;
+#[cfg(test)]
+mod operations_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -52,6 +54,15 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default `max_connections` of a listener.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
+/// Default `tcp_keepalive` of a listener: idle time before the first keepalive probe.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Largest `tcp_keepalive`: Linux refuses a `TCP_KEEPIDLE` above 32767 seconds (`MAX_TCP_KEEPIDLE`).
+pub const MAX_TCP_KEEPALIVE: Duration = Duration::from_secs(32_767);
+/// Default `queue_timeout` of a listener (HAProxy's `timeout queue` defaults to the connect
+/// timeout; 5s is ours, matching [`DEFAULT_CONNECT_TIMEOUT`]).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `proxy_protocol_timeout` of a listener.
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
 
 const ADDRESS_EXPECTED: &str = "expected IP:PORT, IPv6 as [::1]:PORT";
 
@@ -123,6 +134,28 @@ pub struct Listener {
     pub max_connections: u32,
     /// One info line per closed connection. Default false.
     pub access_log: bool,
+    /// What happens to the open connections of a listener or backend removed by a reload:
+    /// `None` (the default) lets them run until they end; `Some(d)` closes them `d` after the
+    /// reload (`Some(ZERO)`: at once).
+    pub drain_timeout: Option<Duration>,
+    /// TCP keepalive on both legs (client and backend sockets): idle time before the first probe
+    /// (`TCP_KEEPIDLE`), a whole number of seconds between 1s and [`MAX_TCP_KEEPALIVE`]; probe
+    /// interval and count are derived from it by the data plane. Default
+    /// [`DEFAULT_TCP_KEEPALIVE`]; `None`: keepalive off (`"0s"` in the file).
+    pub tcp_keepalive: Option<Duration>,
+    /// How long a new client waits for a slot when every eligible backend is at its
+    /// `max_connections` (HAProxy's `timeout queue`) before it is closed and counted. `ZERO`: do
+    /// not queue, close at once. Default [`DEFAULT_QUEUE_TIMEOUT`].
+    pub queue_timeout: Duration,
+    /// Send a PROXY protocol header of this version to the backend before any client byte.
+    /// Default `None` (off).
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Expect a PROXY protocol header (v1 or v2) from an upstream balancer on every client
+    /// connection. Default false.
+    pub accept_proxy_protocol: bool,
+    /// How long to wait for that header; > 0. Validated always, used only with
+    /// `accept_proxy_protocol`. Default [`DEFAULT_PROXY_PROTOCOL_TIMEOUT`].
+    pub proxy_protocol_timeout: Duration,
     /// Active health checks; `None`: backends are not probed and count as up (unless passively
     /// ejected).
     pub health: Option<HealthConfig>,
@@ -136,8 +169,13 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     pub address: SocketAddr,
-    /// ≥ 1 (default 1).
+    /// Default 1. 0 means "drain": the backend gets no new connections, its open ones stay.
+    /// A listener whose backends all have weight 0 refuses new connections, as when all are down.
     pub weight: u32,
+    /// The most connections open to this backend at once; ≥ 1. `None` (the default): no limit.
+    /// Pickers skip a full backend; when all eligible backends are full, new clients queue for
+    /// up to the listener's `queue_timeout`.
+    pub max_connections: Option<u32>,
 }
 
 impl Config {
@@ -203,6 +241,21 @@ impl Config {
                 l.max_connections,
                 if l.access_log { "on" } else { "off" }
             );
+            let _ = writeln!(
+                out,
+                "  drain_timeout {}, tcp_keepalive {}, queue_timeout {}, proxy_protocol {}, \
+                 accept_proxy_protocol {}",
+                l.drain_timeout
+                    .map_or("unlimited".to_string(), format_duration),
+                l.tcp_keepalive.map_or("off".to_string(), format_duration),
+                format_duration(l.queue_timeout),
+                l.proxy_protocol.map_or("off", |v| v.name()),
+                if l.accept_proxy_protocol {
+                    format!("on (timeout {})", format_duration(l.proxy_protocol_timeout))
+                } else {
+                    "off".to_string()
+                }
+            );
             let health = l
                 .health
                 .as_ref()
@@ -210,7 +263,14 @@ impl Config {
             let _ = writeln!(out, "  health checks: {health}");
             let _ = writeln!(out, "  passive ejection: {}", l.passive.describe());
             for b in &l.backends {
-                let _ = writeln!(out, "  backend {} weight {}", b.address, b.weight);
+                let _ = write!(out, "  backend {} weight {}", b.address, b.weight);
+                if b.weight == 0 {
+                    let _ = write!(out, " (drain)");
+                }
+                if let Some(max) = b.max_connections {
+                    let _ = write!(out, ", max_connections {max}");
+                }
+                let _ = writeln!(out);
             }
         }
         out

@@ -47,6 +47,12 @@ pub struct RawListener {
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
     pub access_log: Option<bool>,
+    pub drain_timeout: Option<String>,
+    pub tcp_keepalive: Option<String>,
+    pub queue_timeout: Option<String>,
+    pub proxy_protocol: Option<String>,
+    pub accept_proxy_protocol: Option<bool>,
+    pub proxy_protocol_timeout: Option<String>,
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
@@ -74,11 +80,12 @@ pub struct RawPassive {
     pub max_ejected_percent: Option<i64>,
 }
 
-/// One entry of a listener's `backends = [ { address = "...", weight = 2 } ]`
+/// One entry of a listener's `backends = [ { address = "...", weight = 2, max_connections = 100 } ]`
 /// (or, equivalently, one `[[listeners.backends]]` table).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<i64>,
+    pub max_connections: Option<i64>,
 }

@@ -47,6 +47,11 @@ fn every_field_appears_in_some_example() {
         "idle_timeout =",
         "max_connections =",
         "access_log =",
+        "tcp_keepalive =",
+        "queue_timeout =",
+        "proxy_protocol =",
+        "accept_proxy_protocol =",
+        "proxy_protocol_timeout =",
         "backends =",
         "[[listeners.backends]]",
         "address =",
@@ -109,6 +114,12 @@ fn defaults_applied() {
         idle_timeout: Duration::from_secs(3600),
         max_connections: 100_000,
         access_log: false,
+        drain_timeout: None,
+        tcp_keepalive: Some(Duration::from_secs(60)),
+        queue_timeout: Duration::from_secs(5),
+        proxy_protocol: None,
+        accept_proxy_protocol: false,
+        proxy_protocol_timeout: Duration::from_secs(3),
         health: None,
         passive: PassiveConfig {
             consecutive_failures: 3,
@@ -119,6 +130,7 @@ fn defaults_applied() {
         backends: vec![BackendConfig {
             address: "127.0.0.1:9001".parse().unwrap(),
             weight: 1,
+            max_connections: None,
         }],
     };
     assert_eq!(config.listeners, [expected]);
@@ -300,9 +312,9 @@ fn bad_configs_name_listener_field_and_value() {
             vec!["listener \"web\": field \"bind\": missing"],
         ),
         (
-            "weight 0",
-            web(&format!("{BIND}\nbackends = [ {{ address = \"127.0.0.1:9001\", weight = 0 }} ]")),
-            vec!["listener \"web\": field \"backends[0].weight\": 0 must be ≥ 1"],
+            "negative weight",
+            web(&format!("{BIND}\nbackends = [ {{ address = \"127.0.0.1:9001\", weight = -1 }} ]")),
+            vec!["listener \"web\": field \"backends[0].weight\": -1 must be ≥ 0 (0 drains the backend)"],
         ),
         (
             "weight too large",

@@ -27,6 +27,37 @@ pub enum Request {
     Reload {
         reply: Option<Sender<Result<String, String>>>,
     },
+    /// Stop (or resume, `drain = false`) sending new connections to a backend, without a reload.
+    /// Existing connections stay. Kept across reloads while the backend stays configured.
+    Drain {
+        listener: String,
+        backend: SocketAddr,
+        drain: bool,
+        reply: Sender<Result<String, String>>,
+    },
+}
+
+/// A listener's sockets, bound (one per worker) but not yet served.
+pub struct Bound {
+    pub sockets: Vec<socket2::Socket>,
+    pub addr: SocketAddr,
+}
+
+/// What the control plane needs from the runtime to add or remove listeners on reload (the
+/// runtime owns the workers; the control plane never touches them directly).
+pub trait ListenerHost: Send {
+    /// Binds a listener's sockets. Nothing is served until [`ListenerHost::start`].
+    fn bind(&mut self, l: &Listener) -> Result<Bound, String>;
+    /// Serves a bound listener on every worker.
+    fn start(
+        &mut self,
+        l: &Listener,
+        bound: Bound,
+        published: Published,
+        stats: Arc<ListenerStats>,
+    );
+    /// Stops accepting on a listener; its open connections drain (listener `drain_timeout`).
+    fn remove(&mut self, name: &str);
 }
 
 /// The control thread's longest wait (heartbeat, passive-health checks, requests).
@@ -45,6 +76,9 @@ pub struct Control {
     pub registry: Arc<Registry>,
     pub listeners: Vec<ControlListener>,
     health: HealthDriver,
+    /// Backends drained through the admin endpoint (weight 0 until undrained).
+    drained: Vec<(String, SocketAddr)>,
+    workers: usize,
 }
 
 impl Control {
@@ -57,7 +91,7 @@ impl Control {
             .iter()
             .map(|l| {
                 let stats = Arc::new(ListenerStats::new(config.runtime.workers));
-                let snap = build_snapshot(l, 1, &registry, &stats, &health, None);
+                let snap = build_snapshot(l, 1, &registry, &stats, &health, &[], None);
                 log_tables(l, &snap, None);
                 ControlListener {
                     config: l.clone(),
@@ -71,14 +105,22 @@ impl Control {
             registry,
             listeners,
             health,
+            drained: Vec::new(),
+            workers: config.runtime.workers,
         }
     }
 
-    /// Applies a new, already validated configuration: every listener's backends, weights and
-    /// settings are republished. Changes that need sockets or threads (listeners added, removed
-    /// or re-bound, worker count, admin bind) are refused as a whole: nothing is half-applied.
-    /// Returns a one-line summary.
-    pub fn reload(&mut self, old: &Config, new: &Config) -> Result<String, String> {
+    /// Applies a new, already validated configuration. Listeners whose name and bind are
+    /// unchanged keep their sockets and get a new snapshot if anything changed; new (or re-bound)
+    /// listeners are bound first: if any bind fails, nothing at all is applied. Removed listeners
+    /// stop accepting and drain. Changes that need a restart (worker count, admin bind) refuse
+    /// the whole reload. Returns a one-line summary.
+    pub fn reload(
+        &mut self,
+        old: &Config,
+        new: &Config,
+        host: &mut dyn ListenerHost,
+    ) -> Result<String, String> {
         if old.runtime.workers != new.runtime.workers {
             return Err(format!(
                 "runtime: field \"workers\": {} -> {} needs a restart",
@@ -91,49 +133,146 @@ impl Control {
                 old.admin.bind, new.admin.bind
             ));
         }
-        let same_set = old.listeners.len() == new.listeners.len()
-            && old
-                .listeners
+        let same_socket = |a: &Listener, b: &Listener| a.bind == b.bind && a.protocol == b.protocol;
+        let kept = |l: &Listener| {
+            self.listeners
                 .iter()
-                .zip(&new.listeners)
-                .all(|(a, b)| a.name == b.name && a.bind == b.bind && a.protocol == b.protocol);
-        if !same_set {
-            let names = |c: &Config| {
-                c.listeners
-                    .iter()
-                    .map(|l| format!("{}@{}", l.name, l.bind))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            return Err(format!(
-                "listeners changed ({} -> {}): adding, removing, reordering or re-binding listeners needs a restart in this version",
-                names(old),
-                names(new)
-            ));
+                .any(|c| c.config.name == l.name && same_socket(&c.config, l))
+        };
+        // 1. Bind every new or re-bound listener; any failure aborts before anything changes.
+        let mut bound = Vec::new();
+        for l in new.listeners.iter().filter(|l| !kept(l)) {
+            let b = host
+                .bind(l)
+                .map_err(|e| format!("listener {:?}: field \"bind\": {e}", l.name))?;
+            bound.push((l.clone(), b));
         }
-        self.health.set_listeners(&new.listeners, Instant::now());
-        let (mut added, mut removed, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
-        for (i, l) in new.listeners.iter().enumerate() {
+        // 2. Commit.
+        let now = Instant::now();
+        let removed_names: Vec<String> = self
+            .listeners
+            .iter()
+            .filter(|c| {
+                !new.listeners
+                    .iter()
+                    .any(|l| l.name == c.config.name && same_socket(&c.config, l))
+            })
+            .map(|c| c.config.name.clone())
+            .collect();
+        for name in &removed_names {
+            host.remove(name);
+        }
+        self.listeners
+            .retain(|c| !removed_names.contains(&c.config.name));
+        self.health.set_listeners(&new.listeners, now);
+        self.drained.retain(|(l, a)| {
+            new.listeners
+                .iter()
+                .any(|x| &x.name == l && x.backends.iter().any(|b| b.address == *a))
+        });
+        let (mut added_b, mut removed_b, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
+        let ms = crate::backend::process_ms();
+        for l in &new.listeners {
+            let Some(i) = self.listeners.iter().position(|c| c.config.name == l.name) else {
+                continue;
+            };
             let cur = &self.listeners[i].config;
+            for b in &l.backends {
+                self.registry.get(&l.name, b.address).set_removed(None);
+            }
             if cur == l {
                 continue;
             }
             changed += 1;
-            added += l
+            added_b += l
                 .backends
                 .iter()
                 .filter(|b| !cur.backends.iter().any(|c| c.address == b.address))
                 .count();
-            removed += cur
-                .backends
-                .iter()
-                .filter(|c| !l.backends.iter().any(|b| b.address == c.address))
-                .count();
+            for c in &cur.backends {
+                if !l.backends.iter().any(|b| b.address == c.address) {
+                    removed_b += 1;
+                    self.registry.get(&l.name, c.address).set_removed(Some(ms));
+                }
+            }
             self.listeners[i].config = l.clone();
             moved += self.republish(i);
         }
+        let n_added = bound.len();
+        for (l, b) in bound {
+            let stats = Arc::new(ListenerStats::new(self.workers));
+            let snap = build_snapshot(
+                &l,
+                1,
+                &self.registry,
+                &stats,
+                &self.health,
+                &self.drained,
+                None,
+            );
+            log_tables(&l, &snap, None);
+            let published: Published = Arc::new(ArcSwap::from_pointee(snap));
+            host.start(&l, b, published.clone(), stats.clone());
+            self.listeners.push(ControlListener {
+                config: l,
+                published,
+                stats,
+                generation: 1,
+            });
+        }
+        // Keep the config's order (admin output, metrics).
+        self.listeners.sort_by_key(|c| {
+            new.listeners
+                .iter()
+                .position(|l| l.name == c.config.name)
+                .unwrap_or(usize::MAX)
+        });
         Ok(format!(
-            "{changed} listener(s) changed, {added} backend(s) added, {removed} backend(s) removed, {moved} maglev slot(s) moved"
+            "listeners: {n_added} added, {} removed, {changed} changed; backends: {added_b} added, {removed_b} removed; maglev slots moved: {moved}",
+            removed_names.len()
+        ))
+    }
+
+    /// Drains (weight 0 for new connections) or undrains a backend through the admin endpoint.
+    pub fn drain(
+        &mut self,
+        listener: &str,
+        backend: SocketAddr,
+        drain: bool,
+    ) -> Result<String, String> {
+        let Some(i) = self
+            .listeners
+            .iter()
+            .position(|c| c.config.name == listener)
+        else {
+            return Err(format!("no listener named {listener:?}"));
+        };
+        if !self.listeners[i]
+            .config
+            .backends
+            .iter()
+            .any(|b| b.address == backend)
+        {
+            return Err(format!("listener {listener:?} has no backend {backend}"));
+        }
+        let key = (listener.to_string(), backend);
+        let was = self.drained.contains(&key);
+        if drain && !was {
+            self.drained.push(key);
+        } else if !drain && was {
+            self.drained.retain(|k| *k != key);
+        }
+        if drain != was {
+            self.republish(i);
+        }
+        let state = if drain {
+            "draining (no new connections)"
+        } else {
+            "serving"
+        };
+        info!("listener {listener:?}: backend {backend} is {state} (admin request)");
+        Ok(format!(
+            "listener {listener:?}: backend {backend} is {state}"
         ))
     }
 
@@ -149,6 +288,7 @@ impl Control {
             &self.registry,
             &l.stats,
             &self.health,
+            &self.drained,
             Some(&old),
         );
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
@@ -177,23 +317,26 @@ impl Control {
 }
 
 /// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
+#[allow(clippy::too_many_arguments)]
 pub fn run_thread(
     mut control: Control,
+    mut host: Box<dyn ListenerHost>,
     mut config: Config,
     path: PathBuf,
     requests: Receiver<Request>,
     heartbeat: Arc<AtomicU64>,
-    epoch: Instant,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        heartbeat.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        heartbeat.store(crate::backend::process_ms(), Ordering::Relaxed);
         loop {
             match requests.try_recv() {
                 Ok(Request::Reload { reply }) => {
                     let result = match Config::load(&path) {
                         Err(e) => Err(e.to_string()),
-                        Ok(new) => control.reload(&config, &new).inspect(|_| config = new),
+                        Ok(new) => control
+                            .reload(&config, &new, host.as_mut())
+                            .inspect(|_| config = new),
                     };
                     match &result {
                         Ok(summary) => info!("reload of {} done: {summary}", path.display()),
@@ -205,6 +348,14 @@ pub fn run_thread(
                     if let Some(r) = reply {
                         let _ = r.send(result);
                     }
+                }
+                Ok(Request::Drain {
+                    listener,
+                    backend,
+                    drain,
+                    reply,
+                }) => {
+                    let _ = reply.send(control.drain(&listener, backend, drain));
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return,
@@ -220,6 +371,7 @@ fn build_snapshot(
     registry: &Registry,
     stats: &Arc<ListenerStats>,
     health: &HealthDriver,
+    drained: &[(String, SocketAddr)],
     old: Option<&Snapshot>,
 ) -> Snapshot {
     let members: Vec<Member> = l
@@ -227,8 +379,13 @@ fn build_snapshot(
         .iter()
         .map(|b| Member {
             address: b.address,
-            weight: b.weight,
+            weight: if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
+                0
+            } else {
+                b.weight
+            },
             up: health.is_up(&l.name, b.address),
+            max_connections: b.max_connections,
             stats: registry.get(&l.name, b.address),
         })
         .collect();
@@ -257,6 +414,11 @@ fn build_snapshot(
             max_connections: l.max_connections,
             hash_key: l.hash_key,
             access_log: l.access_log,
+            tcp_keepalive: l.tcp_keepalive,
+            queue_timeout: l.queue_timeout,
+            send_proxy: l.proxy_protocol,
+            accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
+            drain_timeout: l.drain_timeout,
         },
         tables,
         members,

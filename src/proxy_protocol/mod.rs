@@ -110,7 +110,12 @@ fn mapped(a: SocketAddrV4) -> SocketAddrV6 {
 /// Writes the header a backend should see for a client connection from `src` accepted on `dst`.
 /// Returns the length. Mixed families (IPv4 src, IPv6 dst or the reverse): map the IPv4 one to
 /// IPv4-mapped IPv6 so both are one family.
-pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr, out: &mut [u8; MAX_ENCODED]) -> usize {
+pub fn encode(
+    version: Version,
+    src: SocketAddr,
+    dst: SocketAddr,
+    out: &mut [u8; MAX_ENCODED],
+) -> usize {
     let pair = Pair::new(src, dst);
     match version {
         Version::V1 => v1::encode(pair, out),

@@ -156,23 +156,15 @@ fn line(line: &[u8], complete: bool) -> Result<Option<(SocketAddr, SocketAddr)>,
             return Ok(None);
         }
     }
-    let mut fields: [&[u8]; 6] = [&[]; 6];
-    let mut count = 0;
-    for field in line.split(|&b| b == b' ') {
-        let Some(slot) = fields.get_mut(count) else {
-            return Err(Invalid("v1 has too many fields"));
-        };
-        *slot = field;
-        count += 1;
-    }
-    if complete && count < fields.len() {
-        return Err(Invalid("v1 has too few fields"));
-    }
     let mut v6 = false;
     let mut ips = [None; 2];
     let mut ports = [0u16; 2];
-    for (i, &field) in fields[..count].iter().enumerate() {
-        let partial = !complete && i + 1 == count;
+    let mut count = 0;
+    let mut fields = line.split(|&b| b == b' ').peekable();
+    while let Some(field) = fields.next() {
+        let i = count;
+        count += 1;
+        let partial = !complete && fields.peek().is_none();
         if field.is_empty() && !partial {
             return Err(Invalid("v1 fields not separated by exactly one space"));
         }
@@ -186,16 +178,29 @@ fn line(line: &[u8], complete: bool) -> Result<Option<(SocketAddr, SocketAddr)>,
                 v6 = match field {
                     b"TCP4" => false,
                     b"TCP6" => true,
-                    _ if partial && [&b"TCP4"[..], b"TCP6", b"UNKNOWN"].iter().any(|t| t.starts_with(field)) => false,
+                    _ if partial
+                        && [&b"TCP4"[..], b"TCP6", b"UNKNOWN"]
+                            .iter()
+                            .any(|t| t.starts_with(field)) =>
+                    {
+                        false
+                    }
                     _ => return Err(Invalid("bad v1 protocol")),
                 }
             }
             2 | 3 => ips[i - 2] = address(field, v6, partial)?,
-            _ => ports[i - 4] = port(field)?,
+            4 | 5 => ports[i - 4] = port(field)?,
+            _ => return Err(Invalid("v1 has too many fields")),
         }
     }
+    if complete && count < 6 {
+        return Err(Invalid("v1 has too few fields"));
+    }
     match ips {
-        [Some(s), Some(d)] if complete => Ok(Some((SocketAddr::new(s, ports[0]), SocketAddr::new(d, ports[1])))),
+        [Some(s), Some(d)] if complete => Ok(Some((
+            SocketAddr::new(s, ports[0]),
+            SocketAddr::new(d, ports[1]),
+        ))),
         _ => Ok(None),
     }
 }
@@ -210,7 +215,10 @@ fn address(field: &[u8], v6: bool, partial: bool) -> Result<Option<IpAddr>, Inva
     const BAD: Invalid = Invalid("bad v1 address");
     if partial {
         let plausible = if v6 {
-            field.len() <= MAX_V6_TEXT && field.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            field.len() <= MAX_V6_TEXT
+                && field
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         } else {
             field.len() <= MAX_V4_TEXT && field.iter().all(|&b| b.is_ascii_digit() || b == b'.')
         };
@@ -231,9 +239,14 @@ fn address(field: &[u8], v6: bool, partial: bool) -> Result<Option<IpAddr>, Inva
 /// is checked the same way: every prefix of a valid port is itself in range).
 fn port(field: &[u8]) -> Result<u16, Invalid> {
     const BAD: Invalid = Invalid("bad v1 port");
-    if field.len() > 5 || !field.iter().all(u8::is_ascii_digit) || (field.len() > 1 && field[0] == b'0') {
+    if field.len() > 5
+        || !field.iter().all(u8::is_ascii_digit)
+        || (field.len() > 1 && field[0] == b'0')
+    {
         return Err(BAD);
     }
-    let value = field.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+    let value = field
+        .iter()
+        .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
     u16::try_from(value).map_err(|_| BAD)
 }

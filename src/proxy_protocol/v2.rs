@@ -104,7 +104,12 @@ pub(super) fn parse(buf: &[u8]) -> Result<Parsed, Invalid> {
             None => (None, None),
         }
     };
-    Ok(Parsed::Header { len, version: Version::V2, source, dest })
+    Ok(Parsed::Header {
+        len,
+        version: Version::V2,
+        source,
+        dest,
+    })
 }
 
 /// The source and destination in an address block already known to be long enough for `family`;

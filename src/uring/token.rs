@@ -31,6 +31,8 @@ pub enum Op {
     Cancel = 14,
     /// Cancel of a listener's accept (index = listener index).
     AcceptCancel = 15,
+    /// Poll for readable on a client that must send a PROXY header first.
+    HeaderIn = 16,
 }
 
 impl Op {
@@ -52,6 +54,7 @@ impl Op {
             13 => PollOut1,
             14 => Cancel,
             15 => AcceptCancel,
+            16 => HeaderIn,
             _ => return None,
         })
     }

@@ -186,6 +186,10 @@ pub enum CloseReason {
     Draining,
     /// Out of a local resource (fds, pipes, memory).
     Resource,
+    /// Every eligible backend stayed full for `queue_timeout`.
+    QueueTimeout,
+    /// `accept_proxy_protocol`: the client sent no valid PROXY header in time.
+    BadProxyHeader,
 }
 
 impl CloseReason {
@@ -202,6 +206,8 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::Draining => "draining",
             CloseReason::Resource => "local resource exhausted",
+            CloseReason::QueueTimeout => "queue timeout",
+            CloseReason::BadProxyHeader => "bad PROXY header",
         }
     }
 
@@ -309,6 +315,30 @@ mod tests {
             g.on_spliced_in(-libc::ECONNRESET),
             Step::SourceFailed(-libc::ECONNRESET)
         );
+    }
+
+    #[test]
+    fn reason_indices_match_metric_labels() {
+        use crate::backend::CLOSE_REASONS;
+        let all = [
+            (CloseReason::ClientEof, "client_eof"),
+            (CloseReason::BackendEof, "backend_eof"),
+            (CloseReason::ClientReset, "client_reset"),
+            (CloseReason::BackendReset, "backend_reset"),
+            (CloseReason::BackendRefused, "backend_refused"),
+            (CloseReason::BackendTimeout, "backend_timeout"),
+            (CloseReason::BackendError, "backend_error"),
+            (CloseReason::NoBackend, "no_backend"),
+            (CloseReason::IdleTimeout, "idle_timeout"),
+            (CloseReason::Draining, "draining"),
+            (CloseReason::Resource, "resource"),
+            (CloseReason::QueueTimeout, "queue_timeout"),
+            (CloseReason::BadProxyHeader, "bad_proxy_header"),
+        ];
+        assert_eq!(all.len(), CLOSE_REASONS.len());
+        for (r, label) in all {
+            assert_eq!(CLOSE_REASONS[r.index()], label);
+        }
     }
 
     #[test]

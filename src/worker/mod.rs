@@ -2,28 +2,36 @@
 //! slab of connections that live their whole life here (accept → pick → connect → splice ⇄ →
 //! close).
 //!
-//! The worker reads everything it knows from snapshots (`crate::snapshot`); it never imports
-//! `config`, `control` or `health`. Per completion it does no locking, no allocation (the slab,
-//! pipe pool and completion buffer grow, then are reused) and no logging above `debug` per
-//! connection. `conn.rs` is the pure state machine; this file applies its steps to the ring.
+//! The worker reads everything it knows from snapshots (`crate::snapshot`) and the commands the
+//! runtime sends it (listeners added or removed by a reload); it never imports `config`,
+//! `control` or `health`. Per completion it does no locking, no allocation (the slab, pipe pool
+//! and completion buffer grow, then are reused) and no logging above `debug` per connection.
+//! `conn.rs` is the pure state machine; `tcp.rs` applies it to the ring; this file owns the loop,
+//! the listeners, timers and stop handling.
 //!
 //! Ownership rule the ring relies on: a connection's fds and pipes are dropped (closed) only in
 //! `finalize`, which runs when the connection has no operation in flight (`inflight == 0`).
 
 pub mod conn;
+mod tcp;
 
-use crate::backend::{bump, BackendStats, ListenerStats};
+pub use tcp::keepalive_params;
+
+use crate::backend::{process_ms, ListenerStats};
 use crate::balance::PickState;
+use crate::proxy_protocol::MAX_INBOUND;
 use crate::snapshot::{Published, Reader};
-use crate::sys::{self, Pipe, PIPE_SIZE};
+use crate::sys::{self, Pipe};
 use crate::uring::{Completion, Op, Ring, TimespecId, Token};
-use conn::{CloseReason, Dir, Flow, Side, Step};
-use log::{debug, info, warn};
+use conn::{CloseReason, Flow};
+use log::{debug, warn};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// `Shared::stop` values.
@@ -39,48 +47,71 @@ pub const MAX_CONNECT_ATTEMPTS: u8 = 3;
 const PIPE_POOL_MAX: usize = 64;
 /// Ring size (submission entries; the completion queue is 4×).
 const RING_ENTRIES: u32 = 4096;
-/// Period of the worker's tick (heartbeat, accept re-arm, stop flag).
+/// Period of the worker's tick (heartbeat, accept re-arm, queue retry, stop flag).
 const TICK: Duration = Duration::from_millis(100);
-/// How often the idle-timeout scan runs.
-const IDLE_SCAN_MS: u64 = 250;
+/// How often the timeout scan (idle, PROXY header, queue, drain) runs.
+const SCAN_MS: u64 = 250;
 /// Back-off before re-arming accept after EMFILE/ENFILE/ENOMEM.
 const ACCEPT_BACKOFF_MS: u64 = 100;
+
+/// What the runtime tells a worker after start (a reload added or removed a listener).
+pub enum Command {
+    AddListener(ListenerSpec),
+    /// Stop accepting on the listener; its connections continue, or are closed after the
+    /// listener's `drain_timeout` (from its last snapshot).
+    RemoveListener {
+        name: Arc<str>,
+    },
+}
 
 /// State a worker shares with the runtime (not with other workers).
 #[derive(Debug)]
 pub struct Shared {
     pub id: usize,
-    /// Written by the runtime to wake the ring (stop requests).
+    /// Written by the runtime to wake the ring (stop requests, commands).
     pub wake: OwnedFd,
     /// RUN, DRAIN or HARD_STOP.
     pub stop: AtomicU8,
-    /// Milliseconds since `epoch`, stored every tick (liveness, read by the admin endpoint).
+    /// `process_ms()` at the worker's last tick (liveness, read by the admin endpoint).
     pub heartbeat: Arc<AtomicU64>,
-    /// The process-wide time origin heartbeats are measured from.
-    pub epoch: Instant,
     /// Connections open on this worker.
     pub live: AtomicU64,
     /// Set once, while draining, every listening socket of this worker is closed.
-    pub listeners_closed: std::sync::atomic::AtomicBool,
+    pub listeners_closed: AtomicBool,
+    commands: Mutex<Option<Sender<Command>>>,
 }
 
 impl Shared {
-    pub fn new(id: usize, epoch: Instant) -> io::Result<Shared> {
-        Ok(Shared {
-            id,
-            wake: sys::eventfd()?,
-            stop: AtomicU8::new(RUN),
-            heartbeat: Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64)),
-            epoch,
-            live: AtomicU64::new(0),
-            listeners_closed: std::sync::atomic::AtomicBool::new(false),
-        })
+    /// Creates the shared state and the command channel whose receiver goes into the
+    /// [`WorkerSpec`].
+    pub fn new(id: usize) -> io::Result<(Shared, Receiver<Command>)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Ok((
+            Shared {
+                id,
+                wake: sys::eventfd()?,
+                stop: AtomicU8::new(RUN),
+                heartbeat: Arc::new(AtomicU64::new(process_ms())),
+                live: AtomicU64::new(0),
+                listeners_closed: AtomicBool::new(false),
+                commands: Mutex::new(Some(tx)),
+            },
+            rx,
+        ))
     }
 
     /// Asks the worker to stop (DRAIN or HARD_STOP) and wakes it.
     pub fn request_stop(&self, how: u8) {
         self.stop.fetch_max(how, Ordering::SeqCst);
         sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    /// Sends a command and wakes the worker. False if the worker is gone.
+    pub fn send(&self, cmd: Command) -> bool {
+        let guard = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok());
+        sys::eventfd_signal(self.wake.as_fd());
+        ok
     }
 }
 
@@ -90,13 +121,14 @@ pub struct ListenerSpec {
     pub socket: socket2::Socket,
     pub published: Published,
     pub stats: Arc<ListenerStats>,
-    /// Whether the client address is needed per connection (hash-based policy or debug logs).
+    /// Whether the client address is needed per connection (hash-based policy).
     pub needs_client_addr: bool,
 }
 
 /// Everything a worker needs to run.
 pub struct WorkerSpec {
     pub shared: Arc<Shared>,
+    pub commands: Receiver<Command>,
     pub listeners: Vec<ListenerSpec>,
     /// Worker count, to split each listener's max_connections.
     pub workers: usize,
@@ -115,28 +147,75 @@ struct Listener {
     paused: bool,
     rearm_at_ms: u64,
     live: u32,
+    /// Removed by a reload at this worker time (ms): no more accepts; drains.
+    removed_at_ms: Option<u64>,
+    /// Connections waiting for a backend slot (every eligible backend full), oldest first.
+    queue: VecDeque<u32>,
+}
+
+impl Listener {
+    fn new(spec: ListenerSpec, worker: usize, index: usize) -> Listener {
+        Listener {
+            name: spec.name,
+            socket: Some(spec.socket),
+            reader: Reader::new(spec.published),
+            pick: PickState::new(0x9e37_79b9_7f4a_7c15 ^ ((worker as u64) << 32) ^ index as u64),
+            stats: spec.stats,
+            needs_client_addr: spec.needs_client_addr,
+            accepting: false,
+            paused: false,
+            rearm_at_ms: 0,
+            live: 0,
+            removed_at_ms: None,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// A removed listener with nothing left: its slot can take a new listener.
+    fn is_tombstone(&self) -> bool {
+        self.removed_at_ms.is_some() && self.socket.is_none() && self.live == 0
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for the client's PROXY header (deadline = header timeout).
+    Header,
+    /// Waiting for a backend slot (deadline = queue timeout).
+    Queued,
+    /// A connect is in flight.
+    Connecting,
+    /// Both directions are being spliced.
+    Proxying,
 }
 
 struct Conn {
     listener: u32,
+    stage: Stage,
     client: OwnedFd,
     client_addr: Option<SocketAddr>,
+    /// The address the client connected to (from its PROXY header, if any).
+    client_dst: Option<SocketAddr>,
     backend: Option<OwnedFd>,
-    member: Option<Arc<BackendStats>>,
+    member: Option<Arc<crate::backend::BackendStats>>,
     backend_addr: Option<SocketAddr>,
     tried: [Option<SocketAddr>; MAX_CONNECT_ATTEMPTS as usize],
     attempts: u8,
     flows: [Flow; 2],
     pipes: [Option<Pipe>; 2],
+    /// PROXY header bytes already consumed (only when it arrived in pieces).
+    header: Option<Vec<u8>>,
     /// Operations submitted for this connection whose completion has not arrived.
     inflight: u16,
-    connected: bool,
     closing: bool,
     reason: Option<CloseReason>,
-    first_eof: Option<Dir>,
+    first_eof: Option<conn::Dir>,
     last_active_ms: u64,
     idle_ms: u64,
     opened_ms: u64,
+    /// Header or queue deadline (worker ms).
+    deadline_ms: u64,
 }
 
 struct Slot {
@@ -147,16 +226,19 @@ struct Slot {
 struct Worker {
     id: usize,
     shared: Arc<Shared>,
+    commands: Receiver<Command>,
     ring: Ring,
     listeners: Vec<Listener>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     pool: Vec<Pipe>,
     timeouts: Vec<(Duration, TimespecId)>,
+    /// Scratch space for peeking at PROXY headers (never held across completions).
+    scratch: Box<[u8; MAX_INBOUND]>,
     workers: usize,
     start: Instant,
     now_ms: u64,
-    next_idle_scan_ms: u64,
+    next_scan_ms: u64,
     draining: bool,
     hard_stop_at_ms: Option<u64>,
     last_warn_ms: u64,
@@ -171,32 +253,23 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         .listeners
         .into_iter()
         .enumerate()
-        .map(|(i, l)| Listener {
-            name: l.name,
-            socket: Some(l.socket),
-            reader: Reader::new(l.published),
-            pick: PickState::new(0x9e37_79b9_7f4a_7c15 ^ ((shared.id as u64) << 32) ^ i as u64),
-            stats: l.stats,
-            needs_client_addr: l.needs_client_addr,
-            accepting: false,
-            paused: false,
-            rearm_at_ms: 0,
-            live: 0,
-        })
+        .map(|(i, l)| Listener::new(l, shared.id, i))
         .collect();
     let mut w = Worker {
         id: shared.id,
         shared,
+        commands: spec.commands,
         ring,
         listeners,
         slots: Vec::new(),
         free: Vec::new(),
         pool: Vec::new(),
         timeouts: Vec::new(),
+        scratch: Box::new([0u8; MAX_INBOUND]),
         workers: spec.workers.max(1),
         start: Instant::now(),
         now_ms: 0,
-        next_idle_scan_ms: IDLE_SCAN_MS,
+        next_scan_ms: SCAN_MS,
         draining: false,
         hard_stop_at_ms: None,
         last_warn_ms: 0,
@@ -254,6 +327,7 @@ impl Worker {
                         Token::new(Op::Wake, 0, 0),
                     );
                 }
+                self.take_commands();
                 self.check_stop();
             }
             Some(Op::AcceptCancel) => {}
@@ -262,12 +336,21 @@ impl Worker {
         }
     }
 
+    fn timespec_for(&mut self, d: Duration) -> TimespecId {
+        if let Some((_, id)) = self.timeouts.iter().find(|(x, _)| *x == d) {
+            return *id;
+        }
+        let id = self.ring.timespec(d);
+        self.timeouts.push((d, id));
+        id
+    }
+
     // ---- listeners -------------------------------------------------------------------------
 
     fn arm_accept(&mut self, li: usize) {
         let l = &mut self.listeners[li];
         if let Some(sock) = &l.socket {
-            if !l.accepting && !l.paused && !self.draining {
+            if !l.accepting && !l.paused && !self.draining && l.removed_at_ms.is_none() {
                 self.ring
                     .accept_multi(sock.as_raw_fd(), Token::new(Op::Accept, li as u32, 0));
                 l.accepting = true;
@@ -275,12 +358,27 @@ impl Worker {
         }
     }
 
+    /// Stops accepting on a listener: cancels its accept; the socket closes when the accept's
+    /// last completion arrives (closing it earlier would leave the kernel accepting into it).
+    fn close_listener(&mut self, li: usize) {
+        let l = &mut self.listeners[li];
+        if l.accepting {
+            if let Some(sock) = &l.socket {
+                self.ring
+                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
+            }
+        } else {
+            l.socket = None;
+        }
+    }
+
     fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more() {
-            self.listeners[li].accepting = false;
-            if self.draining {
+            let l = &mut self.listeners[li];
+            l.accepting = false;
+            if self.draining || l.removed_at_ms.is_some() {
                 // The accept is gone: closing the socket now refuses new SYNs for this worker.
-                self.listeners[li].socket = None;
+                l.socket = None;
             } else if c.result >= 0 || c.result == -libc::ECANCELED {
                 self.arm_accept(li);
             }
@@ -302,442 +400,54 @@ impl Worker {
                         ACCEPT_BACKOFF_MS
                     );
                 }
-            } else if e != libc::ECANCELED && !c.more() && !self.draining {
+            } else if e != libc::ECANCELED && !c.more() {
                 self.listeners[li].rearm_at_ms = self.now_ms + ACCEPT_BACKOFF_MS;
             }
             return;
         }
         let client = sys::owned_from_completion(c.result);
-        if self.draining {
+        if self.draining || self.listeners[li].removed_at_ms.is_some() {
             return; // dropped: closed
         }
         self.admit(li, client);
     }
 
-    fn admit(&mut self, li: usize, client: OwnedFd) {
-        let l = &mut self.listeners[li];
-        let snap = l.reader.load();
-        let limit = (snap.settings.max_connections as usize).div_ceil(self.workers) as u32;
-        let idle_ms = snap.settings.idle_timeout.as_millis() as u64;
-        let client_addr = if l.needs_client_addr
-            || snap.settings.access_log
-            || log::log_enabled!(log::Level::Debug)
-        {
-            sys::peer_addr(client.as_fd())
-        } else {
-            None
-        };
-        l.live += 1;
-        if l.live >= limit && l.accepting && !l.paused {
-            // At our share of max_connections: disarm accept; the kernel backlog holds the rest.
-            l.paused = true;
-            if let Some(sock) = &l.socket {
-                self.ring
-                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
-            }
-        }
-        bump(&l.stats.worker(self.id).accepted, 1);
-        bump(&l.stats.worker(self.id).active, 1);
-        self.shared.live.fetch_add(1, Ordering::Relaxed);
-        let conn = Conn {
-            listener: li as u32,
-            client,
-            client_addr,
-            backend: None,
-            member: None,
-            backend_addr: None,
-            tried: [None; MAX_CONNECT_ATTEMPTS as usize],
-            attempts: 0,
-            flows: [Flow::new(), Flow::new()],
-            pipes: [None, None],
-            inflight: 0,
-            connected: false,
-            closing: false,
-            reason: None,
-            first_eof: None,
-            last_active_ms: self.now_ms,
-            idle_ms,
-            opened_ms: self.now_ms,
-        };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize].conn = Some(conn);
-                i
-            }
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    conn: Some(conn),
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.connect_next(idx);
-    }
-
-    fn timespec_for(&mut self, d: Duration) -> TimespecId {
-        if let Some((_, id)) = self.timeouts.iter().find(|(x, _)| *x == d) {
-            return *id;
-        }
-        let id = self.ring.timespec(d);
-        self.timeouts.push((d, id));
-        id
-    }
-
-    // ---- connections -----------------------------------------------------------------------
-
-    fn token(&self, op: Op, idx: u32) -> Token {
-        Token::new(op, idx, self.slots[idx as usize].generation)
-    }
-
-    /// Picks a backend not yet tried and starts a connect to it, or closes the client.
-    fn connect_next(&mut self, idx: u32) {
-        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
-            return;
-        };
-        let l = &mut self.listeners[conn.listener as usize];
-        let snap = l.reader.load();
-        let tried_buf = conn.tried;
-        let n = conn.attempts as usize;
-        let tried: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize] =
-            std::array::from_fn(|i| tried_buf[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
-        let picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &tried[..n]);
-        let Some(mi) = picked else {
-            if conn.attempts == 0 {
-                bump(&l.stats.worker(self.id).no_backend, 1);
-            }
-            let reason = conn.reason.take().unwrap_or(CloseReason::NoBackend);
-            self.close_conn(idx, reason);
-            return;
-        };
-        let member = &snap.members[mi];
-        let addr = member.address;
-        let connect_timeout = snap.settings.connect_timeout;
-        let stats = member.stats.clone();
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM.nonblocking().cloexec(),
-            None,
-        );
-        let sock = match sock {
-            Ok(s) => s,
-            Err(e) => {
-                debug!("socket() for backend {addr} failed: {e}");
-                self.close_conn(idx, CloseReason::Resource);
-                return;
-            }
-        };
-        let _ = sock.set_tcp_nodelay(true);
-        let fd: OwnedFd = sock.into();
-        stats.inc_active();
-        let ts = self.timespec_for(connect_timeout);
-        let (ct, tt) = (
-            self.token(Op::Connect, idx),
-            self.token(Op::ConnectTimeout, idx),
-        );
-        let conn = self.slots[idx as usize]
-            .conn
-            .as_mut()
-            .expect("checked above");
-        conn.tried[conn.attempts as usize] = Some(addr);
-        conn.attempts += 1;
-        conn.member = Some(stats);
-        conn.backend_addr = Some(addr);
-        self.ring.connect(fd.as_raw_fd(), idx, &addr, ts, ct, tt);
-        conn.backend = Some(fd);
-        conn.inflight += 2;
-    }
-
-    fn on_conn_completion(&mut self, op: Op, c: Completion) {
-        let idx = c.token.index();
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
-            return;
-        };
-        if !c.token.gen_matches(slot.generation) {
-            return; // stale: cannot happen while finalize waits for inflight == 0, kept as a guard
-        }
-        let Some(conn) = slot.conn.as_mut() else {
-            return;
-        };
-        conn.inflight -= 1;
-        if conn.closing {
-            if conn.inflight == 0 {
-                self.finalize(idx);
-            }
-            return;
-        }
-        let res = c.result;
-        let now = self.now_ms;
-        let wid = self.id;
-        let step = match op {
-            Op::Connect => {
-                self.on_connect(idx, res);
-                return;
-            }
-            Op::ConnectTimeout | Op::Cancel => return,
-            Op::PollIn0 => (Dir::Up, conn.flows[0].on_readable(res)),
-            Op::PollIn1 => (Dir::Down, conn.flows[1].on_readable(res)),
-            Op::SpliceIn0 | Op::SpliceIn1 => {
-                let d = if op == Op::SpliceIn0 {
-                    Dir::Up
-                } else {
-                    Dir::Down
-                };
-                if res > 0 {
-                    conn.last_active_ms = now;
-                }
-                (d, conn.flows[d.index()].on_spliced_in(res))
-            }
-            Op::SpliceOut0 | Op::SpliceOut1 => {
-                let d = if op == Op::SpliceOut0 {
-                    Dir::Up
-                } else {
-                    Dir::Down
-                };
-                if res > 0 {
-                    conn.last_active_ms = now;
-                    if let Some(m) = &conn.member {
-                        let w = m.worker(wid);
-                        bump(
-                            if d == Dir::Up {
-                                &w.bytes_up
-                            } else {
-                                &w.bytes_down
-                            },
-                            res as u64,
-                        );
-                    }
-                }
-                (d, conn.flows[d.index()].on_spliced_out(res))
-            }
-            Op::PollOut0 => (Dir::Up, conn.flows[0].on_writable(res)),
-            Op::PollOut1 => (Dir::Down, conn.flows[1].on_writable(res)),
-            Op::Accept | Op::Tick | Op::Wake | Op::AcceptCancel => return,
-        };
-        self.apply(idx, step.0, step.1);
-    }
-
-    fn on_connect(&mut self, idx: u32, res: i32) {
-        let wid = self.id;
-        let now = self.now_ms;
-        let conn = self.slots[idx as usize]
-            .conn
-            .as_mut()
-            .expect("caller checked");
-        if res >= 0 {
-            conn.connected = true;
-            conn.last_active_ms = now;
-            if let Some(m) = &conn.member {
-                bump(&m.worker(wid).connections, 1);
-                m.connect_succeeded();
-            }
-            debug!(
-                "conn {idx}: {:?} -> {:?} connected (attempt {})",
-                conn.client_addr, conn.backend_addr, conn.attempts
-            );
-            for d in Dir::BOTH {
-                let step =
-                    self.slots[idx as usize].conn.as_mut().expect("live").flows[d.index()].start();
-                self.apply(idx, d, step);
-            }
-            return;
-        }
-        let reason = CloseReason::from_connect_error(res);
-        if let Some(m) = conn.member.take() {
-            let w = m.worker(wid);
-            bump(
-                match reason {
-                    CloseReason::BackendRefused => &w.connect_refused,
-                    CloseReason::BackendTimeout => &w.connect_timeout,
-                    _ => &w.connect_other,
-                },
-                1,
-            );
-            m.dec_active();
-            m.connect_failed();
-        }
-        debug!(
-            "conn {idx}: connect to {:?} failed: {} (attempt {})",
-            conn.backend_addr,
-            reason.as_str(),
-            conn.attempts
-        );
-        // No operation names the backend fd any more (the linked timeout names no fd): close it.
-        conn.backend = None;
-        conn.reason = Some(reason);
-        if conn.attempts < MAX_CONNECT_ATTEMPTS {
-            self.connect_next(idx);
-        } else {
-            self.close_conn(idx, reason);
-        }
-    }
-
-    /// Carries out one step of a flow.
-    fn apply(&mut self, idx: u32, d: Dir, step: Step) {
-        let generation = self.slots[idx as usize].generation;
-        let tok =
-            |up: Op, down: Op| Token::new(if d == Dir::Up { up } else { down }, idx, generation);
-        let pool = &mut self.pool;
-        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
-            return;
-        };
-        let Some(backend) = conn.backend.as_ref() else {
-            return;
-        };
-        let (src, dst): (RawFd, RawFd) = match d {
-            Dir::Up => (conn.client.as_raw_fd(), backend.as_raw_fd()),
-            Dir::Down => (backend.as_raw_fd(), conn.client.as_raw_fd()),
-        };
-        let di = d.index();
-        let fail = match step {
-            Step::PollIn => {
-                release_pipe(pool, &mut conn.pipes[di]);
-                conn.inflight += 1;
-                self.ring
-                    .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
-                None
-            }
-            Step::SpliceIn => {
-                if conn.pipes[di].is_none() {
-                    match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-                        Ok(p) => conn.pipes[di] = Some(p),
-                        Err(e) => debug!("conn {idx}: no pipe: {e}"),
-                    }
-                }
-                match conn.pipes[di].as_ref() {
-                    Some(pipe) => {
-                        conn.inflight += 1;
-                        let t = tok(Op::SpliceIn0, Op::SpliceIn1);
-                        self.ring
-                            .splice(src, pipe.write.as_raw_fd(), pipe.capacity, t);
-                        None
-                    }
-                    None => Some(CloseReason::Resource),
-                }
-            }
-            Step::SpliceOut(n) => match conn.pipes[di].as_ref() {
-                Some(pipe) => {
-                    conn.inflight += 1;
-                    let t = tok(Op::SpliceOut0, Op::SpliceOut1);
-                    self.ring.splice(pipe.read.as_raw_fd(), dst, n, t);
-                    None
-                }
-                None => Some(CloseReason::Resource),
-            },
-            Step::PollOut => {
-                conn.inflight += 1;
-                self.ring
-                    .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
-                None
-            }
-            Step::ShutdownDest => {
-                release_pipe(pool, &mut conn.pipes[di]);
-                let dst_fd = if d == Dir::Up { backend } else { &conn.client };
-                let _ = sys::shutdown_write(dst_fd.as_fd());
-                conn.first_eof.get_or_insert(d);
-                if conn.flows.iter().all(Flow::is_done) {
-                    Some(if conn.first_eof == Some(Dir::Up) {
-                        CloseReason::ClientEof
+    /// Applies the runtime's commands (listeners added or removed by a reload).
+    fn take_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::AddListener(spec)) => {
+                    let name = spec.name.clone();
+                    let li = match self.listeners.iter().position(Listener::is_tombstone) {
+                        Some(i) => {
+                            self.listeners[i] = Listener::new(spec, self.id, i);
+                            i
+                        }
+                        None => {
+                            let i = self.listeners.len();
+                            self.listeners.push(Listener::new(spec, self.id, i));
+                            i
+                        }
+                    };
+                    debug!("worker {}: listener \"{name}\" added", self.id);
+                    if self.draining {
+                        self.listeners[li].socket = None;
                     } else {
-                        CloseReason::BackendEof
-                    })
-                } else {
-                    None
+                        self.arm_accept(li);
+                    }
                 }
-            }
-            Step::SourceFailed(_) => Some(CloseReason::from_failure(d, true)),
-            Step::DestFailed(_) => Some(CloseReason::from_failure(d, false)),
-        };
-        if let Some(reason) = fail {
-            self.close_conn(idx, reason);
-        }
-    }
-
-    /// Starts closing a connection: resets the other side if the reason calls for it, cancels
-    /// what is in flight, and finalizes once nothing is.
-    fn close_conn(&mut self, idx: u32, reason: CloseReason) {
-        let cancel = self.token(Op::Cancel, idx);
-        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
-            return;
-        };
-        if conn.closing {
-            return;
-        }
-        conn.closing = true;
-        conn.reason = Some(reason);
-        match reason.reset_other_side() {
-            Some(Side::Client) => sys::set_linger_zero(conn.client.as_fd()),
-            Some(Side::Backend) => {
-                if let Some(b) = &conn.backend {
-                    sys::set_linger_zero(b.as_fd());
+                Ok(Command::RemoveListener { name }) => {
+                    let found = self
+                        .listeners
+                        .iter()
+                        .position(|l| l.name == name && l.removed_at_ms.is_none());
+                    if let Some(li) = found {
+                        debug!("worker {}: listener \"{name}\" removed", self.id);
+                        self.listeners[li].removed_at_ms = Some(self.now_ms);
+                        self.close_listener(li);
+                    }
                 }
-            }
-            None => {}
-        }
-        if conn.inflight == 0 {
-            self.finalize(idx);
-            return;
-        }
-        self.ring.cancel_fd(conn.client.as_raw_fd(), cancel);
-        conn.inflight += 1;
-        if let Some(b) = &conn.backend {
-            self.ring.cancel_fd(b.as_raw_fd(), cancel);
-            conn.inflight += 1;
-        }
-    }
-
-    /// Frees a connection that has nothing in flight: closes fds and pipes, releases counters.
-    fn finalize(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        let Some(conn) = slot.conn.take() else {
-            return;
-        };
-        debug_assert_eq!(conn.inflight, 0);
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(idx);
-        if let Some(m) = &conn.member {
-            m.dec_active();
-        }
-        let reason = conn.reason.unwrap_or(CloseReason::ClientEof);
-        debug!(
-            "conn {idx}: {:?} -> {:?} closed: {} after {} ms, {} B up, {} B down",
-            conn.client_addr,
-            conn.backend_addr,
-            reason.as_str(),
-            self.now_ms.saturating_sub(conn.opened_ms),
-            conn.flows[0].bytes,
-            conn.flows[1].bytes
-        );
-        let li = conn.listener as usize;
-        let l = &mut self.listeners[li];
-        bump(&l.stats.worker(self.id).closes[reason.index()], 1);
-        if l.reader.load().settings.access_log {
-            info!(
-                "access: listener={} client={} backend={} duration_ms={} bytes_up={} bytes_down={} reason=\"{}\"",
-                l.name,
-                conn.client_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                conn.backend_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                self.now_ms.saturating_sub(conn.opened_ms),
-                conn.flows[0].bytes,
-                conn.flows[1].bytes,
-                reason.as_str()
-            );
-        }
-        // Pipes still held here may hold bytes that were never forwarded: close them, do not
-        // return them to the pool. fds close as `conn` drops.
-        drop(conn);
-        self.shared.live.fetch_sub(1, Ordering::Relaxed);
-        let l = &mut self.listeners[li];
-        l.stats
-            .worker(self.id)
-            .active
-            .fetch_sub(1, Ordering::Relaxed);
-        l.live -= 1;
-        if l.paused {
-            let limit = (l.reader.load().settings.max_connections as usize).div_ceil(self.workers);
-            if (l.live as usize) < limit {
-                l.paused = false;
-                self.arm_accept(li);
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
     }
@@ -749,31 +459,69 @@ impl Worker {
             let tick = self.timespec_for(TICK);
             self.ring.timer(tick, Token::new(Op::Tick, 0, 0));
         }
-        self.shared.heartbeat.store(
-            self.shared.epoch.elapsed().as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        self.shared.heartbeat.store(process_ms(), Ordering::Relaxed);
+        self.take_commands();
         self.check_stop();
         for li in 0..self.listeners.len() {
             let l = &self.listeners[li];
             if !l.accepting && !l.paused && self.now_ms >= l.rearm_at_ms {
                 self.arm_accept(li);
             }
+            if !self.listeners[li].queue.is_empty() {
+                // Slots may have freed on other workers since the last try.
+                self.retry_queue(li);
+            }
         }
-        if self.now_ms >= self.next_idle_scan_ms {
-            self.next_idle_scan_ms = self.now_ms + IDLE_SCAN_MS;
-            for idx in 0..self.slots.len() as u32 {
-                let expired = match &self.slots[idx as usize].conn {
-                    Some(c) => {
-                        c.connected
-                            && !c.closing
-                            && self.now_ms.saturating_sub(c.last_active_ms) >= c.idle_ms
+        if self.now_ms >= self.next_scan_ms {
+            self.next_scan_ms = self.now_ms + SCAN_MS;
+            self.scan_timeouts();
+        }
+    }
+
+    /// Closes connections past a deadline: idle timeout, PROXY header or queue timeout, and the
+    /// drain timeout of a removed listener or a removed backend.
+    fn scan_timeouts(&mut self) {
+        let now_process = process_ms();
+        // Per listener: (drain timeout in ms, removed at).
+        let per_listener: Vec<(Option<u64>, Option<u64>)> = self
+            .listeners
+            .iter_mut()
+            .map(|l| {
+                let drain = l.reader.load().settings.drain_timeout;
+                (drain.map(|d| d.as_millis() as u64), l.removed_at_ms)
+            })
+            .collect();
+        for idx in 0..self.slots.len() as u32 {
+            let Some(c) = &self.slots[idx as usize].conn else {
+                continue;
+            };
+            if c.closing {
+                continue;
+            }
+            let (drain, listener_removed) = per_listener[c.listener as usize];
+            let reason = match c.stage {
+                Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
+                Stage::Queued if self.now_ms >= c.deadline_ms => Some(CloseReason::QueueTimeout),
+                Stage::Proxying => {
+                    let idle = self.now_ms.saturating_sub(c.last_active_ms) >= c.idle_ms;
+                    let listener_drained = matches!((drain, listener_removed), (Some(d), Some(t)) if self.now_ms >= t + d);
+                    let backend_drained =
+                        match (drain, c.member.as_ref().and_then(|m| m.removed_at())) {
+                            (Some(d), Some(t)) => now_process >= t + d,
+                            _ => false,
+                        };
+                    if idle {
+                        Some(CloseReason::IdleTimeout)
+                    } else if listener_drained || backend_drained {
+                        Some(CloseReason::Draining)
+                    } else {
+                        None
                     }
-                    None => false,
-                };
-                if expired {
-                    self.close_conn(idx, CloseReason::IdleTimeout);
                 }
+                _ => None,
+            };
+            if let Some(r) = reason {
+                self.close_conn(idx, r);
             }
         }
     }
@@ -783,17 +531,7 @@ impl Worker {
         if stop >= DRAIN && !self.draining {
             self.draining = true;
             for li in 0..self.listeners.len() {
-                let l = &mut self.listeners[li];
-                if l.accepting {
-                    if let Some(sock) = &l.socket {
-                        self.ring.cancel_fd(
-                            sock.as_raw_fd(),
-                            Token::new(Op::AcceptCancel, li as u32, 0),
-                        );
-                    }
-                } else {
-                    l.socket = None;
-                }
+                self.close_listener(li);
             }
             debug!("worker {}: draining", self.id);
         }

@@ -7,6 +7,7 @@
 // Each test binary uses only part of the harness.
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 pub mod config;
 pub mod lb;
 pub mod payload;

@@ -195,6 +195,23 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     try_connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
 }
 
+/// Connects to `addr` from source address `src` (e.g. `127.0.3.7:0`, any address in 127/8 on
+/// loopback) with [`CONNECT_TIMEOUT`] and the harness I/O timeouts: a distinct client IP per
+/// socket for tests of source-address hashing.
+pub fn try_connect_from(src: SocketAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.bind(&src.into())?;
+    s.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+    let s: TcpStream = s.into();
+    set_timeouts(&s);
+    Ok(s)
+}
+
+pub fn connect_from(src: SocketAddr, addr: SocketAddr) -> TcpStream {
+    try_connect_from(src, addr).unwrap_or_else(|e| panic!("connect from {src} to {addr}: {e}"))
+}
+
 /// Writes `len` pattern bytes on one thread and reads the echo on this one, so payloads larger
 /// than the socket buffers cannot deadlock. The client half-closes after its last byte and then
 /// expects every byte back followed by EOF. Errors carry what went wrong and how far it got.

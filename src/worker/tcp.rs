@@ -1,0 +1,656 @@
+//! A TCP connection's life on its worker: admit (optionally reading the client's PROXY header),
+//! pick and connect (retrying other backends, queueing while every backend is full), send the
+//! PROXY header to the backend, splice both ways by applying `conn.rs` steps, close and free.
+//! Must not: block, allocate per completion, or log above debug per connection (the access log,
+//! when enabled by the operator, is the one info line per closed connection).
+
+use super::conn::{CloseReason, Dir, Flow, Side, Step};
+use super::{release_pipe, Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
+use crate::backend::bump;
+use crate::proxy_protocol::{self, Parsed, MAX_ENCODED};
+use crate::snapshot::Pick;
+use crate::sys::{self, Pipe, PIPE_SIZE};
+use crate::uring::{Completion, Op, Token};
+use log::{debug, info};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+impl Worker {
+    pub(super) fn token(&self, op: Op, idx: u32) -> Token {
+        Token::new(op, idx, self.slots[idx as usize].generation)
+    }
+
+    /// A client connection was accepted on listener `li`.
+    pub(super) fn admit(&mut self, li: usize, client: OwnedFd) {
+        let l = &mut self.listeners[li];
+        let snap = l.reader.load();
+        let limit = (snap.settings.max_connections as usize).div_ceil(self.workers) as u32;
+        let idle_ms = snap.settings.idle_timeout.as_millis() as u64;
+        let accept_proxy = snap.settings.accept_proxy;
+        let client_addr = if l.needs_client_addr
+            || snap.settings.access_log
+            || snap.settings.send_proxy.is_some()
+            || accept_proxy.is_some()
+            || log::log_enabled!(log::Level::Debug)
+        {
+            sys::peer_addr(client.as_fd())
+        } else {
+            None
+        };
+        l.live += 1;
+        if l.live >= limit && l.accepting && !l.paused {
+            // At our share of max_connections: disarm accept; the kernel backlog holds the rest.
+            l.paused = true;
+            if let Some(sock) = &l.socket {
+                self.ring
+                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
+            }
+        }
+        bump(&l.stats.worker(self.id).accepted, 1);
+        bump(&l.stats.worker(self.id).active, 1);
+        self.shared.live.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn {
+            listener: li as u32,
+            stage: Stage::Connecting,
+            client,
+            client_addr,
+            client_dst: None,
+            backend: None,
+            member: None,
+            backend_addr: None,
+            tried: [None; MAX_CONNECT_ATTEMPTS as usize],
+            attempts: 0,
+            flows: [Flow::new(), Flow::new()],
+            pipes: [None, None],
+            header: None,
+            inflight: 0,
+            closing: false,
+            reason: None,
+            first_eof: None,
+            last_active_ms: self.now_ms,
+            idle_ms,
+            opened_ms: self.now_ms,
+            deadline_ms: 0,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize].conn = Some(conn);
+                i
+            }
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: Some(conn),
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        if let Some(t) = accept_proxy {
+            let tok = self.token(Op::HeaderIn, idx);
+            let conn = self.slots[idx as usize].conn.as_mut().expect("just stored");
+            conn.stage = Stage::Header;
+            conn.deadline_ms = self.now_ms + t.as_millis() as u64;
+            conn.inflight += 1;
+            self.ring
+                .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
+            return;
+        }
+        if !self.listeners[li].queue.is_empty() {
+            // Others are already waiting for a slot: take a place behind them.
+            self.enqueue(idx);
+            return;
+        }
+        self.connect_next(idx);
+    }
+
+    /// The client is readable while we wait for its PROXY header: peek, parse, consume.
+    fn on_header(&mut self, idx: u32, res: i32) {
+        if res < 0 {
+            self.close_conn(idx, CloseReason::ClientReset);
+            return;
+        }
+        let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+        let sock = socket2::SockRef::from(&conn.client);
+        let have = conn.header.as_ref().map_or(0, |h| h.len());
+        let room = &mut self.scratch[..proxy_protocol::MAX_INBOUND - have];
+        let n = match sock.peek(as_uninit(room)) {
+            Ok(0) => {
+                self.close_conn(idx, CloseReason::ClientEof);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                self.close_conn(idx, CloseReason::ClientReset);
+                return;
+            }
+        };
+        let parsed = match conn.header.as_mut() {
+            None => proxy_protocol::parse(&self.scratch[..n]),
+            Some(h) => {
+                let before = h.len();
+                h.extend_from_slice(&self.scratch[..n]);
+                let r = proxy_protocol::parse(h);
+                h.truncate(before);
+                r
+            }
+        };
+        match parsed {
+            Err(bad) => {
+                debug!(
+                    "conn {idx}: bad PROXY header from {:?}: {}",
+                    conn.client_addr, bad.0
+                );
+                self.close_conn(idx, CloseReason::BadProxyHeader);
+            }
+            Ok(Parsed::Incomplete) => {
+                if have + n >= proxy_protocol::MAX_INBOUND {
+                    self.close_conn(idx, CloseReason::BadProxyHeader);
+                    return;
+                }
+                // Every byte so far belongs to the header: consume them, so the next poll
+                // waits for new bytes instead of firing again at once.
+                let mut drained = 0;
+                while drained < n {
+                    match sock.recv(as_uninit(&mut self.scratch[drained..n])) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => drained += k,
+                    }
+                }
+                conn.header
+                    .get_or_insert_with(|| Vec::with_capacity(64))
+                    .extend_from_slice(&self.scratch[..drained]);
+                let tok = self.token(Op::HeaderIn, idx);
+                let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+                conn.inflight += 1;
+                self.ring
+                    .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
+            }
+            Ok(Parsed::Header {
+                len, source, dest, ..
+            }) => {
+                // Consume what is left of the header in the socket; the rest is client data.
+                let mut left = len - have;
+                while left > 0 {
+                    match sock.recv(as_uninit(&mut self.scratch[..left])) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => left -= k,
+                    }
+                }
+                if left > 0 {
+                    self.close_conn(idx, CloseReason::ClientReset);
+                    return;
+                }
+                conn.header = None;
+                if source.is_some() {
+                    conn.client_addr = source;
+                    conn.client_dst = dest;
+                }
+                conn.stage = Stage::Connecting;
+                let li = conn.listener as usize;
+                if !self.listeners[li].queue.is_empty() {
+                    self.enqueue(idx);
+                } else {
+                    self.connect_next(idx);
+                }
+            }
+        }
+    }
+
+    /// Puts a connection at the back of its listener's queue (every backend full).
+    fn enqueue(&mut self, idx: u32) {
+        let now = self.now_ms;
+        let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+        let li = conn.listener as usize;
+        if conn.stage != Stage::Queued {
+            let qt = self.listeners[li].reader.load().settings.queue_timeout;
+            conn.stage = Stage::Queued;
+            conn.deadline_ms = now + qt.as_millis() as u64;
+        }
+        self.listeners[li].queue.push_back(idx);
+    }
+
+    /// Gives every queued connection of listener `li`, oldest first, another try.
+    pub(super) fn retry_queue(&mut self, li: usize) {
+        let n = self.listeners[li].queue.len();
+        for _ in 0..n {
+            let Some(idx) = self.listeners[li].queue.pop_front() else {
+                break;
+            };
+            let waiting = self.slots[idx as usize]
+                .conn
+                .as_ref()
+                .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
+            if waiting {
+                self.connect_next(idx);
+            }
+        }
+    }
+
+    /// Picks a backend not yet tried and starts a connect to it; queues the client when every
+    /// eligible backend is full; closes it when none is left.
+    fn connect_next(&mut self, idx: u32) {
+        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            return;
+        };
+        let l = &mut self.listeners[conn.listener as usize];
+        let snap = l.reader.load();
+        let tried_buf = conn.tried;
+        let n = conn.attempts as usize;
+        let tried: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize] =
+            std::array::from_fn(|i| tried_buf[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
+        let mi = match snap.pick(&mut l.pick, conn.client_addr.as_ref(), &tried[..n]) {
+            Pick::Member(i) => i,
+            Pick::AllFull if !snap.settings.queue_timeout.is_zero() => {
+                self.enqueue(idx);
+                return;
+            }
+            Pick::AllFull => {
+                self.close_conn(idx, CloseReason::QueueTimeout);
+                return;
+            }
+            Pick::None => {
+                if conn.attempts == 0 {
+                    bump(&l.stats.worker(self.id).no_backend, 1);
+                }
+                let reason = conn.reason.take().unwrap_or(CloseReason::NoBackend);
+                self.close_conn(idx, reason);
+                return;
+            }
+        };
+        let member = &snap.members[mi];
+        let addr = member.address;
+        let connect_timeout = snap.settings.connect_timeout;
+        let keepalive = snap.settings.tcp_keepalive;
+        let stats = member.stats.clone();
+        let sock = match backend_socket(addr, keepalive) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("socket() for backend {addr} failed: {e}");
+                self.close_conn(idx, CloseReason::Resource);
+                return;
+            }
+        };
+        let fd: OwnedFd = sock.into();
+        stats.inc_active();
+        let ts = self.timespec_for(connect_timeout);
+        let (ct, tt) = (
+            self.token(Op::Connect, idx),
+            self.token(Op::ConnectTimeout, idx),
+        );
+        let conn = self.slots[idx as usize]
+            .conn
+            .as_mut()
+            .expect("checked above");
+        conn.stage = Stage::Connecting;
+        conn.tried[conn.attempts as usize] = Some(addr);
+        conn.attempts += 1;
+        conn.member = Some(stats);
+        conn.backend_addr = Some(addr);
+        self.ring.connect(fd.as_raw_fd(), idx, &addr, ts, ct, tt);
+        conn.backend = Some(fd);
+        conn.inflight += 2;
+    }
+
+    pub(super) fn on_conn_completion(&mut self, op: Op, c: Completion) {
+        let idx = c.token.index();
+        let Some(slot) = self.slots.get_mut(idx as usize) else {
+            return;
+        };
+        if !c.token.gen_matches(slot.generation) {
+            return; // stale: cannot happen while finalize waits for inflight == 0, kept as a guard
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        conn.inflight -= 1;
+        if conn.closing {
+            if conn.inflight == 0 {
+                self.finalize(idx);
+            }
+            return;
+        }
+        let res = c.result;
+        let now = self.now_ms;
+        let wid = self.id;
+        let step = match op {
+            Op::Connect => {
+                self.on_connect(idx, res);
+                return;
+            }
+            Op::HeaderIn => {
+                self.on_header(idx, res);
+                return;
+            }
+            Op::ConnectTimeout | Op::Cancel => return,
+            Op::PollIn0 => (Dir::Up, conn.flows[0].on_readable(res)),
+            Op::PollIn1 => (Dir::Down, conn.flows[1].on_readable(res)),
+            Op::SpliceIn0 | Op::SpliceIn1 => {
+                let d = if op == Op::SpliceIn0 {
+                    Dir::Up
+                } else {
+                    Dir::Down
+                };
+                if res > 0 {
+                    conn.last_active_ms = now;
+                }
+                (d, conn.flows[d.index()].on_spliced_in(res))
+            }
+            Op::SpliceOut0 | Op::SpliceOut1 => {
+                let d = if op == Op::SpliceOut0 {
+                    Dir::Up
+                } else {
+                    Dir::Down
+                };
+                if res > 0 {
+                    conn.last_active_ms = now;
+                    if let Some(m) = &conn.member {
+                        let w = m.worker(wid);
+                        bump(
+                            if d == Dir::Up {
+                                &w.bytes_up
+                            } else {
+                                &w.bytes_down
+                            },
+                            res as u64,
+                        );
+                    }
+                }
+                (d, conn.flows[d.index()].on_spliced_out(res))
+            }
+            Op::PollOut0 => (Dir::Up, conn.flows[0].on_writable(res)),
+            Op::PollOut1 => (Dir::Down, conn.flows[1].on_writable(res)),
+            Op::Accept | Op::Tick | Op::Wake | Op::AcceptCancel => return,
+        };
+        self.apply(idx, step.0, step.1);
+    }
+
+    fn on_connect(&mut self, idx: u32, res: i32) {
+        let wid = self.id;
+        let now = self.now_ms;
+        let conn = self.slots[idx as usize]
+            .conn
+            .as_mut()
+            .expect("caller checked");
+        if res >= 0 {
+            conn.stage = Stage::Proxying;
+            conn.last_active_ms = now;
+            if let Some(m) = &conn.member {
+                bump(&m.worker(wid).connections, 1);
+                m.connect_succeeded();
+            }
+            debug!(
+                "conn {idx}: {:?} -> {:?} connected (attempt {})",
+                conn.client_addr, conn.backend_addr, conn.attempts
+            );
+            let li = conn.listener as usize;
+            let send_proxy = self.listeners[li].reader.load().settings.send_proxy;
+            let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+            if let Some(version) = send_proxy {
+                if !send_proxy_header(conn, version) {
+                    self.close_conn(idx, CloseReason::BackendReset);
+                    return;
+                }
+            }
+            for d in Dir::BOTH {
+                let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+                let step = conn.flows[d.index()].start();
+                self.apply(idx, d, step);
+            }
+            return;
+        }
+        let reason = CloseReason::from_connect_error(res);
+        if let Some(m) = conn.member.take() {
+            let w = m.worker(wid);
+            bump(
+                match reason {
+                    CloseReason::BackendRefused => &w.connect_refused,
+                    CloseReason::BackendTimeout => &w.connect_timeout,
+                    _ => &w.connect_other,
+                },
+                1,
+            );
+            m.dec_active();
+            m.connect_failed();
+        }
+        debug!(
+            "conn {idx}: connect to {:?} failed: {} (attempt {})",
+            conn.backend_addr,
+            reason.as_str(),
+            conn.attempts
+        );
+        // No operation names the backend fd any more (the linked timeout names no fd): close it.
+        conn.backend = None;
+        conn.reason = Some(reason);
+        if conn.attempts < MAX_CONNECT_ATTEMPTS {
+            self.connect_next(idx);
+        } else {
+            self.close_conn(idx, reason);
+        }
+    }
+
+    /// Carries out one step of a flow.
+    fn apply(&mut self, idx: u32, d: Dir, step: Step) {
+        let generation = self.slots[idx as usize].generation;
+        let tok =
+            |up: Op, down: Op| Token::new(if d == Dir::Up { up } else { down }, idx, generation);
+        let pool = &mut self.pool;
+        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            return;
+        };
+        let Some(backend) = conn.backend.as_ref() else {
+            return;
+        };
+        let (src, dst): (RawFd, RawFd) = match d {
+            Dir::Up => (conn.client.as_raw_fd(), backend.as_raw_fd()),
+            Dir::Down => (backend.as_raw_fd(), conn.client.as_raw_fd()),
+        };
+        let di = d.index();
+        let fail = match step {
+            Step::PollIn => {
+                release_pipe(pool, &mut conn.pipes[di]);
+                conn.inflight += 1;
+                self.ring
+                    .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
+                None
+            }
+            Step::SpliceIn => {
+                if conn.pipes[di].is_none() {
+                    match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
+                        Ok(p) => conn.pipes[di] = Some(p),
+                        Err(e) => debug!("conn {idx}: no pipe: {e}"),
+                    }
+                }
+                match conn.pipes[di].as_ref() {
+                    Some(pipe) => {
+                        conn.inflight += 1;
+                        let t = tok(Op::SpliceIn0, Op::SpliceIn1);
+                        self.ring
+                            .splice(src, pipe.write.as_raw_fd(), pipe.capacity, t);
+                        None
+                    }
+                    None => Some(CloseReason::Resource),
+                }
+            }
+            Step::SpliceOut(n) => match conn.pipes[di].as_ref() {
+                Some(pipe) => {
+                    conn.inflight += 1;
+                    let t = tok(Op::SpliceOut0, Op::SpliceOut1);
+                    self.ring.splice(pipe.read.as_raw_fd(), dst, n, t);
+                    None
+                }
+                None => Some(CloseReason::Resource),
+            },
+            Step::PollOut => {
+                conn.inflight += 1;
+                self.ring
+                    .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
+                None
+            }
+            Step::ShutdownDest => {
+                release_pipe(pool, &mut conn.pipes[di]);
+                let dst_fd = if d == Dir::Up { backend } else { &conn.client };
+                let _ = sys::shutdown_write(dst_fd.as_fd());
+                conn.first_eof.get_or_insert(d);
+                if conn.flows.iter().all(Flow::is_done) {
+                    Some(if conn.first_eof == Some(Dir::Up) {
+                        CloseReason::ClientEof
+                    } else {
+                        CloseReason::BackendEof
+                    })
+                } else {
+                    None
+                }
+            }
+            Step::SourceFailed(_) => Some(CloseReason::from_failure(d, true)),
+            Step::DestFailed(_) => Some(CloseReason::from_failure(d, false)),
+        };
+        if let Some(reason) = fail {
+            self.close_conn(idx, reason);
+        }
+    }
+
+    /// Starts closing a connection: resets the other side if the reason calls for it, cancels
+    /// what is in flight, and finalizes once nothing is.
+    pub(super) fn close_conn(&mut self, idx: u32, reason: CloseReason) {
+        let cancel = self.token(Op::Cancel, idx);
+        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        conn.reason = Some(reason);
+        match reason.reset_other_side() {
+            Some(Side::Client) => sys::set_linger_zero(conn.client.as_fd()),
+            Some(Side::Backend) => {
+                if let Some(b) = &conn.backend {
+                    sys::set_linger_zero(b.as_fd());
+                }
+            }
+            None => {}
+        }
+        if conn.inflight == 0 {
+            self.finalize(idx);
+            return;
+        }
+        self.ring.cancel_fd(conn.client.as_raw_fd(), cancel);
+        conn.inflight += 1;
+        if let Some(b) = &conn.backend {
+            self.ring.cancel_fd(b.as_raw_fd(), cancel);
+            conn.inflight += 1;
+        }
+    }
+
+    /// Frees a connection that has nothing in flight: closes fds and pipes, releases counters.
+    fn finalize(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        let Some(conn) = slot.conn.take() else {
+            return;
+        };
+        debug_assert_eq!(conn.inflight, 0);
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(idx);
+        if let Some(m) = &conn.member {
+            m.dec_active();
+        }
+        let reason = conn.reason.unwrap_or(CloseReason::ClientEof);
+        debug!(
+            "conn {idx}: {:?} -> {:?} closed: {} after {} ms, {} B up, {} B down",
+            conn.client_addr,
+            conn.backend_addr,
+            reason.as_str(),
+            self.now_ms.saturating_sub(conn.opened_ms),
+            conn.flows[0].bytes,
+            conn.flows[1].bytes
+        );
+        let li = conn.listener as usize;
+        let l = &mut self.listeners[li];
+        bump(&l.stats.worker(self.id).closes[reason.index()], 1);
+        let snap = l.reader.load();
+        if snap.settings.access_log {
+            info!(
+                "access: listener={} client={} backend={} duration_ms={} bytes_up={} bytes_down={} reason=\"{}\"",
+                l.name,
+                conn.client_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                conn.backend_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                self.now_ms.saturating_sub(conn.opened_ms),
+                conn.flows[0].bytes,
+                conn.flows[1].bytes,
+                reason.as_str()
+            );
+        }
+        let limit = (snap.settings.max_connections as usize).div_ceil(self.workers);
+        let freed_backend = conn.member.is_some();
+        // Pipes still held here may hold bytes that were never forwarded: close them, do not
+        // return them to the pool. fds close as `conn` drops.
+        drop(conn);
+        self.shared.live.fetch_sub(1, Ordering::Relaxed);
+        l.stats
+            .worker(self.id)
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+        l.live -= 1;
+        if l.paused && (l.live as usize) < limit {
+            l.paused = false;
+            self.arm_accept(li);
+        }
+        if freed_backend && !self.listeners[li].queue.is_empty() {
+            self.retry_queue(li);
+        }
+    }
+}
+
+/// A non-blocking, close-on-exec TCP socket for a backend, with TCP_NODELAY and keepalive.
+fn backend_socket(
+    addr: SocketAddr,
+    keepalive: Option<Duration>,
+) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    let _ = sock.set_tcp_nodelay(true);
+    if let Some(idle) = keepalive {
+        let _ = sock.set_tcp_keepalive(&keepalive_params(idle));
+    }
+    Ok(sock)
+}
+
+/// Keepalive probing for an idle time: interval idle/6 (1 s ..= 75 s), 6 probes.
+pub fn keepalive_params(idle: Duration) -> socket2::TcpKeepalive {
+    let interval = (idle / 6).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(6)
+}
+
+/// Writes the PROXY header to a just-connected backend. The socket's send buffer is empty, so a
+/// header of at most 108 bytes goes out whole; anything else is a failure.
+fn send_proxy_header(conn: &Conn, version: proxy_protocol::Version) -> bool {
+    let Some(backend) = &conn.backend else {
+        return false;
+    };
+    let src = conn
+        .client_addr
+        .or_else(|| sys::peer_addr(conn.client.as_fd()));
+    let dst = conn
+        .client_dst
+        .or_else(|| sys::local_addr(conn.client.as_fd()));
+    let (Some(src), Some(dst)) = (src, dst) else {
+        return false;
+    };
+    let mut buf = [0u8; MAX_ENCODED];
+    let len = proxy_protocol::encode(version, src, dst, &mut buf);
+    matches!(socket2::SockRef::from(backend).send(&buf[..len]), Ok(n) if n == len)
+}
+
+/// Views initialised bytes as the `MaybeUninit` buffer socket2's recv/peek take.
+fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    sys::as_uninit(buf)
+}

@@ -1,0 +1,285 @@
+//! The admin endpoint end to end through the real binary (2 workers): `/metrics` parsed as
+//! Prometheus text and checked against traffic counted on the client side, `/status` JSON,
+//! `/livez`, `/readyz`, 404s, `POST /reload` with a good and a broken file, and the access log.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::admin::{http_get, http_post, metric, metric_sum, samples, scrape};
+use common::*;
+use prometheus_parse::{Scrape, Value};
+
+/// How long a test waits for counters to settle after its connections closed.
+const SETTLE: Duration = Duration::from_secs(2);
+
+fn admin(lb: &Lb) -> SocketAddr {
+    lb.admin_addr()
+        .unwrap_or_else(|| panic!("no admin endpoint line; stderr:\n{}", lb.stderr_tail(20)))
+}
+
+/// Every metric family ringlb exports, with its Prometheus type.
+const FAMILIES: [(&str, &str); 15] = [
+    ("ringlb_connections_total", "counter"),
+    ("ringlb_active_connections", "gauge"),
+    ("ringlb_bytes_total", "counter"),
+    ("ringlb_connect_errors_total", "counter"),
+    ("ringlb_backend_up", "gauge"),
+    ("ringlb_health_checks_total", "counter"),
+    ("ringlb_health_flips_total", "counter"),
+    ("ringlb_ejections_total", "counter"),
+    ("ringlb_accepted_total", "counter"),
+    ("ringlb_listener_active_connections", "gauge"),
+    ("ringlb_no_backend_total", "counter"),
+    ("ringlb_closes_total", "counter"),
+    ("ringlb_maglev_slots_moved_total", "counter"),
+    ("ringlb_snapshot_generation", "gauge"),
+    ("ringlb_worker_heartbeat_age_milliseconds", "gauge"),
+];
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Counter(_) => "counter",
+        Value::Gauge(_) => "gauge",
+        Value::Histogram(_) => "histogram",
+        Value::Summary(_) => "summary",
+        Value::Untyped(_) => "untyped (no TYPE line)",
+    }
+}
+
+/// Every family has a HELP text, a TYPE of the right kind and at least one sample, and no
+/// sample is outside a documented family.
+fn assert_families(s: &Scrape) {
+    for (name, want) in FAMILIES {
+        let help = s.docs.get(name).map(String::as_str).unwrap_or("");
+        assert!(!help.trim().is_empty(), "{name}: no HELP text");
+        let mut n = 0;
+        for sample in samples(s, name, &[]) {
+            n += 1;
+            assert_eq!(kind(&sample.value), want, "{name}{{{}}}", sample.labels);
+        }
+        assert!(n > 0, "{name}: no sample");
+    }
+    for sample in &s.samples {
+        assert!(
+            s.docs.contains_key(&sample.metric),
+            "sample of undocumented family {}",
+            sample.metric
+        );
+    }
+}
+
+#[test]
+fn metrics_match_the_traffic_exactly() {
+    let a = EchoServer::start();
+    let b = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([listener("web")
+        .backend(a.addr())
+        .backend(b.addr())]));
+    let admin = admin(&lb);
+    let web = lb.addr("web");
+    assert_families(&scrape(admin));
+
+    const N: u64 = 25;
+    let mut sent = 0u64;
+    for i in 0..N {
+        // Different sizes, one of them past a pipe's default 64 KiB.
+        let len = 100 + 37 * i + if i == 7 { 200_000 } else { 0 };
+        echo(web, len, 0xad41_0000 + i);
+        sent += len;
+    }
+    // The echo checked every byte came back, so the client received `sent` bytes too.
+    let received = sent;
+    let listener_labels = [("listener", "web")];
+    let mut s = scrape(admin);
+    let settled = wait_until(SETTLE, || {
+        s = scrape(admin);
+        metric_sum(&s, "ringlb_closes_total", &listener_labels) == N as f64
+            && metric_sum(&s, "ringlb_active_connections", &listener_labels) == 0.0
+    });
+    assert!(
+        settled,
+        "within {SETTLE:?} of the last close: closes {} (want {N}), active {} (want 0)",
+        metric_sum(&s, "ringlb_closes_total", &listener_labels),
+        metric_sum(&s, "ringlb_active_connections", &listener_labels)
+    );
+
+    assert_families(&s);
+    let sum = |name: &str, labels: &[(&str, &str)]| metric_sum(&s, name, labels);
+    assert_eq!(sum("ringlb_connections_total", &listener_labels), N as f64);
+    for e in [&a, &b] {
+        let addr = e.addr().to_string();
+        let labels = [("listener", "web"), ("backend", addr.as_str())];
+        assert_eq!(
+            metric(&s, "ringlb_connections_total", &labels),
+            Some(e.accepted() as f64),
+            "connections to {addr}: LB vs backend count"
+        );
+    }
+    assert_eq!(
+        metric(&s, "ringlb_accepted_total", &listener_labels),
+        Some(N as f64)
+    );
+    assert_eq!(
+        sum(
+            "ringlb_bytes_total",
+            &[("listener", "web"), ("direction", "to_backend")]
+        ),
+        sent as f64
+    );
+    assert_eq!(
+        sum(
+            "ringlb_bytes_total",
+            &[("listener", "web"), ("direction", "to_client")]
+        ),
+        received as f64
+    );
+    assert_eq!(
+        metric(&s, "ringlb_listener_active_connections", &listener_labels),
+        Some(0.0)
+    );
+    let reason = [("listener", "web"), ("reason", "client_eof")];
+    assert_eq!(metric(&s, "ringlb_closes_total", &reason), Some(N as f64));
+    assert_eq!(sum("ringlb_connect_errors_total", &listener_labels), 0.0);
+    assert_eq!(sum("ringlb_no_backend_total", &listener_labels), 0.0);
+    assert_eq!(sum("ringlb_backend_up", &listener_labels), 2.0);
+    let generation = metric(&s, "ringlb_snapshot_generation", &listener_labels);
+    assert!(
+        generation.is_some_and(|g| g >= 1.0),
+        "snapshot generation {generation:?}"
+    );
+    let heartbeats: Vec<f64> = samples(&s, "ringlb_worker_heartbeat_age_milliseconds", &[])
+        .map(common::admin::sample_value)
+        .collect();
+    assert_eq!(heartbeats.len(), WORKERS, "one heartbeat per worker");
+}
+
+/// `/status` of the LB, parsed.
+fn status(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http_get(admin, "/status");
+    assert_eq!(code, 200, "/status: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}):\n{body}"))
+}
+
+#[test]
+fn status_probes_and_reload_over_http() {
+    let a = EchoServer::start();
+    let b = EchoServer::start();
+    let config = ringlb_config([listener("web").weighted(a.addr(), 3).weighted(b.addr(), 1)]);
+    let lb = Lb::start(&config);
+    let admin = admin(&lb);
+    let web = lb.addr("web");
+    for i in 0..8 {
+        echo(web, 10, 0xad41_0100 + i);
+    }
+
+    let mut st = status(admin);
+    let settled = wait_until(SETTLE, || {
+        st = status(admin);
+        st["listeners"][0]["active_connections"] == 0
+    });
+    assert!(settled, "connections still active in /status:\n{st:#}");
+    let listeners = st["listeners"].as_array().expect("listeners array");
+    assert_eq!(listeners.len(), 1, "{st:#}");
+    let l = &listeners[0];
+    assert_eq!(l["name"], "web");
+    assert_eq!(l["bind"], web.to_string());
+    assert_eq!(l["balance"], "round_robin");
+    assert!(l["generation"].as_u64().is_some_and(|g| g >= 1), "{l:#}");
+    assert_eq!(l["backends_up"], 2);
+    let backends = l["backends"].as_array().expect("backends array");
+    assert_eq!(backends.len(), 2, "{l:#}");
+    // Smooth weighted round robin over 8 connections with weights 3:1: exactly 6 and 2.
+    for (j, (e, weight, conns)) in [(&a, 3, 6), (&b, 1, 2)].into_iter().enumerate() {
+        let got = &backends[j];
+        assert_eq!(got["address"], e.addr().to_string(), "{got:#}");
+        assert_eq!(got["weight"], weight, "{got:#}");
+        assert_eq!(got["up"], true, "{got:#}");
+        assert_eq!(got["active_connections"], 0, "{got:#}");
+        assert_eq!(got["connections_total"], conns, "{got:#}");
+        assert_eq!(got["consecutive_connect_failures"], 0, "{got:#}");
+        assert_eq!(e.accepted(), conns as usize, "backend {} count", e.addr());
+    }
+
+    assert_eq!(http_get(admin, "/livez"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(admin, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(admin, "/no-such-page").0, 404);
+
+    let (code, body) = http_post(admin, "/reload");
+    assert_eq!(code, 200, "POST /reload with the file unchanged: {body}");
+
+    // A broken file: the reload is refused with the field named, the old config keeps running.
+    let needle = format!("address = \"{}\", weight = 3", a.addr());
+    assert!(config.contains(&needle), "config layout changed:\n{config}");
+    let broken = config.replace(&needle, &format!("address = \"{}\", weight = -1", a.addr()));
+    std::fs::write(lb.config_path(), broken).expect("write broken config");
+    let (code, body) = http_post(admin, "/reload");
+    assert_eq!(code, 400, "POST /reload with weight = -1: {body}");
+    assert!(
+        body.contains("weight") && body.contains("-1"),
+        "the reload error should name the field and the value: {body:?}"
+    );
+    echo(web, 1000, 0xad41_0200);
+    let st = status(admin);
+    let weights: Vec<&serde_json::Value> = st["listeners"][0]["backends"]
+        .as_array()
+        .expect("backends array")
+        .iter()
+        .map(|b| &b["weight"])
+        .collect();
+    assert_eq!(weights, [3, 1], "weights after the refused reload:\n{st:#}");
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+}
+
+#[test]
+fn access_log_has_one_line_per_connection() {
+    let e = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([listener("web")
+        .backend(e.addr())
+        .set("access_log", "true")]));
+    let mark = lb.log_len();
+    let mut s = connect(lb.addr("web"));
+    let client = s.local_addr().expect("local_addr");
+    try_echo_stream(&mut s, 100, 0xad41_0300).expect("echo of 100 bytes");
+    drop(s);
+    assert!(
+        lb.wait_for_log_since(mark, "access: ", SETTLE),
+        "no access line; stderr:\n{}",
+        lb.stderr_tail(20)
+    );
+    // Give a (wrong) second line the chance to show.
+    std::thread::sleep(Duration::from_millis(200));
+    let lines: Vec<String> = lb
+        .stderr_lines()
+        .into_iter()
+        .skip(mark)
+        .filter(|l| l.contains("access: "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one connection, one access line: {lines:#?}"
+    );
+    let line = &lines[0];
+    let rest = &line[line.find("access: ").expect("found above") + "access: ".len()..];
+    let (fields, reason) = rest
+        .split_once(" reason=")
+        .unwrap_or_else(|| panic!("no reason= in {line:?}"));
+    let field = |k: &str| {
+        fields
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {k}= in {line:?}"))
+    };
+    assert_eq!(field("listener"), "web", "{line}");
+    assert_eq!(field("client"), client.to_string(), "{line}");
+    assert_eq!(field("backend"), e.addr().to_string(), "{line}");
+    assert_eq!(field("bytes_up"), "100", "{line}");
+    assert_eq!(field("bytes_down"), "100", "{line}");
+    let ms: u64 = field("duration_ms")
+        .parse()
+        .unwrap_or_else(|err| panic!("duration_ms in {line:?}: {err}"));
+    assert!(ms < 10_000, "{line}");
+    assert_eq!(reason, "\"client EOF\"", "{line}");
+}
