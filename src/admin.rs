@@ -410,6 +410,60 @@ pub fn metrics(state: &AdminState) -> String {
             );
         }
     }
+    f.head("ringlb_udp_flows", "gauge", "UDP flows open (all workers).");
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_flows);
+        f.line("ringlb_udp_flows", &[("listener", &lv.name)], v);
+    }
+    f.head(
+        "ringlb_udp_flows_evicted_total",
+        "counter",
+        "UDP flows evicted because the listener's flow table was full (max_flows).",
+    );
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_evicted);
+        f.line(
+            "ringlb_udp_flows_evicted_total",
+            &[("listener", &lv.name)],
+            v,
+        );
+    }
+    f.head(
+        "ringlb_udp_dropped_total",
+        "counter",
+        "UDP datagrams dropped (no eligible backend, upstream socket error).",
+    );
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_dropped);
+        f.line("ringlb_udp_dropped_total", &[("listener", &lv.name)], v);
+    }
+    f.head(
+        "ringlb_udp_datagrams_total",
+        "counter",
+        "UDP datagrams forwarded, by direction.",
+    );
+    let udp_names: Vec<&str> = listeners
+        .iter()
+        .filter(|l| l.protocol == "udp")
+        .map(|l| l.name.as_str())
+        .collect();
+    for (l, b) in backends
+        .iter()
+        .filter(|(l, _)| udp_names.contains(&l.as_str()))
+    {
+        let a = b.address.to_string();
+        let up = b.sum(|w| &w.datagrams_up);
+        let down = b.sum(|w| &w.datagrams_down);
+        let lab = |d| {
+            [
+                ("listener", l.as_str()),
+                ("backend", a.as_str()),
+                ("direction", d),
+            ]
+        };
+        f.line("ringlb_udp_datagrams_total", &lab("to_backend"), up);
+        f.line("ringlb_udp_datagrams_total", &lab("to_client"), down);
+    }
     f.head(
         "ringlb_maglev_slots_moved_total",
         "counter",

@@ -41,6 +41,10 @@ pub struct WorkerCounters {
     pub connect_timeout: AtomicU64,
     /// Connect attempts that failed otherwise (unreachable, reset during handshake, ...).
     pub connect_other: AtomicU64,
+    /// UDP datagrams client → backend.
+    pub datagrams_up: AtomicU64,
+    /// UDP datagrams backend → client.
+    pub datagrams_down: AtomicU64,
 }
 
 /// Adds `n` to a counter only this thread writes: a relaxed add, no fence.
@@ -159,6 +163,12 @@ pub struct ListenerWorkerCounters {
     pub active: AtomicU64,
     /// Closed connections by reason (index: `CLOSE_REASONS`).
     pub closes: [AtomicU64; CLOSE_REASONS.len()],
+    /// UDP flows open on this worker (gauge).
+    pub udp_flows: AtomicU64,
+    /// UDP flows evicted because the table was full.
+    pub udp_evicted: AtomicU64,
+    /// UDP datagrams dropped (no backend, socket errors).
+    pub udp_dropped: AtomicU64,
 }
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its

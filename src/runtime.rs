@@ -76,6 +76,24 @@ fn bind_tcp(addr: SocketAddr, l: &Listener) -> std::io::Result<Socket> {
     Ok(s)
 }
 
+/// Binds one UDP socket (SO_REUSEPORT: the kernel keeps a client's 4-tuple on one worker).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Bursts of datagrams queue here while a worker is busy.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 /// Binds `workers` sockets for one listener; `port 0` is resolved by the first bind and reused
 /// by the rest. Returns them and the actual address.
 fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
@@ -84,7 +102,11 @@ fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
         addr: l.bind,
         source,
     };
-    let first = bind_tcp(l.bind, l).map_err(err)?;
+    let bind = |addr| match l.protocol {
+        Protocol::Tcp => bind_tcp(addr, l),
+        Protocol::Udp => bind_udp(addr),
+    };
+    let first = bind(l.bind).map_err(err)?;
     let actual = first
         .local_addr()
         .ok()
@@ -92,7 +114,7 @@ fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
         .unwrap_or(l.bind);
     let mut sockets = vec![first];
     for _ in 1..workers {
-        sockets.push(bind_tcp(actual, l).map_err(err)?);
+        sockets.push(bind(actual).map_err(err)?);
     }
     Ok(Bound {
         sockets,
@@ -124,6 +146,7 @@ fn spec_for(
         published: published.clone(),
         stats: stats.clone(),
         needs_client_addr: l.balance == Policy::Maglev,
+        udp: l.protocol == Protocol::Udp,
     }
 }
 
@@ -136,9 +159,6 @@ struct Host {
 
 impl ListenerHost for Host {
     fn bind(&mut self, l: &Listener) -> Result<Bound, String> {
-        if l.protocol != Protocol::Tcp {
-            return Err(format!("protocol {:?} is not served", l.protocol.name()));
-        }
         bind_listener(l, self.workers.len()).map_err(|e| match e {
             RuntimeError::Bind { addr, source, .. } => format!("cannot bind {addr}: {source}"),
             other => other.to_string(),
@@ -198,9 +218,6 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let mut per_worker: Vec<Vec<ListenerSpec>> = (0..workers).map(|_| Vec::new()).collect();
     for cl in &control.listeners {
         let l = &cl.config;
-        if l.protocol != Protocol::Tcp {
-            continue;
-        }
         let bound = bind_listener(l, workers)?;
         log_listening(l, bound.addr, workers);
         views.push(ListenerView {

@@ -37,6 +37,8 @@ pub struct Settings {
     /// Connections to a removed backend (or of a removed listener) are closed this long after
     /// the removal; None: they run until they end.
     pub drain_timeout: Option<Duration>,
+    /// UDP: flows per listener (each worker takes its share).
+    pub max_flows: u32,
 }
 
 /// What [`Snapshot::pick`] found.

@@ -164,3 +164,27 @@ pub fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
     // kernel initialised. The borrow keeps `buf` exclusively ours for the result's lifetime.
     unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
 }
+
+/// Non-blocking `splice(2)` of up to `len` bytes from `fd_in` to `fd_out` (one of them a pipe).
+/// Returns bytes moved (0 = EOF on a socket source) or -errno, like an io_uring completion.
+pub fn splice(fd_in: RawFd, fd_out: RawFd, len: u32) -> i32 {
+    // SAFETY: splice takes two fds the caller keeps open for the call and null offsets (both ends
+    // are streams); no user memory is passed.
+    let n = unsafe {
+        libc::splice(
+            fd_in,
+            std::ptr::null_mut(),
+            fd_out,
+            std::ptr::null_mut(),
+            len as usize,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        n.min(i32::MAX as isize) as i32
+    }
+}

@@ -461,6 +461,7 @@ fn killed_backend_is_marked_down_and_skipped_while_traffic_flows() {
         outcomes.len(),
         &failures[..failures.len().min(5)]
     );
+    assert_eq!(after.1, 0, "connections failed after the DOWN line");
     assert!(
         after.0 >= 20,
         "only {} connections after DOWN: traffic too slow",
@@ -594,8 +595,16 @@ fn send_expect_probe_takes_out_the_backend_with_the_wrong_reply() {
         let labels = [("listener", "web"), ("backend", addr), ("result", result)];
         metric(&s, "ringlb_health_checks_total", &labels).expect("health checks sample")
     };
+    // "Stays up" is the contract: no flip. A single probe may still time out (100 ms) on a
+    // loaded machine, so failed probes of the good backend are reported, not asserted.
+    eprintln!(
+        "good backend: {} probes succeeded, {} failed",
+        checks(&g, "success"),
+        checks(&g, "failure")
+    );
     assert!(checks(&g, "success") >= 2.0);
-    assert_eq!(checks(&g, "failure"), 0.0);
+    let flips = [("listener", "web"), ("backend", g.as_str())];
+    assert_eq!(metric(&s, "ringlb_health_flips_total", &flips), Some(0.0));
     assert!(checks(&b, "failure") >= f64::from(FALL));
     assert_eq!(backend_up(&s, good.addr()), 1.0);
     assert_eq!(backend_up(&s, bad.addr()), 0.0);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::listener::positive_duration;
 use super::raw::{RawHealth, RawPassive};
-use super::{format_duration, invalid, ConfigError};
+use super::{format_duration, invalid, ConfigError, Protocol};
 
 /// Default `health.interval`.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -46,10 +46,12 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failed probes that mark an up backend down. ≥ 1. Default 3.
     pub fall: u32,
-    /// Bytes written once connected; `None`: write nothing. Never empty.
+    /// TCP: bytes written once connected; `None`: write nothing. UDP: the probe datagram,
+    /// always `Some`. Never empty.
     pub send: Option<Vec<u8>>,
-    /// The reply must start with these bytes; `None`: a completed connect (and `send`) is enough.
-    /// Never empty. Allowed without `send` (servers that greet first: SMTP, MySQL, ...).
+    /// TCP: the reply must start with these bytes; `None`: a completed connect (and `send`) is
+    /// enough. Allowed without `send` (servers that greet first: SMTP, MySQL, ...). UDP: the
+    /// reply datagram must start with these bytes, always `Some`. Never empty.
     pub expect: Option<Vec<u8>>,
 }
 
@@ -120,7 +122,11 @@ impl PassiveConfig {
     }
 }
 
-pub(super) fn validate_health(scope: &str, raw: RawHealth) -> Result<HealthConfig, ConfigError> {
+pub(super) fn validate_health(
+    scope: &str,
+    protocol: Protocol,
+    raw: RawHealth,
+) -> Result<HealthConfig, ConfigError> {
     let interval = positive_duration(
         scope,
         "health.interval",
@@ -149,6 +155,21 @@ pub(super) fn validate_health(scope: &str, raw: RawHealth) -> Result<HealthConfi
     let fall = at_least_one(scope, "health.fall", raw.fall, DEFAULT_FALL)?;
     let send = probe_bytes(scope, "health.send", raw.send)?;
     let expect = probe_bytes(scope, "health.expect", raw.expect)?;
+    // UDP has no connect to succeed or fail: only a reply tells that a backend is there.
+    if protocol == Protocol::Udp && (send.is_none() || expect.is_none()) {
+        let missing = if send.is_none() {
+            "health.send"
+        } else {
+            "health.expect"
+        };
+        return Err(invalid(
+            scope,
+            missing,
+            "missing: udp health checks need send and expect (the probe sends `send` as one \
+             datagram and waits for a reply that starts with `expect`)"
+                .to_string(),
+        ));
+    }
     Ok(HealthConfig {
         interval,
         timeout,

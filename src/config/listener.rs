@@ -1,6 +1,6 @@
-//! Validation of one `[[listeners]]` table: its name, bind, policy, timeouts, limits, keepalive,
-//! PROXY protocol settings and backends (health and passive-ejection settings are checked in
-//! `health.rs`).
+//! Validation of one `[[listeners]]` table: its name, bind, protocol, policy, timeouts, limits,
+//! keepalive, PROXY protocol settings and backends (health and passive-ejection settings are
+//! checked in `health.rs`), and which of them a tcp or a udp listener may set.
 //!
 //! Owns the listener-level defaults and messages; like the rest of `config`, it must not touch the
 //! network. Stops at the first error.
@@ -13,8 +13,8 @@ use super::raw::{RawBackend, RawListener};
 use super::{
     format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
     Protocol, ADDRESS_EXPECTED, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_QUEUE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_TCP_KEEPALIVE, MAX_TCP_KEEPALIVE,
+    DEFAULT_MAX_FLOWS, DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT, MAX_TCP_KEEPALIVE,
 };
 use crate::balance::{self, HashKey, Policy};
 use crate::proxy_protocol;
@@ -28,14 +28,14 @@ pub(super) fn is_valid_name(name: &str) -> bool {
 
 pub(super) fn validate_listener(
     index: usize,
-    raw: RawListener,
+    mut raw: RawListener,
     names: &mut HashMap<String, usize>,
 ) -> Result<Listener, ConfigError> {
     // Until the name is known to be valid and unique, the listener is named by its position.
     let at = format!("listeners[{index}]");
     let name_expected = "expected a unique, non-empty name of letters, digits, '_', '.' and '-'; \
                          it becomes a metrics label";
-    let Some(name) = raw.name else {
+    let Some(name) = raw.name.take() else {
         return Err(invalid(&at, "name", format!("missing ({name_expected})")));
     };
     if !is_valid_name(&name) {
@@ -56,7 +56,7 @@ pub(super) fn validate_listener(
     let scope = format!("listener {name:?}");
     let scope = scope.as_str();
 
-    let Some(bind) = raw.bind else {
+    let Some(bind) = raw.bind.take() else {
         return Err(invalid(
             scope,
             "bind",
@@ -67,26 +67,15 @@ pub(super) fn validate_listener(
 
     let protocol = match raw.protocol.as_deref() {
         None => Protocol::Tcp,
-        Some(s) => match Protocol::from_name(s) {
-            Some(Protocol::Tcp) => Protocol::Tcp,
-            Some(Protocol::Udp) => {
-                return Err(invalid(
-                    scope,
-                    "protocol",
-                    format!("{s:?} is not implemented yet (only \"tcp\" is supported for now)"),
-                ))
-            }
-            None => {
-                return Err(invalid(
-                    scope,
-                    "protocol",
-                    format!(
-                    "{s:?} is not a protocol (expected \"tcp\"; \"udp\" is not implemented yet)"
-                ),
-                ))
-            }
-        },
+        Some(s) => Protocol::from_name(s).ok_or_else(|| {
+            invalid(
+                scope,
+                "protocol",
+                format!("{s:?} is not a protocol (expected \"tcp\" or \"udp\")"),
+            )
+        })?,
     };
+    check_transport_fields(scope, protocol, &raw)?;
 
     let balance = match raw.balance.as_deref() {
         None => Policy::RoundRobin,
@@ -124,13 +113,12 @@ pub(super) fn validate_listener(
         raw.connect_timeout,
         DEFAULT_CONNECT_TIMEOUT,
     )?;
-    // Only TCP gets here (UDP was refused above); UDP flows will need their own default.
-    let idle_timeout = positive_duration(
-        scope,
-        "idle_timeout",
-        raw.idle_timeout,
-        DEFAULT_TCP_IDLE_TIMEOUT,
-    )?;
+    // Accepted and ignored for UDP: connecting a UDP socket only records the peer address.
+    let default_idle = match protocol {
+        Protocol::Tcp => DEFAULT_TCP_IDLE_TIMEOUT,
+        Protocol::Udp => DEFAULT_UDP_IDLE_TIMEOUT,
+    };
+    let idle_timeout = positive_duration(scope, "idle_timeout", raw.idle_timeout, default_idle)?;
 
     let max_connections = match raw.max_connections {
         None => DEFAULT_MAX_CONNECTIONS,
@@ -138,6 +126,18 @@ pub(super) fn validate_listener(
             invalid(
                 scope,
                 "max_connections",
+                format!("{n} must be between 1 and {}", u32::MAX),
+            )
+        })?,
+    };
+
+    // Only a udp listener gets past check_transport_fields with max_flows set.
+    let max_flows = match raw.max_flows {
+        None => DEFAULT_MAX_FLOWS,
+        Some(n) => u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+            invalid(
+                scope,
+                "max_flows",
                 format!("{n} must be between 1 and {}", u32::MAX),
             )
         })?,
@@ -175,7 +175,10 @@ pub(super) fn validate_listener(
         raw.proxy_protocol_timeout,
         DEFAULT_PROXY_PROTOCOL_TIMEOUT,
     )?;
-    let health = raw.health.map(|h| validate_health(scope, h)).transpose()?;
+    let health = raw
+        .health
+        .map(|h| validate_health(scope, protocol, h))
+        .transpose()?;
     let passive = validate_passive(scope, raw.passive.unwrap_or_default())?;
 
     Ok(Listener {
@@ -188,6 +191,7 @@ pub(super) fn validate_listener(
         connect_timeout,
         idle_timeout,
         max_connections,
+        max_flows,
         access_log,
         drain_timeout,
         tcp_keepalive,
@@ -199,6 +203,79 @@ pub(super) fn validate_listener(
         passive,
         backends,
     })
+}
+
+/// Refuses the settings of the other transport, so that nothing in the file is silently ignored:
+/// `max_flows` on a tcp listener; keepalive, queueing, PROXY protocol and both `max_connections`
+/// on a udp listener (a flow is not a connection: `max_flows` is its limit). `connect_timeout` is
+/// the exception, accepted and ignored for UDP (documented as such). Checked right after
+/// `protocol`, so that a setting of the other transport is reported as such whatever its value.
+fn check_transport_fields(
+    scope: &str,
+    protocol: Protocol,
+    raw: &RawListener,
+) -> Result<(), ConfigError> {
+    let quoted = |s: &Option<String>| s.as_ref().map(|s| format!("{s:?}"));
+    // (field, its value as written if set), in the order of the listener's fields.
+    let set: Vec<(String, Option<String>)> = match protocol {
+        Protocol::Tcp => vec![("max_flows".into(), raw.max_flows.map(|n| n.to_string()))],
+        Protocol::Udp => {
+            let mut set = vec![
+                (
+                    "max_connections".into(),
+                    raw.max_connections.map(|n| n.to_string()),
+                ),
+                ("tcp_keepalive".into(), quoted(&raw.tcp_keepalive)),
+                ("queue_timeout".into(), quoted(&raw.queue_timeout)),
+                ("proxy_protocol".into(), quoted(&raw.proxy_protocol)),
+                (
+                    "accept_proxy_protocol".into(),
+                    raw.accept_proxy_protocol.map(|b| b.to_string()),
+                ),
+                (
+                    "proxy_protocol_timeout".into(),
+                    quoted(&raw.proxy_protocol_timeout),
+                ),
+            ];
+            for (i, b) in raw.backends.iter().flatten().enumerate() {
+                let value = b.max_connections.map(|n| n.to_string());
+                set.push((format!("backends[{i}].max_connections"), value));
+            }
+            set
+        }
+    };
+    let Some((field, value)) = set
+        .into_iter()
+        .find_map(|(field, value)| value.map(|v| (field, v)))
+    else {
+        return Ok(());
+    };
+    let (applies_to, hint) = match protocol {
+        Protocol::Tcp => (
+            "udp",
+            "; tcp listeners limit connections with max_connections",
+        ),
+        Protocol::Udp if field.ends_with("max_connections") => {
+            ("tcp", "; udp listeners limit flows with max_flows")
+        }
+        Protocol::Udp => ("tcp", ""),
+    };
+    let default = if raw.protocol.is_none() {
+        ", the default"
+    } else {
+        ""
+    };
+    // "max_connections" for a backend's too: the field itself is named in front of the message.
+    let name = field.rsplit('.').next().unwrap_or(&field);
+    Err(invalid(
+        scope,
+        &field,
+        format!(
+            "{value} is set, but {name} applies to {applies_to} listeners only (this listener's \
+             protocol is \"{}\"{default}{hint})",
+            protocol.name()
+        ),
+    ))
 }
 
 pub(super) fn quoted_list(names: &[&str]) -> String {

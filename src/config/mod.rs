@@ -21,6 +21,8 @@ mod operations_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod udp_tests;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -52,6 +54,11 @@ pub const DEFAULT_ADMIN_BIND: SocketAddr =
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `idle_timeout` of a TCP listener.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `idle_timeout` of a UDP listener: a flow (one client address and port) is forgotten
+/// this long after its last datagram either way. UDP has no close, so this is how flows end.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `max_flows` of a UDP listener.
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 /// Default `max_connections` of a listener.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 /// Default `tcp_keepalive` of a listener: idle time before the first keepalive probe.
@@ -94,7 +101,9 @@ pub struct Admin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,
-    /// Parsed, but refused by validation until UDP is implemented.
+    /// Datagrams, balanced per flow (client address and port): a flow's datagrams all go to one
+    /// backend until it has been idle for `idle_timeout`. The TCP-only settings (keepalive,
+    /// queueing, PROXY protocol, per-backend `max_connections`) are refused on such a listener.
     Udp,
 }
 
@@ -129,9 +138,21 @@ pub struct Listener {
     /// Prime, ≥ 3, greater than the number of backends, ≤ [`crate::balance::MAX_MAGLEV_TABLE_SIZE`].
     /// Validated for every policy, used only by Maglev.
     pub maglev_table_size: u32,
+    /// TCP: how long a backend connect may take. Accepted and ignored for UDP (a UDP "connect"
+    /// only records the peer address; nothing is waited for).
     pub connect_timeout: Duration,
+    /// TCP: a connection without a byte either way for this long is closed (default
+    /// [`DEFAULT_TCP_IDLE_TIMEOUT`]). UDP: a flow without a datagram either way for this long is
+    /// forgotten and its backend socket closed (default [`DEFAULT_UDP_IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
+    /// TCP only: the most client connections open at once (refused in a udp listener's file,
+    /// where `max_flows` is the limit; left at the default there).
     pub max_connections: u32,
+    /// UDP only: the most flows this listener keeps at once (each worker takes an equal share;
+    /// the least recently used flow is evicted beyond it), ≥ 1. Each flow holds one connected UDP
+    /// socket to its backend, so the fd limit must exceed it. Default [`DEFAULT_MAX_FLOWS`].
+    /// Refused in a tcp listener's file; set to the default and ignored there.
+    pub max_flows: u32,
     /// One info line per closed connection. Default false.
     pub access_log: bool,
     /// What happens to the open connections of a listener or backend removed by a reload:
@@ -151,7 +172,9 @@ pub struct Listener {
     /// Default `None` (off).
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// Expect a PROXY protocol header (v1 or v2) from an upstream balancer on every client
-    /// connection. Default false.
+    /// connection. Default false. TCP only, like `proxy_protocol`, `tcp_keepalive`,
+    /// `queue_timeout` and `proxy_protocol_timeout`: on a udp listener these keep their defaults
+    /// and setting any of them in the file is an error.
     pub accept_proxy_protocol: bool,
     /// How long to wait for that header; > 0. Validated always, used only with
     /// `accept_proxy_protocol`. Default [`DEFAULT_PROXY_PROTOCOL_TIMEOUT`].
@@ -174,7 +197,7 @@ pub struct BackendConfig {
     pub weight: u32,
     /// The most connections open to this backend at once; ≥ 1. `None` (the default): no limit.
     /// Pickers skip a full backend; when all eligible backends are full, new clients queue for
-    /// up to the listener's `queue_timeout`.
+    /// up to the listener's `queue_timeout`. TCP only: always `None` on a udp listener.
     pub max_connections: Option<u32>,
 }
 
@@ -233,33 +256,47 @@ impl Config {
                     l.maglev_table_size
                 );
             }
-            let _ = writeln!(
-                out,
-                "\n  connect_timeout {}, idle_timeout {}, max_connections {}, access_log {}",
-                format_duration(l.connect_timeout),
-                format_duration(l.idle_timeout),
-                l.max_connections,
-                if l.access_log { "on" } else { "off" }
-            );
-            let _ = writeln!(
-                out,
-                "  drain_timeout {}, tcp_keepalive {}, queue_timeout {}, proxy_protocol {}, \
-                 accept_proxy_protocol {}",
-                l.drain_timeout
-                    .map_or("unlimited".to_string(), format_duration),
-                l.tcp_keepalive.map_or("off".to_string(), format_duration),
-                format_duration(l.queue_timeout),
-                l.proxy_protocol.map_or("off", |v| v.name()),
-                if l.accept_proxy_protocol {
-                    format!("on (timeout {})", format_duration(l.proxy_protocol_timeout))
-                } else {
-                    "off".to_string()
-                }
-            );
-            let health = l
-                .health
-                .as_ref()
-                .map_or("off".to_string(), |h| h.describe());
+            let access_log = if l.access_log { "on" } else { "off" };
+            let drain_timeout = l
+                .drain_timeout
+                .map_or("unlimited".to_string(), format_duration);
+            let health = match (&l.health, l.protocol) {
+                (None, _) => "off".to_string(),
+                (Some(h), Protocol::Tcp) => h.describe(),
+                (Some(h), Protocol::Udp) => format!("udp {}", h.describe()),
+            };
+            if l.protocol == Protocol::Udp {
+                // Only what applies to UDP: the TCP-only settings cannot be set on it.
+                let _ = writeln!(
+                    out,
+                    "\n  idle_timeout {}, max_flows {}, access_log {access_log}, drain_timeout \
+                     {drain_timeout}",
+                    format_duration(l.idle_timeout),
+                    l.max_flows,
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "\n  connect_timeout {}, idle_timeout {}, max_connections {}, access_log \
+                     {access_log}",
+                    format_duration(l.connect_timeout),
+                    format_duration(l.idle_timeout),
+                    l.max_connections,
+                );
+                let _ = writeln!(
+                    out,
+                    "  drain_timeout {drain_timeout}, tcp_keepalive {}, queue_timeout {}, \
+                     proxy_protocol {}, accept_proxy_protocol {}",
+                    l.tcp_keepalive.map_or("off".to_string(), format_duration),
+                    format_duration(l.queue_timeout),
+                    l.proxy_protocol.map_or("off", |v| v.name()),
+                    if l.accept_proxy_protocol {
+                        format!("on (timeout {})", format_duration(l.proxy_protocol_timeout))
+                    } else {
+                        "off".to_string()
+                    }
+                );
+            }
             let _ = writeln!(out, "  health checks: {health}");
             let _ = writeln!(out, "  passive ejection: {}", l.passive.describe());
             for b in &l.backends {

@@ -46,6 +46,7 @@ pub struct RawListener {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
+    pub max_flows: Option<i64>,
     pub access_log: Option<bool>,
     pub drain_timeout: Option<String>,
     pub tcp_keepalive: Option<String>,

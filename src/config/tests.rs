@@ -18,7 +18,7 @@ fn examples() -> Vec<PathBuf> {
 #[test]
 fn every_example_config_loads() {
     let files = examples();
-    assert!(files.len() >= 5, "expected ≥ 5 examples, found {files:?}");
+    assert!(files.len() >= 7, "expected ≥ 7 examples, found {files:?}");
     for file in files {
         let config = Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
         assert!(!config.summary().is_empty());
@@ -46,6 +46,7 @@ fn every_field_appears_in_some_example() {
         "connect_timeout =",
         "idle_timeout =",
         "max_connections =",
+        "max_flows =",
         "access_log =",
         "tcp_keepalive =",
         "queue_timeout =",
@@ -113,6 +114,7 @@ fn defaults_applied() {
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(3600),
         max_connections: 100_000,
+        max_flows: 65_536,
         access_log: false,
         drain_timeout: None,
         tcp_keepalive: Some(Duration::from_secs(60)),
@@ -417,14 +419,9 @@ fn bad_configs_name_listener_field_and_value() {
             vec!["listener \"web\": field \"max_connections\": 0 must be between 1 and 4294967295"],
         ),
         (
-            "udp not implemented yet",
-            web_with("protocol = \"udp\""),
-            vec!["listener \"web\": field \"protocol\": \"udp\" is not implemented yet"],
-        ),
-        (
             "unknown protocol",
             web_with("protocol = \"sctp\""),
-            vec!["listener \"web\": field \"protocol\": \"sctp\" is not a protocol"],
+            vec!["listener \"web\": field \"protocol\": \"sctp\" is not a protocol (expected \"tcp\" or \"udp\")"],
         ),
         (
             "TOML syntax",

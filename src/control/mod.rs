@@ -293,14 +293,13 @@ impl Control {
         );
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
         l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
-        info!(
-            "listener \"{}\": published generation {} ({}/{} backends up)",
-            l.config.name,
-            snap.generation,
-            snap.up_count(),
-            snap.members.len()
-        );
+        let (generation, up, total) = (snap.generation, snap.up_count(), snap.members.len());
+        // Publish first, then say so: a log reader may act on the line at once.
         l.published.store(Arc::new(snap));
+        info!(
+            "listener \"{}\": published generation {generation} ({up}/{total} backends up)",
+            l.config.name
+        );
         moved
     }
 
@@ -419,6 +418,7 @@ fn build_snapshot(
             send_proxy: l.proxy_protocol,
             accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
             drain_timeout: l.drain_timeout,
+            max_flows: l.max_flows,
         },
         tables,
         members,

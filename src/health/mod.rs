@@ -14,13 +14,15 @@ pub mod state;
 mod probe_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod udp_probe_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::balance::hash::{addr_bytes, hash64};
-use crate::config::Listener;
+use crate::config::{Listener, Protocol};
 
 pub use probe::{Outcome, ProbeSpec, Prober};
 pub use state::{Active, Passive};
@@ -41,6 +43,9 @@ pub struct Target {
     pub timeout: Duration,
     pub send: Option<Vec<u8>>,
     pub expect: Option<Vec<u8>>,
+    /// Probe over UDP (the listener's protocol is udp): `send` as a datagram, a reply datagram
+    /// starting with `expect` (both always set then, config validation sees to it).
+    pub udp: bool,
 }
 
 /// The targets of a config: every backend of every listener with a `[listeners.health]` table,
@@ -59,6 +64,7 @@ pub fn targets(listeners: &[Listener]) -> Vec<Target> {
                 timeout: h.timeout,
                 send: h.send.clone(),
                 expect: h.expect.clone(),
+                udp: l.protocol == Protocol::Udp,
             })
         })
         .collect()
@@ -71,6 +77,7 @@ impl Target {
             timeout: self.timeout,
             send: self.send.clone(),
             expect: self.expect.clone(),
+            udp: self.udp,
         }
     }
 

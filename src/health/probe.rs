@@ -6,10 +6,17 @@
 //! (`health/mod.rs`). Every probe's socket is closed when its outcome is reported; nothing
 //! lingers between probes.
 //!
-//! A probe is a TCP connect, then optionally a write of `send`, then optionally a read of
+//! A TCP probe is a connect, then optionally a write of `send`, then optionally a read of
 //! `expect.len()` bytes that must equal `expect`. It closes with a FIN (not a reset; bytes
 //! already received past `expect` are read first), so servers that log resets stay quiet; the
 //! price is one TIME_WAIT entry per probe on this host (no fd).
+//!
+//! A UDP probe (for udp listeners) sends `send` as one datagram from a fresh connected UDP socket
+//! and waits for one reply datagram, which must start with `expect`. The connected socket only
+//! receives from the backend, and being fresh it cannot see a late reply to an earlier probe.
+//! An ICMP port unreachable comes back as `ECONNREFUSED` on that socket ("port unreachable");
+//! silence is "no reply within <timeout>". Both `send` and `expect` are needed: without a reply
+//! UDP tells nothing (config validation requires them).
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read};
@@ -29,10 +36,13 @@ pub struct ProbeSpec {
     pub addr: SocketAddr,
     /// The whole probe (connect, send, reply) must finish within this.
     pub timeout: Duration,
-    /// Written once connected.
+    /// Written once connected (UDP: the datagram sent).
     pub send: Option<Vec<u8>>,
-    /// The reply must start with these bytes (read after `send`, or right after connecting).
+    /// The reply must start with these bytes (read after `send`, or right after connecting;
+    /// UDP: the first reply datagram).
     pub expect: Option<Vec<u8>>,
+    /// A UDP probe: needs both `send` and `expect` (without them it ends at once, down).
+    pub udp: bool,
 }
 
 /// The result of one probe.
@@ -40,7 +50,8 @@ pub struct ProbeSpec {
 pub enum Outcome {
     Up,
     /// Why, for logs and flips: `connect refused`, `timeout after 1s (connecting)`,
-    /// `expected "+PONG", got "-ERR"`, `closed before reply`, ...
+    /// `expected "+PONG", got "-ERR"`, `closed before reply`, `port unreachable` (UDP),
+    /// `no reply within 1s` (UDP), ...
     Down(String),
 }
 
@@ -71,7 +82,12 @@ impl Prober {
         if self.probes.contains_key(&id) || self.finished.iter().any(|(f, _)| *f == id) {
             return;
         }
-        match open(spec.addr) {
+        if spec.udp && (spec.send.is_none() || spec.expect.is_none()) {
+            let why = "a udp probe needs send and expect".to_string();
+            self.finished.push((id, Outcome::Down(why)));
+            return;
+        }
+        match open(spec.addr, spec.udp) {
             Ok(socket) => {
                 self.probes.insert(
                     id,
@@ -81,7 +97,11 @@ impl Prober {
                         timeout: spec.timeout,
                         send: spec.send.clone(),
                         expect: spec.expect.clone(),
-                        phase: Phase::Connecting,
+                        phase: if spec.udp {
+                            Phase::UdpSending
+                        } else {
+                            Phase::Connecting
+                        },
                         got: Vec::new(),
                     },
                 );
@@ -100,7 +120,8 @@ impl Prober {
     pub fn advance(&mut self, now: Instant, max_wait: Duration, out: &mut Vec<(u64, Outcome)>) {
         let reported = out.len();
         out.append(&mut self.finished);
-        self.expire(now, out);
+        // Replies are read before deadlines are enforced: a reply that arrived in time counts
+        // even when this thread comes back late.
         if self.probes.is_empty() {
             if out.len() == reported {
                 std::thread::sleep(max_wait);
@@ -175,12 +196,19 @@ impl Prober {
     }
 }
 
-/// A non-blocking socket with its connect started. The error is a reason for [`Outcome::Down`].
-fn open(addr: SocketAddr) -> Result<Socket, String> {
+/// A non-blocking socket with its connect started (TCP) or done (UDP: that only sets the peer
+/// address, and makes the kernel report the backend's ICMP errors on this socket). The error is
+/// a reason for [`Outcome::Down`].
+fn open(addr: SocketAddr, udp: bool) -> Result<Socket, String> {
+    let (kind, protocol) = if udp {
+        (Type::DGRAM, Protocol::UDP)
+    } else {
+        (Type::STREAM, Protocol::TCP)
+    };
     let socket = Socket::new(
         Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
+        kind.nonblocking(),
+        Some(protocol),
     )
     .map_err(|e| format!("cannot open a socket: {e}"))?;
     match socket.connect(&addr.into()) {
@@ -200,11 +228,27 @@ fn connect_reason(e: &io::Error) -> String {
     }
 }
 
+/// A UDP send or receive error: ICMP errors from the backend's host arrive this way.
+fn udp_reason(e: &io::Error, what: &str) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "port unreachable".to_string(),
+        ErrorKind::HostUnreachable => "host unreachable".to_string(),
+        ErrorKind::NetworkUnreachable => "network unreachable".to_string(),
+        _ => format!("{what} failed: {e}"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Connecting,
-    Sending { written: usize },
+    Sending {
+        written: usize,
+    },
     Reading,
+    /// UDP: the datagram is still to be sent.
+    UdpSending,
+    /// UDP: sent; waiting for the reply datagram.
+    UdpWaiting,
 }
 
 struct Probe {
@@ -214,15 +258,15 @@ struct Probe {
     send: Option<Vec<u8>>,
     expect: Option<Vec<u8>>,
     phase: Phase,
-    /// Reply bytes so far (at most `expect.len()`).
+    /// Reply bytes so far (at most `expect.len()`; UDP: the reply datagram's first bytes).
     got: Vec<u8>,
 }
 
 impl Probe {
     fn interest(&self) -> PollFlags {
         match self.phase {
-            Phase::Connecting | Phase::Sending { .. } => PollFlags::POLLOUT,
-            Phase::Reading => PollFlags::POLLIN,
+            Phase::Connecting | Phase::Sending { .. } | Phase::UdpSending => PollFlags::POLLOUT,
+            Phase::Reading | Phase::UdpWaiting => PollFlags::POLLIN,
         }
     }
 
@@ -268,6 +312,42 @@ impl Probe {
                     }
                 }
                 Phase::Reading => return self.read_reply(),
+                Phase::UdpSending => {
+                    let send = self.send.as_deref().unwrap_or_default();
+                    match self.socket.send(send) {
+                        // A datagram goes out whole or not at all.
+                        Ok(_) => self.phase = Phase::UdpWaiting,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Some(Outcome::Down(udp_reason(&e, "send"))),
+                    }
+                }
+                Phase::UdpWaiting => return self.receive_datagram(),
+            }
+        }
+    }
+
+    /// UDP: the first datagram decides. It is read into `expect.len()` bytes (the kernel drops
+    /// the rest of a longer one), which is all a comparison of the start needs.
+    fn receive_datagram(&mut self) -> Option<Outcome> {
+        let expect = self.expect.as_deref().unwrap_or_default();
+        self.got.resize(expect.len(), 0);
+        loop {
+            match (&self.socket).read(&mut self.got) {
+                Ok(n) => {
+                    self.got.truncate(n);
+                    if self.got == expect {
+                        return Some(Outcome::Up);
+                    }
+                    // Shorter than `expect` (an empty datagram included), or different.
+                    return Some(Outcome::Down(mismatch(expect, &self.got)));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.got.clear();
+                    return None;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Some(Outcome::Down(udp_reason(&e, "receive"))),
             }
         }
     }
@@ -312,6 +392,10 @@ impl Probe {
             Phase::Sending { .. } => "sending".to_string(),
             Phase::Reading if self.got.is_empty() => "waiting for reply".to_string(),
             Phase::Reading => format!("waiting for reply, got \"{}\"", shown(&self.got)),
+            Phase::UdpSending => "sending".to_string(),
+            Phase::UdpWaiting => {
+                return format!("no reply within {}", format_duration(self.timeout))
+            }
         };
         format!("timeout after {} ({during})", format_duration(self.timeout))
     }
@@ -322,6 +406,9 @@ impl Drop for Probe {
     /// that closing sends a FIN: closing with unread data makes the kernel send a reset, which
     /// servers log as an error. Bounded; never blocks (the socket is non-blocking).
     fn drop(&mut self) {
+        if matches!(self.phase, Phase::UdpSending | Phase::UdpWaiting) {
+            return; // closing a UDP socket sends nothing, whatever is queued
+        }
         let mut scratch = [0u8; 1024];
         for _ in 0..64 {
             match (&self.socket).read(&mut scratch) {

@@ -1,6 +1,7 @@
 //! Tests of the [`Prober`] (and the scheduler driving it) over real loopback sockets: bound to
 //! `127.0.0.1:0`, every blocking read and accept with a timeout, helper threads joined so their
-//! panics fail the test. The tests that count open fds run one at a time (`serial`).
+//! panics fail the test. The tests that count open fds run one at a time (`serial`). The UDP
+//! probe's tests (`udp_probe_tests.rs`) share the helpers.
 
 use super::*;
 use std::collections::HashSet;
@@ -11,22 +12,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
 /// Upper bound for anything a test waits for; far above what loopback needs.
-const PATIENCE: Duration = Duration::from_secs(10);
+pub(super) const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Socket-heavy tests in this module take this lock, so fd counts are not disturbed by each
 /// other.
-fn serial() -> MutexGuard<'static, ()> {
+pub(super) fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn open_fds() -> usize {
+pub(super) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 /// Asserts the fd count comes back to at most `before` + a little (other tests in this process
 /// may open a few meanwhile; a leak of one per probe would be hundreds).
-fn assert_no_fd_growth(before: usize, probes: usize) {
+pub(super) fn assert_no_fd_growth(before: usize, probes: usize) {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let now = open_fds();
@@ -47,11 +48,12 @@ fn spec(addr: SocketAddr) -> ProbeSpec {
         timeout: Duration::from_secs(2),
         send: None,
         expect: None,
+        udp: false,
     }
 }
 
 /// Runs one probe to its end.
-fn probe(spec: &ProbeSpec) -> Outcome {
+pub(super) fn probe(spec: &ProbeSpec) -> Outcome {
     let mut prober = Prober::new();
     prober.start(7, spec, Instant::now());
     assert_eq!(prober.in_flight(), 1);
@@ -349,6 +351,7 @@ fn one_thread_probes_a_thousand_targets_within_an_interval() {
             timeout: Duration::from_millis(500),
             send: None,
             expect: None,
+            udp: false,
         })
         .collect();
     let mut sched = Scheduler::new();

@@ -12,6 +12,7 @@ fn target(listener: &str, port: u16) -> Target {
         timeout: Duration::from_millis(500),
         send: None,
         expect: None,
+        udp: false,
     }
 }
 
@@ -272,6 +273,7 @@ fn targets_come_from_listeners_with_health_checks() {
             timeout: Duration::from_millis(250),
             send: Some(b"PING\r\n".to_vec()),
             expect: Some(b"+PONG".to_vec()),
+            udp: false,
         }
     );
 }

@@ -77,6 +77,21 @@ impl AddrTable {
     }
 }
 
+/// Buffers for one in-flight `recvmsg`: the header, its iovec and name point into the same boxed
+/// struct, so they never move while the operation runs.
+struct RecvMem {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    name: libc::sockaddr_storage,
+    buf: Box<[u8]>,
+    /// A recvmsg naming this memory is in flight.
+    busy: bool,
+}
+
+/// Identifies a set of receive buffers created by [`Ring::recv_slots`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvSetId(usize);
+
 /// One io_uring with a backlog for entries that did not fit in the submission queue.
 pub struct Ring {
     ring: IoUring,
@@ -86,6 +101,20 @@ pub struct Ring {
     /// Boxed on purpose: SQEs point into these, so they must not move when the Vec grows.
     #[allow(clippy::vec_box)]
     timespecs: Vec<Box<types::Timespec>>,
+    /// Receive buffer sets (UDP listeners), boxed per slot for stable addresses.
+    #[allow(clippy::vec_box)]
+    recv_sets: Vec<Vec<Box<RecvMem>>>,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // A recvmsg still in flight may be written to by the kernel until its cancellation
+        // completes, which closing the ring does asynchronously: leak such buffers rather than
+        // free memory the kernel may still write.
+        if self.recv_sets.iter().flatten().any(|m| m.busy) {
+            std::mem::forget(std::mem::take(&mut self.recv_sets));
+        }
+    }
 }
 
 impl Ring {
@@ -109,6 +138,7 @@ impl Ring {
             backlog: VecDeque::new(),
             addrs: AddrTable { chunks: Vec::new() },
             timespecs: Vec::new(),
+            recv_sets: Vec::new(),
         })
     }
 
@@ -248,6 +278,79 @@ impl Ring {
             .build()
             .user_data(token.0);
         self.push(e);
+    }
+
+    /// Creates `count` receive buffers of `size` bytes each, owned by the ring for its lifetime.
+    pub fn recv_slots(&mut self, count: usize, size: usize) -> RecvSetId {
+        let set = (0..count)
+            .map(|_| {
+                // SAFETY: msghdr, iovec and sockaddr_storage are plain C structs for which all-zero
+                // bytes are a valid (empty) value; the pointers are filled in by `recvmsg`.
+                let (hdr, iov, name) =
+                    unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
+                Box::new(RecvMem {
+                    hdr,
+                    iov,
+                    name,
+                    buf: vec![0u8; size].into_boxed_slice(),
+                    busy: false,
+                })
+            })
+            .collect();
+        self.recv_sets.push(set);
+        RecvSetId(self.recv_sets.len() - 1)
+    }
+
+    /// Starts a `recvmsg` on `fd` into slot `k` of `set`. Ignored if that slot is busy.
+    pub fn recvmsg(&mut self, fd: RawFd, set: RecvSetId, k: usize, token: Token) {
+        let m = &mut self.recv_sets[set.0][k];
+        if m.busy {
+            return;
+        }
+        m.busy = true;
+        m.iov.iov_base = m.buf.as_mut_ptr().cast();
+        m.iov.iov_len = m.buf.len();
+        m.hdr.msg_name = (&mut m.name as *mut libc::sockaddr_storage).cast();
+        m.hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        m.hdr.msg_iov = &mut m.iov;
+        m.hdr.msg_iovlen = 1;
+        m.hdr.msg_control = std::ptr::null_mut();
+        m.hdr.msg_controllen = 0;
+        m.hdr.msg_flags = 0;
+        let hdr: *mut libc::msghdr = &mut m.hdr;
+        let e = opcode::RecvMsg::new(types::Fd(fd), hdr)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    /// The datagram a completed `recvmsg` of `len` bytes left in slot `k`, and its sender.
+    /// Marks the slot free for the next [`Ring::recvmsg`].
+    pub fn recv_done(
+        &mut self,
+        set: RecvSetId,
+        k: usize,
+        len: usize,
+    ) -> (&[u8], Option<SocketAddr>) {
+        let m = &mut self.recv_sets[set.0][k];
+        m.busy = false;
+        let namelen = m.hdr.msg_namelen;
+        // SAFETY: `name` is a sockaddr_storage the kernel filled for this completed recvmsg (or
+        // left zeroed), `namelen` ≤ its size; SockAddr copies it.
+        let addr = unsafe {
+            socket2::SockAddr::try_init(|storage, len| {
+                std::ptr::copy_nonoverlapping(
+                    (&m.name as *const libc::sockaddr_storage).cast::<u8>(),
+                    storage.cast::<u8>(),
+                    namelen as usize,
+                );
+                *len = namelen;
+                Ok(())
+            })
+        }
+        .ok()
+        .and_then(|((), a)| a.as_socket());
+        (&m.buf[..len.min(m.buf.len())], addr)
     }
 
     /// Submits everything queued and waits for at least `want` completions.

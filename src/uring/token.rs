@@ -33,6 +33,12 @@ pub enum Op {
     AcceptCancel = 15,
     /// Poll for readable on a client that must send a PROXY header first.
     HeaderIn = 16,
+    /// A UDP listener's recvmsg; index = listener index << 8 | buffer slot.
+    UdpRecv = 17,
+    /// Multishot poll on a UDP flow's upstream socket; index = flow slot.
+    UdpPoll = 18,
+    /// Cancel issued while closing a UDP flow.
+    UdpCancel = 19,
 }
 
 impl Op {
@@ -55,6 +61,9 @@ impl Op {
             14 => Cancel,
             15 => AcceptCancel,
             16 => HeaderIn,
+            17 => UdpRecv,
+            18 => UdpPoll,
+            19 => UdpCancel,
             _ => return None,
         })
     }

@@ -14,6 +14,7 @@
 
 pub mod conn;
 mod tcp;
+mod udp;
 
 pub use tcp::keepalive_params;
 
@@ -53,6 +54,8 @@ const TICK: Duration = Duration::from_millis(100);
 const SCAN_MS: u64 = 250;
 /// Back-off before re-arming accept after EMFILE/ENFILE/ENOMEM.
 const ACCEPT_BACKOFF_MS: u64 = 100;
+/// recvmsg operations kept in flight per UDP listener (each with a 64 KiB ring-owned buffer).
+const UDP_RECV_SLOTS: usize = 8;
 
 /// What the runtime tells a worker after start (a reload added or removed a listener).
 pub enum Command {
@@ -123,6 +126,8 @@ pub struct ListenerSpec {
     pub stats: Arc<ListenerStats>,
     /// Whether the client address is needed per connection (hash-based policy).
     pub needs_client_addr: bool,
+    /// A UDP listener (datagrams and flows) rather than TCP.
+    pub udp: bool,
 }
 
 /// Everything a worker needs to run.
@@ -151,11 +156,17 @@ struct Listener {
     removed_at_ms: Option<u64>,
     /// Connections waiting for a backend slot (every eligible backend full), oldest first.
     queue: VecDeque<u32>,
+    /// UDP listeners: receive buffers and flow-list heads.
+    udp: Option<udp::UdpListener>,
 }
 
 impl Listener {
-    fn new(spec: ListenerSpec, worker: usize, index: usize) -> Listener {
+    fn new(spec: ListenerSpec, worker: usize, index: usize, ring: &mut Ring) -> Listener {
+        let udp = spec
+            .udp
+            .then(|| udp::UdpListener::new(ring.recv_slots(UDP_RECV_SLOTS, udp::MAX_DATAGRAM)));
         Listener {
+            udp,
             name: spec.name,
             socket: Some(spec.socket),
             reader: Reader::new(spec.published),
@@ -235,6 +246,9 @@ struct Worker {
     timeouts: Vec<(Duration, TimespecId)>,
     /// Scratch space for peeking at PROXY headers (never held across completions).
     scratch: Box<[u8; MAX_INBOUND]>,
+    /// Scratch space for one UDP datagram (never held across completions).
+    udp_scratch: Box<[u8]>,
+    flows: udp::Flows,
     workers: usize,
     start: Instant,
     now_ms: u64,
@@ -253,7 +267,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         .listeners
         .into_iter()
         .enumerate()
-        .map(|(i, l)| Listener::new(l, shared.id, i))
+        .map(|(i, l)| Listener::new(l, shared.id, i, &mut ring))
         .collect();
     let mut w = Worker {
         id: shared.id,
@@ -266,6 +280,8 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         pool: Vec::new(),
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
+        udp_scratch: vec![0u8; udp::MAX_DATAGRAM].into_boxed_slice(),
+        flows: udp::Flows::default(),
         workers: spec.workers.max(1),
         start: Instant::now(),
         now_ms: 0,
@@ -331,6 +347,7 @@ impl Worker {
                 self.check_stop();
             }
             Some(Op::AcceptCancel) => {}
+            Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel)) => self.on_udp_completion(op, c),
             Some(op) => self.on_conn_completion(op, c),
             None => {}
         }
@@ -349,6 +366,12 @@ impl Worker {
 
     fn arm_accept(&mut self, li: usize) {
         let l = &mut self.listeners[li];
+        if let Some(u) = &l.udp {
+            if u.inflight == 0 {
+                self.arm_udp(li);
+            }
+            return;
+        }
         if let Some(sock) = &l.socket {
             if !l.accepting && !l.paused && !self.draining && l.removed_at_ms.is_none() {
                 self.ring
@@ -362,6 +385,15 @@ impl Worker {
     /// last completion arrives (closing it earlier would leave the kernel accepting into it).
     fn close_listener(&mut self, li: usize) {
         let l = &mut self.listeners[li];
+        if let Some(u) = &l.udp {
+            match (&l.socket, u.inflight) {
+                (Some(sock), n) if n > 0 => self
+                    .ring
+                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0)),
+                _ => l.socket = None,
+            }
+            return;
+        }
         if l.accepting {
             if let Some(sock) = &l.socket {
                 self.ring
@@ -420,12 +452,13 @@ impl Worker {
                     let name = spec.name.clone();
                     let li = match self.listeners.iter().position(Listener::is_tombstone) {
                         Some(i) => {
-                            self.listeners[i] = Listener::new(spec, self.id, i);
+                            self.listeners[i] = Listener::new(spec, self.id, i, &mut self.ring);
                             i
                         }
                         None => {
                             let i = self.listeners.len();
-                            self.listeners.push(Listener::new(spec, self.id, i));
+                            let l = Listener::new(spec, self.id, i, &mut self.ring);
+                            self.listeners.push(l);
                             i
                         }
                     };
@@ -445,6 +478,9 @@ impl Worker {
                         debug!("worker {}: listener \"{name}\" removed", self.id);
                         self.listeners[li].removed_at_ms = Some(self.now_ms);
                         self.close_listener(li);
+                        if self.listeners[li].udp.is_some() {
+                            self.close_all_flows(Some(li));
+                        }
                     }
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -475,6 +511,7 @@ impl Worker {
         if self.now_ms >= self.next_scan_ms {
             self.next_scan_ms = self.now_ms + SCAN_MS;
             self.scan_timeouts();
+            self.expire_flows();
         }
     }
 
@@ -537,6 +574,7 @@ impl Worker {
         }
         if stop >= HARD_STOP && self.hard_stop_at_ms.is_none() {
             self.hard_stop_at_ms = Some(self.now_ms);
+            self.close_all_flows(None);
             for idx in 0..self.slots.len() as u32 {
                 if self.slots[idx as usize].conn.is_some() {
                     self.close_conn(idx, CloseReason::Draining);

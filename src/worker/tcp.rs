@@ -17,6 +17,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Splices (in or out) one flow may do inline before yielding to the ring: 16 × up to 1 MiB.
+const SPLICE_BUDGET: u32 = 32;
+
 impl Worker {
     pub(super) fn token(&self, op: Op, idx: u32) -> Token {
         Token::new(op, idx, self.slots[idx as usize].generation)
@@ -362,7 +365,13 @@ impl Worker {
             }
             Op::PollOut0 => (Dir::Up, conn.flows[0].on_writable(res)),
             Op::PollOut1 => (Dir::Down, conn.flows[1].on_writable(res)),
-            Op::Accept | Op::Tick | Op::Wake | Op::AcceptCancel => return,
+            Op::Accept
+            | Op::Tick
+            | Op::Wake
+            | Op::AcceptCancel
+            | Op::UdpRecv
+            | Op::UdpPoll
+            | Op::UdpCancel => return,
         };
         self.apply(idx, step.0, step.1);
     }
@@ -431,11 +440,17 @@ impl Worker {
         }
     }
 
-    /// Carries out one step of a flow.
+    /// Carries out a flow's steps until it must wait for the ring. Splices run inline as
+    /// non-blocking `splice(2)` calls on this thread (sockets and pipes are non-blocking, so they
+    /// never block): measured on these machines, an `IORING_OP_SPLICE` always goes through an
+    /// io-wq kernel thread, and that hand-off per chunk cost more CPU per connection and per GB
+    /// than the copy-free splice itself. Readiness (POLL_ADD) still comes from the ring.
     fn apply(&mut self, idx: u32, d: Dir, step: Step) {
         let generation = self.slots[idx as usize].generation;
         let tok =
             |up: Op, down: Op| Token::new(if d == Dir::Up { up } else { down }, idx, generation);
+        let now = self.now_ms;
+        let wid = self.id;
         let pool = &mut self.pool;
         let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
             return;
@@ -448,64 +463,90 @@ impl Worker {
             Dir::Down => (backend.as_raw_fd(), conn.client.as_raw_fd()),
         };
         let di = d.index();
-        let fail = match step {
-            Step::PollIn => {
-                release_pipe(pool, &mut conn.pipes[di]);
-                conn.inflight += 1;
-                self.ring
-                    .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
-                None
-            }
-            Step::SpliceIn => {
-                if conn.pipes[di].is_none() {
-                    match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-                        Ok(p) => conn.pipes[di] = Some(p),
-                        Err(e) => debug!("conn {idx}: no pipe: {e}"),
+        let mut step = step;
+        // Chunks moved before yielding to other connections (fairness on a busy stream).
+        let mut budget = SPLICE_BUDGET;
+        let fail = loop {
+            match step {
+                Step::SpliceIn if budget > 0 => {
+                    budget -= 1;
+                    if conn.pipes[di].is_none() {
+                        match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
+                            Ok(p) => conn.pipes[di] = Some(p),
+                            Err(e) => {
+                                debug!("conn {idx}: no pipe: {e}");
+                                break Some(CloseReason::Resource);
+                            }
+                        }
                     }
-                }
-                match conn.pipes[di].as_ref() {
-                    Some(pipe) => {
-                        conn.inflight += 1;
-                        let t = tok(Op::SpliceIn0, Op::SpliceIn1);
-                        self.ring
-                            .splice(src, pipe.write.as_raw_fd(), pipe.capacity, t);
-                        None
+                    let pipe = conn.pipes[di].as_ref().expect("just ensured");
+                    let res = sys::splice(src, pipe.write.as_raw_fd(), pipe.capacity);
+                    if res > 0 {
+                        conn.last_active_ms = now;
                     }
-                    None => Some(CloseReason::Resource),
+                    step = conn.flows[di].on_spliced_in(res);
                 }
-            }
-            Step::SpliceOut(n) => match conn.pipes[di].as_ref() {
-                Some(pipe) => {
+                Step::SpliceOut(n) if budget > 0 => {
+                    let Some(pipe) = conn.pipes[di].as_ref() else {
+                        break Some(CloseReason::Resource);
+                    };
+                    let res = sys::splice(pipe.read.as_raw_fd(), dst, n);
+                    if res > 0 {
+                        conn.last_active_ms = now;
+                        if let Some(m) = &conn.member {
+                            let w = m.worker(wid);
+                            bump(
+                                if d == Dir::Up {
+                                    &w.bytes_up
+                                } else {
+                                    &w.bytes_down
+                                },
+                                res as u64,
+                            );
+                        }
+                    }
+                    step = conn.flows[di].on_spliced_out(res);
+                }
+                Step::SpliceIn => {
+                    // Budget spent with data likely waiting: let the ring report readiness.
+                    conn.flows[di].phase = super::conn::Phase::WaitReadable;
+                    step = Step::PollIn;
+                }
+                Step::SpliceOut(_) => {
+                    conn.flows[di].phase = super::conn::Phase::WaitWritable;
+                    step = Step::PollOut;
+                }
+                Step::PollIn => {
+                    release_pipe(pool, &mut conn.pipes[di]);
                     conn.inflight += 1;
-                    let t = tok(Op::SpliceOut0, Op::SpliceOut1);
-                    self.ring.splice(pipe.read.as_raw_fd(), dst, n, t);
-                    None
+                    self.ring
+                        .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
+                    break None;
                 }
-                None => Some(CloseReason::Resource),
-            },
-            Step::PollOut => {
-                conn.inflight += 1;
-                self.ring
-                    .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
-                None
-            }
-            Step::ShutdownDest => {
-                release_pipe(pool, &mut conn.pipes[di]);
-                let dst_fd = if d == Dir::Up { backend } else { &conn.client };
-                let _ = sys::shutdown_write(dst_fd.as_fd());
-                conn.first_eof.get_or_insert(d);
-                if conn.flows.iter().all(Flow::is_done) {
-                    Some(if conn.first_eof == Some(Dir::Up) {
-                        CloseReason::ClientEof
+                Step::PollOut => {
+                    conn.inflight += 1;
+                    self.ring
+                        .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
+                    break None;
+                }
+                Step::ShutdownDest => {
+                    release_pipe(pool, &mut conn.pipes[di]);
+                    let dst_fd = if d == Dir::Up { backend } else { &conn.client };
+                    let _ = sys::shutdown_write(dst_fd.as_fd());
+                    conn.first_eof.get_or_insert(d);
+                    break if conn.flows.iter().all(Flow::is_done) {
+                        Some(if conn.first_eof == Some(Dir::Up) {
+                            CloseReason::ClientEof
+                        } else {
+                            CloseReason::BackendEof
+                        })
                     } else {
-                        CloseReason::BackendEof
-                    })
-                } else {
-                    None
+                        None
+                    };
                 }
+                Step::SourceFailed(_) => break Some(CloseReason::from_failure(d, true)),
+                Step::DestFailed(_) => break Some(CloseReason::from_failure(d, false)),
             }
-            Step::SourceFailed(_) => Some(CloseReason::from_failure(d, true)),
-            Step::DestFailed(_) => Some(CloseReason::from_failure(d, false)),
         };
         if let Some(reason) = fail {
             self.close_conn(idx, reason);

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod lb;
+pub mod ops;
 pub mod payload;
 pub mod servers;
 

@@ -1,0 +1,473 @@
+//! UDP on a worker: each UDP listener has its own `SO_REUSEPORT` socket here, received with
+//! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
+//! client address) maps each client to a connected upstream socket, whose replies (multishot
+//! poll, then non-blocking `recv` into the worker's scratch buffer) go back to the client from the
+//! listener's socket. Flows expire after `idle_timeout`; `max_flows` bounds the table by evicting
+//! the least recently used flow. Nothing is allocated per datagram.
+//! Must not: block, log per datagram, or free a flow's socket while its poll is in flight.
+
+use super::{Worker, UDP_RECV_SLOTS};
+use crate::backend::{bump, BackendStats};
+use crate::snapshot::Pick;
+use crate::uring::{Completion, Op, RecvSetId, Token};
+use hashbrown::HashMap;
+use log::debug;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Largest datagram forwarded (the UDP maximum over IPv4).
+pub const MAX_DATAGRAM: usize = 65536;
+/// Replies drained from one upstream socket per readiness event (fairness between flows).
+const DRAIN_BATCH: usize = 64;
+const NIL: u32 = u32::MAX;
+
+/// A UDP listener's receive side on one worker.
+pub(super) struct UdpListener {
+    pub set: RecvSetId,
+    /// recvmsg operations in flight.
+    pub inflight: u32,
+    /// Least recently used list of this listener's flows (head = most recent).
+    head: u32,
+    tail: u32,
+    pub flows: u32,
+}
+
+impl UdpListener {
+    pub fn new(set: RecvSetId) -> UdpListener {
+        UdpListener {
+            set,
+            inflight: 0,
+            head: NIL,
+            tail: NIL,
+            flows: 0,
+        }
+    }
+}
+
+/// One client's flow: its upstream socket connected to the chosen backend.
+struct Flow {
+    listener: u32,
+    client: SocketAddr,
+    socket: OwnedFd,
+    member: Arc<BackendStats>,
+    last_active_ms: u64,
+    prev: u32,
+    next: u32,
+    /// Poll and cancel operations in flight.
+    inflight: u8,
+    closing: bool,
+}
+
+struct FlowSlot {
+    generation: u32,
+    flow: Option<Flow>,
+}
+
+/// The worker's UDP flows, all listeners together.
+#[derive(Default)]
+pub(super) struct Flows {
+    map: HashMap<(u32, SocketAddr), u32>,
+    slots: Vec<FlowSlot>,
+    free: Vec<u32>,
+}
+
+impl Worker {
+    /// Starts (or restarts) the listener's recvmsg operations.
+    pub(super) fn arm_udp(&mut self, li: usize) {
+        let l = &mut self.listeners[li];
+        let (Some(sock), Some(u)) = (&l.socket, l.udp.as_mut()) else {
+            return;
+        };
+        if self.draining || l.removed_at_ms.is_some() {
+            return;
+        }
+        for k in 0..UDP_RECV_SLOTS {
+            let tok = Token::new(Op::UdpRecv, ((li as u32) << 8) | k as u32, 0);
+            self.ring.recvmsg(sock.as_raw_fd(), u.set, k, tok);
+        }
+        u.inflight = UDP_RECV_SLOTS as u32;
+    }
+
+    pub(super) fn on_udp_completion(&mut self, op: Op, c: Completion) {
+        match op {
+            Op::UdpRecv => self.on_udp_recv(c),
+            Op::UdpPoll | Op::UdpCancel => self.on_flow_event(op, c),
+            _ => {}
+        }
+    }
+
+    /// A datagram from a client (or the end of a cancelled recvmsg).
+    fn on_udp_recv(&mut self, c: Completion) {
+        let li = (c.token.index() >> 8) as usize;
+        let k = (c.token.index() & 0xff) as usize;
+        let now = self.now_ms;
+        let Some(l) = self.listeners.get_mut(li) else {
+            return;
+        };
+        let Some(u) = l.udp.as_mut() else {
+            return;
+        };
+        let set = u.set;
+        let len = c.result.max(0) as usize;
+        let (payload, client) = self.ring.recv_done(set, k, len);
+        let stopping = self.draining || l.removed_at_ms.is_some();
+        if c.result < 0 || stopping {
+            u.inflight = u.inflight.saturating_sub(1);
+            if stopping || c.result == -libc::ECANCELED {
+                if u.inflight == 0 {
+                    l.socket = None;
+                }
+                return;
+            }
+        }
+        if c.result >= 0 {
+            if let Some(client) = client {
+                // Copy out: the slot is re-armed below and the payload must not alias it.
+                let n = payload.len();
+                self.udp_scratch[..n].copy_from_slice(payload);
+                self.forward_up(li, client, n, now);
+            }
+        }
+        let l = &mut self.listeners[li];
+        if let (Some(sock), Some(_)) = (&l.socket, l.udp.as_ref()) {
+            let tok = Token::new(Op::UdpRecv, c.token.index(), 0);
+            self.ring.recvmsg(sock.as_raw_fd(), set, k, tok);
+        }
+    }
+
+    /// Sends `udp_scratch[..n]` from `client` to its flow's backend, creating the flow if needed.
+    fn forward_up(&mut self, li: usize, client: SocketAddr, n: usize, now: u64) {
+        let key = (li as u32, client);
+        let idx = match self.flows.map.get(&key) {
+            Some(&i) => i,
+            None => match self.open_flow(li, client) {
+                Some(i) => i,
+                None => {
+                    bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+                    return;
+                }
+            },
+        };
+        self.touch(idx, now);
+        let f = self.flows.slots[idx as usize]
+            .flow
+            .as_ref()
+            .expect("mapped flow");
+        let sock = socket2::SockRef::from(&f.socket);
+        match sock.send(&self.udp_scratch[..n]) {
+            Ok(_) => bump(&f.member.worker(self.id).datagrams_up, 1),
+            Err(e) => {
+                let refused = e.raw_os_error() == Some(libc::ECONNREFUSED);
+                debug!(
+                    "udp flow {client} -> {}: send failed: {e}",
+                    f.member.address
+                );
+                if refused {
+                    f.member.connect_failed();
+                }
+                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+                self.close_flow(idx);
+            }
+        }
+    }
+
+    /// Picks a backend for a new client and opens its connected upstream socket.
+    fn open_flow(&mut self, li: usize, client: SocketAddr) -> Option<u32> {
+        let id = self.id;
+        let limit = {
+            let l = &mut self.listeners[li];
+            let snap = l.reader.load();
+            (snap.settings.max_flows as usize).div_ceil(self.workers) as u32
+        };
+        // Full table: evict the least recently used flow of this listener.
+        if self.listeners[li]
+            .udp
+            .as_ref()
+            .is_some_and(|u| u.flows >= limit)
+        {
+            let tail = self.listeners[li].udp.as_ref().map_or(NIL, |u| u.tail);
+            if tail != NIL {
+                bump(&self.listeners[li].stats.worker(id).udp_evicted, 1);
+                self.close_flow(tail);
+            }
+        }
+        let l = &mut self.listeners[li];
+        let snap = l.reader.load();
+        let Pick::Member(mi) = snap.pick(&mut l.pick, Some(&client), &[]) else {
+            bump(&l.stats.worker(id).no_backend, 1);
+            return None;
+        };
+        let member = &snap.members[mi];
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(member.address),
+            socket2::Type::DGRAM.nonblocking().cloexec(),
+            None,
+        )
+        .and_then(|s| s.connect(&member.address.into()).map(|()| s));
+        let sock = match sock {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(
+                    "udp flow {client}: upstream socket to {}: {e}",
+                    member.address
+                );
+                return None;
+            }
+        };
+        let stats = member.stats.clone();
+        bump(&l.stats.worker(id).udp_flows, 1);
+        if let Some(u) = l.udp.as_mut() {
+            u.flows += 1;
+        }
+        let flow = Flow {
+            listener: li as u32,
+            client,
+            socket: sock.into(),
+            member: stats,
+            last_active_ms: self.now_ms,
+            prev: NIL,
+            next: NIL,
+            inflight: 1,
+            closing: false,
+        };
+        let idx = match self.flows.free.pop() {
+            Some(i) => {
+                self.flows.slots[i as usize].flow = Some(flow);
+                i
+            }
+            None => {
+                self.flows.slots.push(FlowSlot {
+                    generation: 0,
+                    flow: Some(flow),
+                });
+                (self.flows.slots.len() - 1) as u32
+            }
+        };
+        self.flows.map.insert((li as u32, client), idx);
+        self.link_front(idx);
+        let slot = &self.flows.slots[idx as usize];
+        let fd = slot.flow.as_ref().expect("just stored").socket.as_raw_fd();
+        let tok = Token::new(Op::UdpPoll, idx, slot.generation);
+        self.ring.poll_multi(fd, libc::POLLIN as u32, tok);
+        Some(idx)
+    }
+
+    /// A flow's upstream socket is readable (replies), or its poll/cancel ended.
+    fn on_flow_event(&mut self, op: Op, c: Completion) {
+        let idx = c.token.index();
+        let Some(slot) = self.flows.slots.get_mut(idx as usize) else {
+            return;
+        };
+        if !c.token.gen_matches(slot.generation) {
+            return;
+        }
+        let Some(f) = slot.flow.as_mut() else {
+            return;
+        };
+        let ended = op == Op::UdpCancel || !c.more();
+        if ended {
+            f.inflight = f.inflight.saturating_sub(1);
+        }
+        if f.closing {
+            if f.inflight == 0 {
+                self.free_flow(idx);
+            }
+            return;
+        }
+        if op == Op::UdpCancel {
+            return;
+        }
+        if c.result >= 0 {
+            self.drain_replies(idx);
+        }
+        let slot = &mut self.flows.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(f) = slot.flow.as_mut() else {
+            return;
+        };
+        if !f.closing && ended {
+            // The multishot poll stopped (error or overflow): re-arm it.
+            f.inflight += 1;
+            let tok = Token::new(Op::UdpPoll, idx, generation);
+            let fd = f.socket.as_raw_fd();
+            self.ring.poll_multi(fd, libc::POLLIN as u32, tok);
+        }
+    }
+
+    /// Forwards pending replies of a flow to its client from the listener's socket.
+    fn drain_replies(&mut self, idx: u32) {
+        let now = self.now_ms;
+        let mut got = false;
+        for _ in 0..DRAIN_BATCH {
+            let Some(f) = self.flows.slots[idx as usize].flow.as_ref() else {
+                return;
+            };
+            let sock = socket2::SockRef::from(&f.socket);
+            let n = match sock.recv(crate::sys::as_uninit(&mut self.udp_scratch[..])) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                        // ICMP port unreachable: the backend is not there (passive health).
+                        f.member.connect_failed();
+                    }
+                    debug!("udp flow {}: upstream {}: {e}", f.client, f.member.address);
+                    self.close_flow(idx);
+                    return;
+                }
+            };
+            let (li, client) = (f.listener as usize, f.client);
+            if let Some(ls) = &self.listeners[li].socket {
+                if ls.send_to(&self.udp_scratch[..n], &client.into()).is_ok() {
+                    bump(&f.member.worker(self.id).datagrams_down, 1);
+                }
+            }
+            got = true;
+        }
+        if got {
+            if let Some(f) = self.flows.slots[idx as usize].flow.as_ref() {
+                f.member.connect_succeeded();
+            }
+            self.touch(idx, now);
+        }
+    }
+
+    /// Removes a flow from the table now; its socket closes once its poll has ended.
+    pub(super) fn close_flow(&mut self, idx: u32) {
+        let generation = self.flows.slots[idx as usize].generation;
+        let Some(f) = self.flows.slots[idx as usize].flow.as_mut() else {
+            return;
+        };
+        if f.closing {
+            return;
+        }
+        f.closing = true;
+        let key = (f.listener, f.client);
+        let li = f.listener as usize;
+        let fd = f.socket.as_raw_fd();
+        let inflight = f.inflight;
+        if inflight > 0 {
+            f.inflight += 1;
+            self.ring
+                .cancel_fd(fd, Token::new(Op::UdpCancel, idx, generation));
+        }
+        self.flows.map.remove(&key);
+        self.unlink(idx);
+        let l = &mut self.listeners[li];
+        if let Some(u) = l.udp.as_mut() {
+            u.flows = u.flows.saturating_sub(1);
+        }
+        l.stats
+            .worker(self.id)
+            .udp_flows
+            .fetch_sub(1, Ordering::Relaxed);
+        if inflight == 0 {
+            self.free_flow(idx);
+        }
+    }
+
+    fn free_flow(&mut self, idx: u32) {
+        let slot = &mut self.flows.slots[idx as usize];
+        slot.flow = None; // closes the socket: nothing in flight names it any more
+        slot.generation = slot.generation.wrapping_add(1);
+        self.flows.free.push(idx);
+    }
+
+    /// Expires idle flows, oldest first, walking each UDP listener's LRU list from its tail.
+    pub(super) fn expire_flows(&mut self) {
+        for li in 0..self.listeners.len() {
+            let l = &mut self.listeners[li];
+            let Some(u) = l.udp.as_ref() else {
+                continue;
+            };
+            let idle = l.reader.load().settings.idle_timeout.as_millis() as u64;
+            let mut cur = u.tail;
+            while cur != NIL {
+                let f = self.flows.slots[cur as usize]
+                    .flow
+                    .as_ref()
+                    .expect("linked flow");
+                if self.now_ms.saturating_sub(f.last_active_ms) < idle {
+                    break;
+                }
+                let prev = f.prev;
+                self.close_flow(cur);
+                cur = prev;
+            }
+        }
+    }
+
+    /// Closes every flow of a listener (listener removed, or hard stop).
+    pub(super) fn close_all_flows(&mut self, li: Option<usize>) {
+        for idx in 0..self.flows.slots.len() as u32 {
+            let matches = self.flows.slots[idx as usize]
+                .flow
+                .as_ref()
+                .is_some_and(|f| !f.closing && li.is_none_or(|l| f.listener as usize == l));
+            if matches {
+                self.close_flow(idx);
+            }
+        }
+    }
+
+    fn touch(&mut self, idx: u32, now: u64) {
+        if let Some(f) = self.flows.slots[idx as usize].flow.as_mut() {
+            f.last_active_ms = now;
+        }
+        self.unlink(idx);
+        self.link_front(idx);
+    }
+
+    fn link_front(&mut self, idx: u32) {
+        let li = self.flows.slots[idx as usize]
+            .flow
+            .as_ref()
+            .expect("flow")
+            .listener as usize;
+        let Some(u) = self.listeners[li].udp.as_mut() else {
+            return;
+        };
+        let old_head = u.head;
+        {
+            let f = self.flows.slots[idx as usize].flow.as_mut().expect("flow");
+            f.prev = NIL;
+            f.next = old_head;
+        }
+        if old_head != NIL {
+            if let Some(h) = self.flows.slots[old_head as usize].flow.as_mut() {
+                h.prev = idx;
+            }
+        } else {
+            u.tail = idx;
+        }
+        u.head = idx;
+    }
+
+    fn unlink(&mut self, idx: u32) {
+        let Some(f) = self.flows.slots[idx as usize].flow.as_mut() else {
+            return;
+        };
+        let (prev, next, li) = (f.prev, f.next, f.listener as usize);
+        f.prev = NIL;
+        f.next = NIL;
+        let Some(u) = self.listeners[li].udp.as_mut() else {
+            return;
+        };
+        if prev != NIL {
+            if let Some(p) = self.flows.slots[prev as usize].flow.as_mut() {
+                p.next = next;
+            }
+        } else if u.head == idx {
+            u.head = next;
+        }
+        if next != NIL {
+            if let Some(n) = self.flows.slots[next as usize].flow.as_mut() {
+                n.prev = prev;
+            }
+        } else if u.tail == idx {
+            u.tail = prev;
+        }
+    }
+}
