@@ -12,7 +12,9 @@ pub mod config;
 pub mod lb;
 pub mod ops;
 pub mod payload;
+pub mod procs;
 pub mod servers;
+pub mod udp;
 
 pub use config::{listener, ringlb_config, LbConfig, Listener, WORKERS};
 pub use lb::{raise_fd_limit, ringlb_bin, run_ringlb, Lb, TempFile};
