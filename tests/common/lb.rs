@@ -118,6 +118,16 @@ impl Lb {
 
     /// Like [`Lb::start`] with extra environment variables (e.g. `RUST_LOG=debug`).
     pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Lb {
+        Lb::spawn(toml, env, None)
+    }
+
+    /// Like [`Lb::start`], with the process's `RLIMIT_NOFILE` (soft and hard) set to `nofile`
+    /// before it starts (for resource-exhaustion tests).
+    pub fn start_with_nofile(toml: &str, nofile: u64) -> Lb {
+        Lb::spawn(toml, &[], Some(nofile))
+    }
+
+    fn spawn(toml: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Lb {
         let config = TempFile::new("ringlb-test", "toml", toml);
         let mut cmd = Command::new(ringlb_bin());
         cmd.arg("run")
@@ -129,6 +139,23 @@ impl Lb {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setrlimit, which is async-signal-safe, on a value on its own stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn ringlb run");
         let stderr = child.stderr.take().expect("stderr");
