@@ -86,9 +86,12 @@ fn fd_exhaustion_backs_off_and_recovers() {
         .iter()
         .filter(|l| l.contains("accept failed"))
         .count();
+    // At most one warning per worker per second.
+    let allowed = 2 * (started.elapsed().as_secs() as usize + 1);
     assert!(
-        warnings <= 8,
-        "{warnings} accept warnings: not rate limited"
+        warnings <= allowed,
+        "{warnings} accept warnings in {:?}: not rate limited",
+        started.elapsed()
     );
 
     // Established connections keep working.
