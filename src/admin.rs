@@ -32,6 +32,8 @@ pub struct ListenerView {
 
 /// Everything the admin endpoint reads.
 pub struct AdminState {
+    /// Set when SIGTERM/SIGINT started draining: not ready any more.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub listeners: Arc<arc_swap::ArcSwap<Vec<ListenerView>>>,
     pub registry: Arc<Registry>,
     /// Per worker: heartbeat (`process_ms()` at its last tick).
@@ -177,6 +179,9 @@ pub fn liveness(state: &AdminState) -> (bool, String) {
 /// Ready = every listener is bound and has at least one backend up.
 pub fn readiness(state: &AdminState) -> (bool, String) {
     let mut problems = Vec::new();
+    if state.draining.load(Ordering::SeqCst) {
+        problems.push("draining: shutting down, listeners closed".to_string());
+    }
     for l in state.listeners.load().iter() {
         if l.bound.is_none() {
             problems.push(format!("listener \"{}\": not bound", l.name));

@@ -63,6 +63,8 @@ pub struct BackendStats {
     workers: Box<[Padded<WorkerCounters>]>,
     /// Written by the control plane only.
     pub control: ControlCounters,
+    /// The health bit of the latest published snapshot (UDP flows re-pick when it drops).
+    up: std::sync::atomic::AtomicBool,
     /// When the backend was removed from its listener by a reload (ms since the process epoch,
     /// +1 so that 0 means "present"). Workers close its connections `drain_timeout` later.
     removed_at: AtomicU64,
@@ -86,7 +88,18 @@ impl BackendStats {
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
             control: ControlCounters::default(),
             removed_at: AtomicU64::new(0),
+            up: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Mirrors the published health bit (control plane, on every publish).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    /// Up in the latest published snapshot.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
     }
 
     /// Marks the backend removed at `now_ms` (ms since the process epoch), or present again.
@@ -195,6 +208,9 @@ pub struct ListenerStats {
     workers: Box<[Padded<ListenerWorkerCounters>]>,
     /// Maglev slots moved by rebuilds (control plane).
     pub slots_moved: AtomicU64,
+    /// Client connections open on the listener across all workers: `max_connections` is a
+    /// listener-wide limit (one shared line written per connection open and close).
+    open: Padded<AtomicU64>,
     /// Round-robin ticket shared by the workers: one relaxed add per pick makes smooth WRR
     /// global across workers (as HAProxy's `roundrobin` is), at the cost of one shared line.
     rr_ticket: Padded<AtomicU64>,
@@ -206,7 +222,26 @@ impl ListenerStats {
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
             slots_moved: AtomicU64::new(0),
             rr_ticket: Padded(AtomicU64::new(0)),
+            open: Padded(AtomicU64::new(0)),
         }
+    }
+
+    /// A client connection opened; returns how many are open now (all workers).
+    pub fn opened(&self) -> u64 {
+        self.open.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A client connection closed; returns how many are open now (all workers).
+    pub fn closed(&self) -> u64 {
+        self.open
+            .0
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1)
+    }
+
+    /// Client connections open now (all workers).
+    pub fn open_now(&self) -> u64 {
+        self.open.0.load(Ordering::Relaxed)
     }
 
     /// Takes the next round-robin ticket.

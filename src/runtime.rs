@@ -90,6 +90,10 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<Socket> {
     }
     // Bursts of datagrams queue here while a worker is busy.
     let _ = s.set_recv_buffer_size(4 << 20);
+    if addr.ip().is_unspecified() {
+        // A wildcard bind must answer from the address each client sent to.
+        sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s), addr.is_ipv6())?;
+    }
     s.bind(&addr.into())?;
     Ok(s)
 }
@@ -262,7 +266,9 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let (req_tx, req_rx) = mpsc::channel::<Request>();
     let control_hb = Arc::new(AtomicU64::new(process_ms()));
     let views = Arc::new(ArcSwap::from_pointee(views));
+    let draining = Arc::new(AtomicBool::new(false));
     let admin_state = Arc::new(AdminState {
+        draining: draining.clone(),
         listeners: views.clone(),
         registry: control.registry.clone(),
         worker_heartbeats: shared.iter().map(|s| s.heartbeat.clone()).collect(),
@@ -312,6 +318,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                 Ok(s) => {
                     if drain_deadline.is_none() {
                         drain_deadline = Some(Instant::now() + drain_timeout);
+                        draining.store(true, Ordering::SeqCst);
                         shared.iter().for_each(|w| w.request_stop(DRAIN));
                         // Say "draining" only once every worker's listening socket is closed.
                         let t0 = Instant::now();

@@ -105,14 +105,6 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
 }
 
-/// Takes ownership of an fd the kernel just returned in a completion (accept).
-pub fn owned_from_completion(fd: RawFd) -> OwnedFd {
-    debug_assert!(fd >= 0);
-    // SAFETY: the caller passes a non-negative accept result: the kernel installed this fd in
-    // our table for us alone, and no other value in the process refers to it yet.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN (reset propagation).
 pub fn set_linger_zero(fd: BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
@@ -187,4 +179,134 @@ pub fn splice(fd_in: RawFd, fd_out: RawFd, len: u32) -> i32 {
     } else {
         n.min(i32::MAX as isize) as i32
     }
+}
+
+/// Asks the kernel to report each datagram's destination address (`IP_PKTINFO` /
+/// `IPV6_RECVPKTINFO`), so replies from a wildcard-bound socket can leave from the address the
+/// client sent to.
+pub fn enable_pktinfo(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    // SAFETY: setsockopt reads sizeof(c_int) bytes from `one`, which lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The destination address carried by an `IP_PKTINFO` / `IPV6_PKTINFO` control message in
+/// `control[..len]` (as filled by `recvmsg`), if any.
+pub fn pktinfo_dst(control: &[u64], len: usize) -> Option<std::net::IpAddr> {
+    let bytes = len.min(std::mem::size_of_val(control));
+    let mut hdr: libc::msghdr = msghdr_zeroed();
+    hdr.msg_control = control.as_ptr() as *mut libc::c_void;
+    hdr.msg_controllen = bytes as _;
+    // SAFETY: `hdr` describes `control[..bytes]`, which the kernel filled with well-formed cmsgs
+    // and which stays borrowed (unchanged) for this function; CMSG_* only walk within it and
+    // every read is bounded by cmsg_len as the kernel wrote it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data as *const libc::in_pktinfo);
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                    return Some(ip.into());
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data as *const libc::in6_pktinfo);
+                    return Some(std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr).into());
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(&hdr, c);
+        }
+    }
+    None
+}
+
+fn msghdr_zeroed() -> libc::msghdr {
+    // SAFETY: msghdr is a plain C struct for which all-zero bytes are a valid empty value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Sends one datagram to `to` from the local address `from` (`sendmsg` with a PKTINFO control
+/// message): the reply path of a wildcard-bound UDP listener. Non-blocking.
+pub fn send_from(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    to: SocketAddr,
+    from: std::net::IpAddr,
+) -> io::Result<usize> {
+    let dst = socket2::SockAddr::from(to);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    let mut hdr = msghdr_zeroed();
+    hdr.msg_name = dst.as_ptr() as *mut libc::c_void;
+    hdr.msg_namelen = dst.len();
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_FIRSTHDR/CMSG_DATA only compute offsets within `control` (64
+    // bytes, 8-aligned, large enough for one in_pktinfo or in6_pktinfo cmsg); we write exactly
+    // one cmsg of the size CMSG_LEN announces. sendmsg reads `hdr`, `iov`, `buf`, `dst` and
+    // `control`, all alive and unaliased for the call.
+    let n = unsafe {
+        match from {
+            std::net::IpAddr::V4(ip) => {
+                hdr.msg_controllen =
+                    libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                let c = libc::CMSG_FIRSTHDR(&hdr);
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+            }
+            std::net::IpAddr::V6(ip) => {
+                hdr.msg_controllen =
+                    libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                let c = libc::CMSG_FIRSTHDR(&hdr);
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len =
+                    libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+            }
+        }
+        libc::sendmsg(fd.as_raw_fd(), &hdr, libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }

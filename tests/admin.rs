@@ -283,3 +283,22 @@ fn access_log_has_one_line_per_connection() {
     assert!(ms < 10_000, "{line}");
     assert_eq!(reason, "\"client EOF\"", "{line}");
 }
+
+/// During a SIGTERM drain the LB is live but not ready: orchestrators stop sending traffic.
+#[test]
+fn readyz_is_503_while_draining() {
+    let backend = EchoServer::start();
+    let mut lb = Lb::start(&ringlb_config([listener("web").backend(backend.addr())]));
+    let admin = lb.admin_addr().expect("admin address");
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    let held = connect(lb.addr("web")); // keeps the drain going
+    let mark = lb.log_len();
+    lb.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(lb.wait_for_log_since(mark, "draining", Duration::from_secs(3)));
+    let (status, body) = http_get(admin, "/readyz");
+    assert_eq!(status, 503, "readyz during drain: {body}");
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(http_get(admin, "/livez").0, 200);
+    drop(held);
+    assert!(lb.wait_exit(Duration::from_secs(5)).is_some());
+}

@@ -123,3 +123,44 @@ fn fd_exhaustion_backs_off_and_recovers() {
         "LB exited"
     );
 }
+
+/// `max_connections` is one limit for the listener across workers: with 2 workers and a limit
+/// of 4, four connections are served whichever worker the kernel hands them to, the fifth waits
+/// in the backlog, and it is served as soon as one of the four closes.
+#[test]
+fn max_connections_is_listener_wide() {
+    let backend = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([listener("web")
+        .backend(backend.addr())
+        .set("max_connections", "4")]));
+    let addr = lb.addr("web");
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..4u8 {
+        let mut s = connect(addr);
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ping(&mut s, 64, i).unwrap_or_else(|e| panic!("connection {i} under the limit: {e}"));
+        held.push(s);
+    }
+    let mut fifth = connect(addr);
+    fifth
+        .set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    assert!(
+        ping(&mut fifth, 64, 9).is_err(),
+        "a fifth connection was served above max_connections = 4"
+    );
+    drop(held.pop());
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // The first ping's bytes are still queued: read them back together with a second one.
+    use std::io::{Read, Write};
+    let mut first = vec![0u8; 64];
+    fifth
+        .read_exact(&mut first)
+        .expect("fifth served after a close");
+    fifth.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    fifth.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+}

@@ -593,3 +593,31 @@ fn dig_through_ringlb_to_dnsmasq() {
         dns.log()
     );
 }
+
+/// A listener bound to 0.0.0.0 answers each client from the address that client sent to
+/// (IP_PKTINFO), so a connected client socket accepts the reply.
+#[test]
+fn wildcard_bind_replies_from_the_address_the_client_used() {
+    let backend = UdpEcho::start("w");
+    let toml = format!(
+        "[runtime]\nworkers = 2\ndrain_timeout = \"1s\"\n[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"w\"\nbind = \"0.0.0.0:0\"\nprotocol = \"udp\"\n\
+         backends = [ {{ address = \"{}\" }} ]\n",
+        backend.addr()
+    );
+    let lb = Lb::start(&toml);
+    let port = lb.addr("w").port();
+    for dst in ["127.0.0.2", "127.0.0.3", "127.0.0.1"] {
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to: std::net::SocketAddr = format!("{dst}:{port}").parse().unwrap();
+        // connect(): the kernel drops datagrams from any other source address.
+        c.connect(to).unwrap();
+        c.send(dst.as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let n = c
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no reply from {to}: {e}"));
+        assert_eq!(&buf[..n], format!("w {dst}").as_bytes());
+    }
+}

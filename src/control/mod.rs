@@ -294,6 +294,9 @@ impl Control {
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
         l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
         let (generation, up, total) = (snap.generation, snap.up_count(), snap.members.len());
+        for m in &snap.members {
+            m.stats.set_up(m.up);
+        }
         // Publish first, then say so: a log reader may act on the line at once.
         l.published.store(Arc::new(snap));
         info!(

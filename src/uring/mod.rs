@@ -21,9 +21,6 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-/// `splice` flags: never block on the pipe; move pages where possible.
-const SPLICE_FLAGS: u32 = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
-
 /// One completion, copied out of the CQ so the ring can be borrowed again while handling it.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {
@@ -33,6 +30,18 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The socket an accept completion installed, owned from here on. None for any other
+    /// completion or a failed accept.
+    pub fn accepted_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        if self.token.op() != Some(Op::Accept) || self.result < 0 {
+            return None;
+        }
+        // SAFETY: a successful accept completion's result is an fd the kernel just installed in
+        // our table for this completion alone; nothing else in the process refers to it yet, and
+        // each completion is handled (and this called) once.
+        Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(self.result) })
+    }
+
     /// True when a multishot operation will post more completions.
     pub fn more(&self) -> bool {
         io_uring::cqueue::more(self.flags)
@@ -83,6 +92,8 @@ struct RecvMem {
     hdr: libc::msghdr,
     iov: libc::iovec,
     name: libc::sockaddr_storage,
+    /// Control messages (the PKTINFO destination address).
+    control: [u64; 8],
     buf: Box<[u8]>,
     /// A recvmsg naming this memory is in flight.
     busy: bool,
@@ -218,15 +229,6 @@ impl Ring {
         self.push(e);
     }
 
-    /// Non-blocking splice of up to `len` bytes between a socket and a pipe (either way).
-    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, token: Token) {
-        let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
-            .flags(SPLICE_FLAGS)
-            .build()
-            .user_data(token.0);
-        self.push(e);
-    }
-
     /// Connect `fd` to `addr`, linked to a timeout. `slot` is the caller's connection index:
     /// the address is copied into the ring's table under that slot, and the caller promises not
     /// to issue another connect for the same slot before this one completes. Two completions
@@ -292,6 +294,7 @@ impl Ring {
                     hdr,
                     iov,
                     name,
+                    control: [0; 8],
                     buf: vec![0u8; size].into_boxed_slice(),
                     busy: false,
                 })
@@ -314,8 +317,8 @@ impl Ring {
         m.hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         m.hdr.msg_iov = &mut m.iov;
         m.hdr.msg_iovlen = 1;
-        m.hdr.msg_control = std::ptr::null_mut();
-        m.hdr.msg_controllen = 0;
+        m.hdr.msg_control = m.control.as_mut_ptr().cast();
+        m.hdr.msg_controllen = std::mem::size_of_val(&m.control) as _;
         m.hdr.msg_flags = 0;
         let hdr: *mut libc::msghdr = &mut m.hdr;
         let e = opcode::RecvMsg::new(types::Fd(fd), hdr)
@@ -324,16 +327,20 @@ impl Ring {
         self.push(e);
     }
 
-    /// The datagram a completed `recvmsg` of `len` bytes left in slot `k`, and its sender.
-    /// Marks the slot free for the next [`Ring::recvmsg`].
+    /// The datagram a completed `recvmsg` of `len` bytes left in slot `k`, its sender, and the
+    /// local address it was sent to (when the socket reports PKTINFO). Marks the slot free for
+    /// the next [`Ring::recvmsg`]. Call it once per recvmsg completion, with that completion's
+    /// set and slot (the token of [`Ring::recv_token`] carries both).
     pub fn recv_done(
         &mut self,
         set: RecvSetId,
         k: usize,
         len: usize,
-    ) -> (&[u8], Option<SocketAddr>) {
+    ) -> (&[u8], Option<SocketAddr>, Option<std::net::IpAddr>) {
         let m = &mut self.recv_sets[set.0][k];
+        debug_assert!(m.busy, "recv_done on a slot with no recvmsg in flight");
         m.busy = false;
+        let local = crate::sys::pktinfo_dst(&m.control, m.hdr.msg_controllen);
         let namelen = m.hdr.msg_namelen;
         // SAFETY: `name` is a sockaddr_storage the kernel filled for this completed recvmsg (or
         // left zeroed), `namelen` ≤ its size; SockAddr copies it.
@@ -350,7 +357,21 @@ impl Ring {
         }
         .ok()
         .and_then(|((), a)| a.as_socket());
-        (&m.buf[..len.min(m.buf.len())], addr)
+        (&m.buf[..len.min(m.buf.len())], addr, local)
+    }
+
+    /// The token of slot `k` of `set`'s recvmsg: the set and slot travel in the index, so a
+    /// completion always finds the buffer it filled.
+    pub fn recv_token(set: RecvSetId, k: usize) -> Token {
+        Token::new(Op::UdpRecv, ((set.0 as u32) << 8) | k as u32, 0)
+    }
+
+    /// The (set, slot) a recvmsg token names.
+    pub fn recv_slot_of(token: Token) -> (RecvSetId, usize) {
+        (
+            RecvSetId((token.index() >> 8) as usize),
+            (token.index() & 0xff) as usize,
+        )
     }
 
     /// Submits everything queued and waits for at least `want` completions.

@@ -18,12 +18,6 @@ pub enum Op {
     /// Poll for readable on the source of a direction (0 = client→backend, 1 = backend→client).
     PollIn0 = 6,
     PollIn1 = 7,
-    /// Splice socket → pipe.
-    SpliceIn0 = 8,
-    SpliceIn1 = 9,
-    /// Splice pipe → socket.
-    SpliceOut0 = 10,
-    SpliceOut1 = 11,
     /// Poll for writable on the destination of a direction.
     PollOut0 = 12,
     PollOut1 = 13,
@@ -52,10 +46,6 @@ impl Op {
             5 => ConnectTimeout,
             6 => PollIn0,
             7 => PollIn1,
-            8 => SpliceIn0,
-            9 => SpliceIn1,
-            10 => SpliceOut0,
-            11 => SpliceOut1,
             12 => PollOut0,
             13 => PollOut1,
             14 => Cancel,
@@ -100,8 +90,8 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let t = Token::new(Op::SpliceOut1, 123_456, (1 << 24) + 7);
-        assert_eq!(t.op(), Some(Op::SpliceOut1));
+        let t = Token::new(Op::PollOut1, 123_456, (1 << 24) + 7);
+        assert_eq!(t.op(), Some(Op::PollOut1));
         assert_eq!(t.index(), 123_456);
         assert_eq!(t.generation(), 7);
         assert!(t.gen_matches((1 << 24) + 7));

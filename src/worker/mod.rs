@@ -54,6 +54,8 @@ const TICK: Duration = Duration::from_millis(100);
 const SCAN_MS: u64 = 250;
 /// Back-off before re-arming accept after EMFILE/ENFILE/ENOMEM.
 const ACCEPT_BACKOFF_MS: u64 = 100;
+/// On drain, a worker with UDP flows stays this long after the last forwarded datagram.
+const UDP_DRAIN_GRACE_MS: u64 = 1000;
 /// recvmsg operations kept in flight per UDP listener (each with a 64 KiB ring-owned buffer).
 const UDP_RECV_SLOTS: usize = 8;
 
@@ -152,19 +154,34 @@ struct Listener {
     paused: bool,
     rearm_at_ms: u64,
     live: u32,
+    /// ASYNC_CANCELs naming the listening socket not yet completed: the socket may only close
+    /// when this is 0 (a queued cancel must not meet a reused fd number).
+    cancels: u32,
     /// Removed by a reload at this worker time (ms): no more accepts; drains.
     removed_at_ms: Option<u64>,
-    /// Connections waiting for a backend slot (every eligible backend full), oldest first.
-    queue: VecDeque<u32>,
+    /// Connections waiting for a backend slot (every eligible backend full), oldest first, as
+    /// (slot, generation): an entry whose connection closed meanwhile is recognised and skipped.
+    queue: VecDeque<(u32, u32)>,
+    /// Connections accepted over max_connections, oldest first, as (slot, generation).
+    held: VecDeque<(u32, u32)>,
     /// UDP listeners: receive buffers and flow-list heads.
     udp: Option<udp::UdpListener>,
 }
 
 impl Listener {
-    fn new(spec: ListenerSpec, worker: usize, index: usize, ring: &mut Ring) -> Listener {
-        let udp = spec
-            .udp
-            .then(|| udp::UdpListener::new(ring.recv_slots(UDP_RECV_SLOTS, udp::MAX_DATAGRAM)));
+    fn new(
+        spec: ListenerSpec,
+        worker: usize,
+        index: usize,
+        ring: &mut Ring,
+        free_sets: &mut Vec<crate::uring::RecvSetId>,
+    ) -> Listener {
+        let udp = spec.udp.then(|| {
+            let set = free_sets
+                .pop()
+                .unwrap_or_else(|| ring.recv_slots(UDP_RECV_SLOTS, udp::MAX_DATAGRAM));
+            udp::UdpListener::new(set)
+        });
         Listener {
             udp,
             name: spec.name,
@@ -177,8 +194,10 @@ impl Listener {
             paused: false,
             rearm_at_ms: 0,
             live: 0,
+            cancels: 0,
             removed_at_ms: None,
             queue: VecDeque::new(),
+            held: VecDeque::new(),
         }
     }
 
@@ -195,6 +214,9 @@ enum Stage {
     Header,
     /// Waiting for a backend slot (deadline = queue timeout).
     Queued,
+    /// Accepted over the listener-wide `max_connections` (another worker took the last
+    /// place): waits, unserved, for a place.
+    Held,
     /// A connect is in flight.
     Connecting,
     /// Both directions are being spliced.
@@ -227,6 +249,8 @@ struct Conn {
     opened_ms: u64,
     /// Header or queue deadline (worker ms).
     deadline_ms: u64,
+    /// Counted in the listener's shared open count (false while Held).
+    counted: bool,
 }
 
 struct Slot {
@@ -249,6 +273,10 @@ struct Worker {
     /// Scratch space for one UDP datagram (never held across completions).
     udp_scratch: Box<[u8]>,
     flows: udp::Flows,
+    /// Receive buffer sets of closed UDP listeners, reused by the next one.
+    free_recv_sets: Vec<crate::uring::RecvSetId>,
+    /// Per-listener (drain timeout, removed at) for the timeout scan, reused.
+    scan_buf: Vec<(Option<u64>, Option<u64>)>,
     workers: usize,
     start: Instant,
     now_ms: u64,
@@ -267,7 +295,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         .listeners
         .into_iter()
         .enumerate()
-        .map(|(i, l)| Listener::new(l, shared.id, i, &mut ring))
+        .map(|(i, l)| Listener::new(l, shared.id, i, &mut ring, &mut Vec::new()))
         .collect();
     let mut w = Worker {
         id: shared.id,
@@ -282,6 +310,8 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         scratch: Box::new([0u8; MAX_INBOUND]),
         udp_scratch: vec![0u8; udp::MAX_DATAGRAM].into_boxed_slice(),
         flows: udp::Flows::default(),
+        free_recv_sets: Vec::new(),
+        scan_buf: Vec::new(),
         workers: spec.workers.max(1),
         start: Instant::now(),
         now_ms: 0,
@@ -322,11 +352,18 @@ impl Worker {
         if !self.draining {
             return false;
         }
-        let closed = self.listeners.iter().all(|l| l.socket.is_none());
+        // TCP listeners are closed; UDP listeners have stopped receiving (their sockets stay
+        // open to send the replies of flows still in flight).
+        let closed = self.listeners.iter().all(|l| match &l.udp {
+            None => l.socket.is_none(),
+            Some(u) => l.socket.is_none() || (u.inflight == 0 && l.cancels == 0),
+        });
         if closed {
             self.shared.listeners_closed.store(true, Ordering::SeqCst);
         }
-        let idle = closed && self.shared.live.load(Ordering::Relaxed) == 0;
+        // Replies to the last datagrams forwarded get a moment to come back.
+        let udp_quiet = self.now_ms >= self.flows.last_activity_ms + UDP_DRAIN_GRACE_MS;
+        let idle = closed && self.shared.live.load(Ordering::Relaxed) == 0 && udp_quiet;
         idle || matches!(self.hard_stop_at_ms, Some(t) if self.now_ms > t + 2000)
     }
 
@@ -346,7 +383,13 @@ impl Worker {
                 self.take_commands();
                 self.check_stop();
             }
-            Some(Op::AcceptCancel) => {}
+            Some(Op::AcceptCancel) => {
+                let li = c.token.index() as usize;
+                if let Some(l) = self.listeners.get_mut(li) {
+                    l.cancels = l.cancels.saturating_sub(1);
+                }
+                self.drop_socket_if_done(li);
+            }
             Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel)) => self.on_udp_completion(op, c),
             Some(op) => self.on_conn_completion(op, c),
             None => {}
@@ -381,26 +424,41 @@ impl Worker {
         }
     }
 
-    /// Stops accepting on a listener: cancels its accept; the socket closes when the accept's
-    /// last completion arrives (closing it earlier would leave the kernel accepting into it).
-    fn close_listener(&mut self, li: usize) {
+    /// Cancels what is in flight on a listener's socket (its accept or its recvmsgs).
+    fn cancel_listener_ops(&mut self, li: usize) {
         let l = &mut self.listeners[li];
-        if let Some(u) = &l.udp {
-            match (&l.socket, u.inflight) {
-                (Some(sock), n) if n > 0 => self
-                    .ring
-                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0)),
-                _ => l.socket = None,
-            }
-            return;
+        if let Some(sock) = &l.socket {
+            l.cancels += 1;
+            self.ring
+                .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
         }
-        if l.accepting {
-            if let Some(sock) = &l.socket {
-                self.ring
-                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
-            }
-        } else {
+    }
+
+    /// Stops accepting (receiving) on a listener; its socket closes once nothing in flight
+    /// names it (closing it earlier would leave the kernel accepting into it).
+    fn close_listener(&mut self, li: usize) {
+        let l = &self.listeners[li];
+        let busy = l.accepting || l.udp.as_ref().is_some_and(|u| u.inflight > 0);
+        if busy {
+            self.cancel_listener_ops(li);
+        }
+        self.drop_socket_if_done(li);
+    }
+
+    /// Closes a stopping listener's socket when no accept, recvmsg or cancel names it.
+    fn drop_socket_if_done(&mut self, li: usize) {
+        let Some(l) = self.listeners.get_mut(li) else {
+            return;
+        };
+        let stopping = self.draining || l.removed_at_ms.is_some();
+        let idle = !l.accepting && l.cancels == 0 && l.udp.as_ref().is_none_or(|u| u.inflight == 0);
+        // A draining UDP listener keeps its socket to send replies until the worker exits.
+        let keep_for_replies = l.udp.is_some() && l.removed_at_ms.is_none();
+        if stopping && idle && !keep_for_replies && l.socket.is_some() {
             l.socket = None;
+            if let Some(u) = &l.udp {
+                self.free_recv_sets.push(u.set);
+            }
         }
     }
 
@@ -410,7 +468,7 @@ impl Worker {
             l.accepting = false;
             if self.draining || l.removed_at_ms.is_some() {
                 // The accept is gone: closing the socket now refuses new SYNs for this worker.
-                l.socket = None;
+                self.drop_socket_if_done(li);
             } else if c.result >= 0 || c.result == -libc::ECANCELED {
                 self.arm_accept(li);
             }
@@ -437,7 +495,9 @@ impl Worker {
             }
             return;
         }
-        let client = sys::owned_from_completion(c.result);
+        let Some(client) = c.accepted_fd() else {
+            return;
+        };
         if self.draining || self.listeners[li].removed_at_ms.is_some() {
             return; // dropped: closed
         }
@@ -452,19 +512,32 @@ impl Worker {
                     let name = spec.name.clone();
                     let li = match self.listeners.iter().position(Listener::is_tombstone) {
                         Some(i) => {
-                            self.listeners[i] = Listener::new(spec, self.id, i, &mut self.ring);
+                            self.listeners[i] = Listener::new(
+                                spec,
+                                self.id,
+                                i,
+                                &mut self.ring,
+                                &mut self.free_recv_sets,
+                            );
                             i
                         }
                         None => {
                             let i = self.listeners.len();
-                            let l = Listener::new(spec, self.id, i, &mut self.ring);
+                            let l = Listener::new(
+                                spec,
+                                self.id,
+                                i,
+                                &mut self.ring,
+                                &mut self.free_recv_sets,
+                            );
                             self.listeners.push(l);
                             i
                         }
                     };
                     debug!("worker {}: listener \"{name}\" added", self.id);
                     if self.draining {
-                        self.listeners[li].socket = None;
+                        self.listeners[li].removed_at_ms = Some(self.now_ms);
+                        self.drop_socket_if_done(li);
                     } else {
                         self.arm_accept(li);
                     }
@@ -499,9 +572,28 @@ impl Worker {
         self.take_commands();
         self.check_stop();
         for li in 0..self.listeners.len() {
+            // max_connections is listener-wide: follow the shared count of open connections,
+            // which other workers' closes lower.
+            let l = &mut self.listeners[li];
+            if l.udp.is_none() && l.removed_at_ms.is_none() {
+                let limit = u64::from(l.reader.load().settings.max_connections);
+                let open = l.stats.open_now();
+                if l.paused && open < limit {
+                    l.paused = false;
+                } else if !l.paused && open >= limit {
+                    l.paused = true;
+                    if l.accepting {
+                        self.cancel_listener_ops(li);
+                    }
+                }
+            }
             let l = &self.listeners[li];
             if !l.accepting && !l.paused && self.now_ms >= l.rearm_at_ms {
                 self.arm_accept(li);
+            }
+            if !self.listeners[li].held.is_empty() {
+                // Places may have freed on other workers since the last try.
+                self.release_held(li);
             }
             if !self.listeners[li].queue.is_empty() {
                 // Slots may have freed on other workers since the last try.
@@ -520,14 +612,12 @@ impl Worker {
     fn scan_timeouts(&mut self) {
         let now_process = process_ms();
         // Per listener: (drain timeout in ms, removed at).
-        let per_listener: Vec<(Option<u64>, Option<u64>)> = self
-            .listeners
-            .iter_mut()
-            .map(|l| {
-                let drain = l.reader.load().settings.drain_timeout;
-                (drain.map(|d| d.as_millis() as u64), l.removed_at_ms)
-            })
-            .collect();
+        let mut per_listener = std::mem::take(&mut self.scan_buf);
+        per_listener.clear();
+        per_listener.extend(self.listeners.iter_mut().map(|l| {
+            let drain = l.reader.load().settings.drain_timeout;
+            (drain.map(|d| d.as_millis() as u64), l.removed_at_ms)
+        }));
         for idx in 0..self.slots.len() as u32 {
             let Some(c) = &self.slots[idx as usize].conn else {
                 continue;
@@ -561,6 +651,7 @@ impl Worker {
                 self.close_conn(idx, r);
             }
         }
+        self.scan_buf = per_listener;
     }
 
     fn check_stop(&mut self) {

@@ -29,7 +29,7 @@ impl Worker {
     pub(super) fn admit(&mut self, li: usize, client: OwnedFd) {
         let l = &mut self.listeners[li];
         let snap = l.reader.load();
-        let limit = (snap.settings.max_connections as usize).div_ceil(self.workers) as u32;
+        let limit = u64::from(snap.settings.max_connections);
         let idle_ms = snap.settings.idle_timeout.as_millis() as u64;
         let accept_proxy = snap.settings.accept_proxy;
         let client_addr = if l.needs_client_addr
@@ -43,14 +43,20 @@ impl Worker {
             None
         };
         l.live += 1;
-        if l.live >= limit && l.accepting && !l.paused {
-            // At our share of max_connections: disarm accept; the kernel backlog holds the rest.
-            l.paused = true;
-            if let Some(sock) = &l.socket {
-                self.ring
-                    .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
-            }
+        let open = l.stats.opened();
+        // Over the listener-wide limit (another worker took the last place first): hold this
+        // connection, unserved, until a place frees, as the kernel backlog would have.
+        let over = open > limit;
+        if over {
+            l.stats.closed();
         }
+        if open >= limit && l.accepting && !l.paused {
+            // At max_connections: disarm accept; the kernel backlog holds the rest. The other
+            // workers see the same shared count when they next accept or tick.
+            l.paused = true;
+            self.cancel_listener_ops(li);
+        }
+        let l = &mut self.listeners[li];
         bump(&l.stats.worker(self.id).accepted, 1);
         bump(&l.stats.worker(self.id).active, 1);
         self.shared.live.fetch_add(1, Ordering::Relaxed);
@@ -76,6 +82,7 @@ impl Worker {
             idle_ms,
             opened_ms: self.now_ms,
             deadline_ms: 0,
+            counted: !over,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -90,6 +97,49 @@ impl Worker {
                 (self.slots.len() - 1) as u32
             }
         };
+        if over {
+            let generation = self.slots[idx as usize].generation;
+            self.slots[idx as usize]
+                .conn
+                .as_mut()
+                .expect("stored")
+                .stage = Stage::Held;
+            self.listeners[li].held.push_back((idx, generation));
+            return;
+        }
+        self.start_conn(li, idx);
+    }
+
+    /// Lets held connections of listener `li` in, oldest first, while places are free.
+    pub(super) fn release_held(&mut self, li: usize) {
+        while let Some(&(idx, generation)) = self.listeners[li].held.front() {
+            let slot = &self.slots[idx as usize];
+            let waiting = slot.generation == generation
+                && slot
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| !c.closing && c.stage == Stage::Held);
+            if !waiting {
+                self.listeners[li].held.pop_front();
+                continue;
+            }
+            let l = &mut self.listeners[li];
+            let limit = u64::from(l.reader.load().settings.max_connections);
+            if l.stats.opened() > limit {
+                l.stats.closed();
+                return;
+            }
+            l.held.pop_front();
+            let conn = self.slots[idx as usize].conn.as_mut().expect("checked");
+            conn.counted = true;
+            conn.stage = Stage::Connecting;
+            self.start_conn(li, idx);
+        }
+    }
+
+    /// Starts serving an admitted connection: PROXY header, queue, or connect.
+    fn start_conn(&mut self, li: usize, idx: u32) {
+        let accept_proxy = self.listeners[li].reader.load().settings.accept_proxy;
         if let Some(t) = accept_proxy {
             let tok = self.token(Op::HeaderIn, idx);
             let conn = self.slots[idx as usize].conn.as_mut().expect("just stored");
@@ -100,7 +150,7 @@ impl Worker {
                 .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
             return;
         }
-        if !self.listeners[li].queue.is_empty() {
+        if self.has_waiting(li) {
             // Others are already waiting for a slot: take a place behind them.
             self.enqueue(idx);
             return;
@@ -193,7 +243,7 @@ impl Worker {
                 }
                 conn.stage = Stage::Connecting;
                 let li = conn.listener as usize;
-                if !self.listeners[li].queue.is_empty() {
+                if self.has_waiting(li) {
                     self.enqueue(idx);
                 } else {
                     self.connect_next(idx);
@@ -202,9 +252,28 @@ impl Worker {
         }
     }
 
+    /// Whether live connections wait in listener `li`'s queue (stale entries at its front, left
+    /// by connections that closed while queued, are dropped here).
+    fn has_waiting(&mut self, li: usize) -> bool {
+        while let Some(&(idx, generation)) = self.listeners[li].queue.front() {
+            let slot = &self.slots[idx as usize];
+            let live = slot.generation == generation
+                && slot
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
+            if live {
+                return true;
+            }
+            self.listeners[li].queue.pop_front();
+        }
+        false
+    }
+
     /// Puts a connection at the back of its listener's queue (every backend full).
     fn enqueue(&mut self, idx: u32) {
         let now = self.now_ms;
+        let generation = self.slots[idx as usize].generation;
         let conn = self.slots[idx as usize].conn.as_mut().expect("live");
         let li = conn.listener as usize;
         if conn.stage != Stage::Queued {
@@ -212,20 +281,22 @@ impl Worker {
             conn.stage = Stage::Queued;
             conn.deadline_ms = now + qt.as_millis() as u64;
         }
-        self.listeners[li].queue.push_back(idx);
+        self.listeners[li].queue.push_back((idx, generation));
     }
 
     /// Gives every queued connection of listener `li`, oldest first, another try.
     pub(super) fn retry_queue(&mut self, li: usize) {
         let n = self.listeners[li].queue.len();
         for _ in 0..n {
-            let Some(idx) = self.listeners[li].queue.pop_front() else {
+            let Some((idx, generation)) = self.listeners[li].queue.pop_front() else {
                 break;
             };
-            let waiting = self.slots[idx as usize]
-                .conn
-                .as_ref()
-                .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
+            let slot = &self.slots[idx as usize];
+            let waiting = slot.generation == generation
+                && slot
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
             if waiting {
                 self.connect_next(idx);
             }
@@ -244,7 +315,13 @@ impl Worker {
         let n = conn.attempts as usize;
         let tried: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize] =
             std::array::from_fn(|i| tried_buf[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
-        let mi = match snap.pick(&mut l.pick, conn.client_addr.as_ref(), &tried[..n]) {
+        let mut picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &tried[..n]);
+        if picked == Pick::None && n > 0 {
+            // Every other backend is out: try an already-tried one again (a transient refusal
+            // of the only backend should not cost the client its connection).
+            picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &[]);
+        }
+        let mi = match picked {
             Pick::Member(i) => i,
             Pick::AllFull if !snap.settings.queue_timeout.is_zero() => {
                 self.enqueue(idx);
@@ -316,8 +393,6 @@ impl Worker {
             return;
         }
         let res = c.result;
-        let now = self.now_ms;
-        let wid = self.id;
         let step = match op {
             Op::Connect => {
                 self.on_connect(idx, res);
@@ -330,39 +405,6 @@ impl Worker {
             Op::ConnectTimeout | Op::Cancel => return,
             Op::PollIn0 => (Dir::Up, conn.flows[0].on_readable(res)),
             Op::PollIn1 => (Dir::Down, conn.flows[1].on_readable(res)),
-            Op::SpliceIn0 | Op::SpliceIn1 => {
-                let d = if op == Op::SpliceIn0 {
-                    Dir::Up
-                } else {
-                    Dir::Down
-                };
-                if res > 0 {
-                    conn.last_active_ms = now;
-                }
-                (d, conn.flows[d.index()].on_spliced_in(res))
-            }
-            Op::SpliceOut0 | Op::SpliceOut1 => {
-                let d = if op == Op::SpliceOut0 {
-                    Dir::Up
-                } else {
-                    Dir::Down
-                };
-                if res > 0 {
-                    conn.last_active_ms = now;
-                    if let Some(m) = &conn.member {
-                        let w = m.worker(wid);
-                        bump(
-                            if d == Dir::Up {
-                                &w.bytes_up
-                            } else {
-                                &w.bytes_down
-                            },
-                            res as u64,
-                        );
-                    }
-                }
-                (d, conn.flows[d.index()].on_spliced_out(res))
-            }
             Op::PollOut0 => (Dir::Up, conn.flows[0].on_writable(res)),
             Op::PollOut1 => (Dir::Down, conn.flows[1].on_writable(res)),
             Op::Accept
@@ -624,8 +666,9 @@ impl Worker {
                 reason.as_str()
             );
         }
-        let limit = (snap.settings.max_connections as usize).div_ceil(self.workers);
+        let limit = u64::from(snap.settings.max_connections);
         let freed_backend = conn.member.is_some();
+        let counted = conn.counted;
         // Pipes still held here may hold bytes that were never forwarded: close them, do not
         // return them to the pool. fds close as `conn` drops.
         drop(conn);
@@ -635,7 +678,16 @@ impl Worker {
             .active
             .fetch_sub(1, Ordering::Relaxed);
         l.live -= 1;
-        if l.paused && (l.live as usize) < limit {
+        let open = if counted {
+            l.stats.closed()
+        } else {
+            l.stats.open_now()
+        };
+        if !l.held.is_empty() && open < limit {
+            self.release_held(li);
+        }
+        let l = &mut self.listeners[li];
+        if open < limit && l.paused {
             l.paused = false;
             self.arm_accept(li);
         }

@@ -9,11 +9,11 @@
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
 use crate::snapshot::Pick;
-use crate::uring::{Completion, Op, RecvSetId, Token};
+use crate::uring::{Completion, Op, RecvSetId, Ring, Token};
 use hashbrown::HashMap;
 use log::debug;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -50,6 +50,9 @@ impl UdpListener {
 struct Flow {
     listener: u32,
     client: SocketAddr,
+    /// The address the client sent to, when the listener is bound to a wildcard address:
+    /// replies must leave from it.
+    local: Option<IpAddr>,
     socket: OwnedFd,
     member: Arc<BackendStats>,
     last_active_ms: u64,
@@ -68,6 +71,9 @@ struct FlowSlot {
 /// The worker's UDP flows, all listeners together.
 #[derive(Default)]
 pub(super) struct Flows {
+    /// Last time (worker ms) any flow forwarded a datagram: draining waits a moment after it so
+    /// replies in flight still reach their clients.
+    pub last_activity_ms: u64,
     map: HashMap<(u32, SocketAddr), u32>,
     slots: Vec<FlowSlot>,
     free: Vec<u32>,
@@ -84,7 +90,7 @@ impl Worker {
             return;
         }
         for k in 0..UDP_RECV_SLOTS {
-            let tok = Token::new(Op::UdpRecv, ((li as u32) << 8) | k as u32, 0);
+            let tok = Ring::recv_token(u.set, k);
             self.ring.recvmsg(sock.as_raw_fd(), u.set, k, tok);
         }
         u.inflight = UDP_RECV_SLOTS as u32;
@@ -100,49 +106,66 @@ impl Worker {
 
     /// A datagram from a client (or the end of a cancelled recvmsg).
     fn on_udp_recv(&mut self, c: Completion) {
-        let li = (c.token.index() >> 8) as usize;
-        let k = (c.token.index() & 0xff) as usize;
-        let now = self.now_ms;
-        let Some(l) = self.listeners.get_mut(li) else {
-            return;
-        };
-        let Some(u) = l.udp.as_mut() else {
-            return;
-        };
-        let set = u.set;
+        let (set, k) = Ring::recv_slot_of(c.token);
         let len = c.result.max(0) as usize;
-        let (payload, client) = self.ring.recv_done(set, k, len);
-        let stopping = self.draining || l.removed_at_ms.is_some();
-        if c.result < 0 || stopping {
-            u.inflight = u.inflight.saturating_sub(1);
-            if stopping || c.result == -libc::ECANCELED {
-                if u.inflight == 0 {
-                    l.socket = None;
-                }
-                return;
-            }
-        }
+        let (payload, client, local) = self.ring.recv_done(set, k, len);
+        // The set identifies the listener (a set is reused only once nothing is in flight).
+        let Some(li) = self
+            .listeners
+            .iter()
+            .position(|l| l.udp.as_ref().is_some_and(|u| u.set == set))
+        else {
+            return;
+        };
+        let now = self.now_ms;
         if c.result >= 0 {
             if let Some(client) = client {
-                // Copy out: the slot is re-armed below and the payload must not alias it.
+                // Copy out: the slot is re-armed below and must not alias what we forward.
                 let n = payload.len();
                 self.udp_scratch[..n].copy_from_slice(payload);
-                self.forward_up(li, client, n, now);
+                self.forward_up(li, client, local, n, now);
             }
         }
         let l = &mut self.listeners[li];
-        if let (Some(sock), Some(_)) = (&l.socket, l.udp.as_ref()) {
-            let tok = Token::new(Op::UdpRecv, c.token.index(), 0);
-            self.ring.recvmsg(sock.as_raw_fd(), set, k, tok);
+        let Some(u) = l.udp.as_mut() else {
+            return;
+        };
+        u.inflight = u.inflight.saturating_sub(1);
+        let stopping = self.draining || l.removed_at_ms.is_some();
+        if stopping {
+            self.drop_socket_if_done(li);
+            return;
+        }
+        if let Some(sock) = &l.socket {
+            u.inflight += 1;
+            self.ring
+                .recvmsg(sock.as_raw_fd(), set, k, Ring::recv_token(set, k));
         }
     }
 
-    /// Sends `udp_scratch[..n]` from `client` to its flow's backend, creating the flow if needed.
-    fn forward_up(&mut self, li: usize, client: SocketAddr, n: usize, now: u64) {
+    /// Sends `udp_scratch[..n]` from `client` to its flow's backend, creating the flow if needed
+    /// (and re-creating it when its backend went down or was removed since).
+    fn forward_up(
+        &mut self,
+        li: usize,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        n: usize,
+        now: u64,
+    ) {
         let key = (li as u32, client);
+        if let Some(&i) = self.flows.map.get(&key) {
+            let stale = self.flows.slots[i as usize]
+                .flow
+                .as_ref()
+                .is_some_and(|f| !f.member.is_up() || f.member.removed_at().is_some());
+            if stale {
+                self.close_flow(i);
+            }
+        }
         let idx = match self.flows.map.get(&key) {
             Some(&i) => i,
-            None => match self.open_flow(li, client) {
+            None => match self.open_flow(li, client, local) {
                 Some(i) => i,
                 None => {
                     bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
@@ -174,7 +197,7 @@ impl Worker {
     }
 
     /// Picks a backend for a new client and opens its connected upstream socket.
-    fn open_flow(&mut self, li: usize, client: SocketAddr) -> Option<u32> {
+    fn open_flow(&mut self, li: usize, client: SocketAddr, local: Option<IpAddr>) -> Option<u32> {
         let id = self.id;
         let limit = {
             let l = &mut self.listeners[li];
@@ -217,6 +240,7 @@ impl Worker {
             }
         };
         let stats = member.stats.clone();
+        stats.inc_active();
         bump(&l.stats.worker(id).udp_flows, 1);
         if let Some(u) = l.udp.as_mut() {
             u.flows += 1;
@@ -224,6 +248,7 @@ impl Worker {
         let flow = Flow {
             listener: li as u32,
             client,
+            local,
             socket: sock.into(),
             member: stats,
             last_active_ms: self.now_ms,
@@ -320,7 +345,12 @@ impl Worker {
             };
             let (li, client) = (f.listener as usize, f.client);
             if let Some(ls) = &self.listeners[li].socket {
-                if ls.send_to(&self.udp_scratch[..n], &client.into()).is_ok() {
+                let data = &self.udp_scratch[..n];
+                let sent = match f.local {
+                    Some(from) => crate::sys::send_from(ls.as_fd(), data, client, from).is_ok(),
+                    None => ls.send_to(data, &client.into()).is_ok(),
+                };
+                if sent {
                     bump(&f.member.worker(self.id).datagrams_down, 1);
                 }
             }
@@ -370,7 +400,9 @@ impl Worker {
 
     fn free_flow(&mut self, idx: u32) {
         let slot = &mut self.flows.slots[idx as usize];
-        slot.flow = None; // closes the socket: nothing in flight names it any more
+        if let Some(f) = slot.flow.take() {
+            f.member.dec_active();
+        } // drops the socket: nothing in flight names it any more
         slot.generation = slot.generation.wrapping_add(1);
         self.flows.free.push(idx);
     }
@@ -413,6 +445,7 @@ impl Worker {
     }
 
     fn touch(&mut self, idx: u32, now: u64) {
+        self.flows.last_activity_ms = now;
         if let Some(f) = self.flows.slots[idx as usize].flow.as_mut() {
             f.last_active_ms = now;
         }
