@@ -286,6 +286,15 @@ impl Registry {
 
     /// Every (listener, stats) known, including backends removed from the config that still
     /// have connections.
+    /// Forgets backends that are no longer configured (`keep` says false) once their last
+    /// connection closed, so removed backends do not stay in the metrics forever.
+    pub fn prune(&self, keep: impl Fn(&str, SocketAddr) -> bool) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(l, a), s| keep(l, *a) || s.active() > 0);
+    }
+
     /// Sorted by listener then address, so scrapes are stable.
     pub fn all(&self) -> Vec<(String, Arc<BackendStats>)> {
         let mut v: Vec<(String, Arc<BackendStats>)> = self

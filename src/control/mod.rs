@@ -306,6 +306,15 @@ impl Control {
         moved
     }
 
+    /// Drops registry entries of backends no longer in any listener and without connections.
+    fn prune_registry(&self) {
+        self.registry.prune(|l, a| {
+            self.listeners
+                .iter()
+                .any(|c| c.config.name == l && c.config.backends.iter().any(|b| b.address == a))
+        });
+    }
+
     /// One pass of health work: start due probes, collect results (waiting up to `wait`), apply
     /// passive ejection, and republish every listener whose health changed.
     fn health_step(&mut self, wait: Duration) {
@@ -329,8 +338,13 @@ pub fn run_thread(
     heartbeat: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) {
+    let mut next_prune = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         heartbeat.store(crate::backend::process_ms(), Ordering::Relaxed);
+        if Instant::now() >= next_prune {
+            next_prune = Instant::now() + Duration::from_secs(10);
+            control.prune_registry();
+        }
         loop {
             match requests.try_recv() {
                 Ok(Request::Reload { reply }) => {
