@@ -514,7 +514,12 @@ impl Worker {
                     budget -= 1;
                     if conn.pipes[di].is_none() {
                         match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-                            Ok(p) => conn.pipes[di] = Some(p),
+                            Ok(p) => {
+                                if (p.capacity as usize) < PIPE_SIZE {
+                                    warn_small_pipe(p.capacity);
+                                }
+                                conn.pipes[di] = Some(p)
+                            }
                             Err(e) => {
                                 debug!("conn {idx}: no pipe: {e}");
                                 break Some(CloseReason::Resource);
@@ -694,6 +699,19 @@ impl Worker {
         if freed_backend && !self.listeners[li].queue.is_empty() {
             self.retry_queue(li);
         }
+    }
+}
+
+/// Warns once per process that the kernel refused 1 MiB pipes (per-user pipe budget:
+/// fs.pipe-user-pages-soft, or fs.pipe-max-size): splicing still works, with more CPU per byte.
+fn warn_small_pipe(capacity: u32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "pipes are {capacity} bytes instead of {PIPE_SIZE}: the kernel refused F_SETPIPE_SZ \
+             (raise fs.pipe-max-size / fs.pipe-user-pages-soft, or run with CAP_SYS_RESOURCE); \
+             splicing continues with more CPU per byte"
+        );
     }
 }
 
