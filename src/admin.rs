@@ -157,6 +157,12 @@ fn age_ms(_state: &AdminState, hb: &AtomicU64) -> u64 {
 
 /// Live = the control thread and every worker ticked recently.
 pub fn liveness(state: &AdminState) -> (bool, String) {
+    liveness_at(state, process_ms())
+}
+
+/// [`liveness`] as seen at `now_ms` (`process_ms()` clock).
+fn liveness_at(state: &AdminState, now_ms: u64) -> (bool, String) {
+    let age_ms = |_: &AdminState, hb: &AtomicU64| now_ms.saturating_sub(hb.load(Ordering::Relaxed));
     let mut problems = Vec::new();
     let stuck = STUCK_AFTER.as_millis() as u64;
     let c = age_ms(state, &state.control_heartbeat);
@@ -555,4 +561,70 @@ pub fn status_json(state: &AdminState) -> String {
 /// Logs where the admin endpoint listens (tests parse this line).
 pub fn log_started(addr: SocketAddr) {
     info!("admin endpoint on http://{addr} (/livez /readyz /metrics /status)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The clock value the tests evaluate liveness at.
+    const NOW: u64 = 1_000_000;
+
+    fn state(worker_ages_ms: &[u64], control_age_ms: u64) -> AdminState {
+        let hb = |age: u64| Arc::new(AtomicU64::new(NOW - age));
+        AdminState {
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            listeners: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
+            registry: Arc::new(Registry::new(worker_ages_ms.len())),
+            worker_heartbeats: worker_ages_ms.iter().map(|&a| hb(a)).collect(),
+            control_heartbeat: hb(control_age_ms),
+            requests: Mutex::new(mpsc::channel().0),
+        }
+    }
+
+    #[test]
+    fn live_while_everything_ticks() {
+        let (ok, text) = liveness_at(&state(&[50, 120], 30), NOW);
+        assert!(ok, "{text}");
+    }
+
+    #[test]
+    fn a_stuck_worker_is_not_live() {
+        let (ok, text) = liveness_at(&state(&[50, 10_000], 30), NOW);
+        assert!(!ok);
+        assert!(text.contains("worker 1 heartbeat"), "{text}");
+    }
+
+    #[test]
+    fn a_stuck_control_thread_is_not_live() {
+        let (ok, text) = liveness_at(&state(&[50], 60_000), NOW);
+        assert!(!ok);
+        assert!(text.contains("control thread"), "{text}");
+    }
+
+    #[test]
+    fn draining_is_not_ready() {
+        let s = state(&[1], 1);
+        assert!(readiness(&s).0);
+        s.draining.store(true, Ordering::SeqCst);
+        let (ok, text) = readiness(&s);
+        assert!(!ok && text.contains("draining"), "{text}");
+    }
+
+    #[test]
+    fn backend_actions_parse() {
+        assert_eq!(
+            parse_backend_action("/backends/web/127.0.0.1:80/drain"),
+            Some(("web".into(), "127.0.0.1:80".parse().unwrap(), true))
+        );
+        assert_eq!(
+            parse_backend_action("/backends/web/%5B::1%5D:80/undrain"),
+            Some(("web".into(), "[::1]:80".parse().unwrap(), false))
+        );
+        assert_eq!(parse_backend_action("/backends/web/nonsense/drain"), None);
+        assert_eq!(
+            parse_backend_action("/backends/web/127.0.0.1:80/kill"),
+            None
+        );
+    }
 }
