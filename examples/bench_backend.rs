@@ -1,26 +1,40 @@
-//! A fast loopback backend for `scripts/bench.sh` (connection-rate and idle workloads).
+//! A fast loopback backend for `scripts/bench.sh`.
 //!
 //! - `reply`: read the request (`--payload` bytes, 64 by default), write a response of the same
 //!   size, then wait for the peer's FIN and close. The client closes first, so TIME_WAIT lands on
 //!   the client side (spread over many source addresses) instead of piling up here.
 //! - `echo`: echo everything back until EOF; used to hold thousands of idle connections.
+//! - `http`: a keep-alive HTTP/1.1 responder for `wrk`: every request (a header block ending in
+//!   an empty line; request bodies are not supported) gets the same small `200 OK`. Pipelined
+//!   requests are answered in order, in one write.
+//! - `udp-echo`: send every datagram back to its source. `--threads` sockets share the port with
+//!   `SO_REUSEPORT`; each thread moves up to 64 datagrams per `recvmmsg`/`sendmmsg` call so that
+//!   the backend is not what limits a datagrams-per-second measurement.
 //!
-//! Every thread runs its own small level-triggered epoll loop over one shared non-blocking
-//! listener (`EPOLLEXCLUSIVE`, so one thread wakes per new connection). 8,000 idle connections
-//! cost a few threads and a few bytes each, not a thread each. This is a benchmark tool: it binds
-//! only what it is told, keeps no limits beyond the fd limit, and runs until it is killed.
+//! TCP modes: every thread runs its own small level-triggered epoll loop over one shared
+//! non-blocking listener (`EPOLLEXCLUSIVE`, so one thread wakes per new connection). 8,000 idle
+//! connections cost a few threads and a few bytes each, not a thread each. This is a benchmark
+//! tool: it binds only loopback addresses it is told, keeps no limits beyond the fd limit, and
+//! runs until it is killed.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use epoll::Epoll;
+use mmsg::Batch;
 use socket2::{Domain, Protocol, Socket, Type};
+
+#[path = "support/epoll.rs"]
+mod epoll;
+#[path = "support/mmsg.rs"]
+mod mmsg;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -28,6 +42,10 @@ enum Mode {
     Reply,
     /// Echo until EOF.
     Echo,
+    /// Answer every HTTP/1.1 request with a fixed small 200 response; keep-alive.
+    Http,
+    /// Echo every UDP datagram to its source.
+    UdpEcho,
 }
 
 #[derive(Parser, Debug)]
@@ -41,7 +59,7 @@ struct Args {
     threads: usize,
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
     mode: Mode,
-    /// Request and response size in `reply` mode, bytes.
+    /// Request and response size in `reply` mode, bytes (unused by the other modes).
     #[arg(long, default_value_t = 64)]
     payload: usize,
 }
@@ -49,6 +67,13 @@ struct Args {
 /// Token of the listener in every thread's epoll set; connections use their slot numbers.
 const LISTENER: u64 = u64::MAX;
 const LISTEN_BACKLOG: i32 = 4096;
+/// What `http` mode answers to every request.
+const HTTP_RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, world\n";
+/// The end of an HTTP request's header block.
+const HTTP_END: &[u8; 4] = b"\r\n\r\n";
+/// Datagrams per `recvmmsg`/`sendmmsg` in `udp-echo` mode.
+const UDP_BATCH: usize = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -60,6 +85,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     raise_nofile_limit();
+    if args.mode == Mode::UdpEcho {
+        return run_udp_echo(&args);
+    }
     let listener = match listen(args.bind) {
         Ok(l) => Arc::new(l),
         Err(e) => {
@@ -118,6 +146,8 @@ enum Phase {
     Drain,
     /// `echo`: echo until EOF.
     Echo,
+    /// `http`: `matched` bytes of `HTTP_END` seen at the end of what was read so far.
+    Http { matched: usize },
 }
 
 struct Conn {
@@ -140,7 +170,10 @@ fn event_loop(listener: &TcpListener, mode: Mode, payload: usize) -> io::Result<
         (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
         LISTENER,
     )?;
-    let response = vec![b'r'; payload];
+    let response = match mode {
+        Mode::Http => HTTP_RESPONSE.to_vec(),
+        _ => vec![b'r'; payload],
+    };
     let mut buf = vec![0u8; 64 * 1024];
     let mut conns: HashMap<u64, Conn> = HashMap::new();
     let mut next_token: u64 = 0;
@@ -194,6 +227,8 @@ fn accept_all(
                 let phase = match mode {
                     Mode::Reply => Phase::Request { got: 0 },
                     Mode::Echo => Phase::Echo,
+                    Mode::Http => Phase::Http { matched: 0 },
+                    Mode::UdpEcho => unreachable!("udp-echo has no TCP listener"),
                 };
                 conns.insert(
                     token,
@@ -255,6 +290,19 @@ fn on_readable(
                     return Next::Keep;
                 }
             }
+            Phase::Http { matched } => {
+                let (requests, matched) = count_requests(&buf[..n], matched);
+                conn.phase = Phase::Http { matched };
+                if requests > 0 {
+                    let out = response.repeat(requests);
+                    if let Next::Close = send(conn, epoll, token, &out) {
+                        return Next::Close;
+                    }
+                    if !conn.pending.is_empty() {
+                        return Next::Keep;
+                    }
+                }
+            }
         }
     }
 }
@@ -299,56 +347,116 @@ fn flush(conn: &mut Conn, epoll: &Epoll, token: u64) -> Next {
     }
 }
 
-/// The few epoll calls this tool needs (nix's `event` feature is not enabled in this package).
-struct Epoll {
-    fd: OwnedFd,
+/// Counts the request ends (`HTTP_END`) in `data`, given that the previous read ended with
+/// `matched` bytes of it; returns the count and how many bytes of it `data` ends with.
+fn count_requests(data: &[u8], mut matched: usize) -> (usize, usize) {
+    let mut requests = 0;
+    for &b in data {
+        if b == HTTP_END[matched] {
+            matched += 1;
+            if matched == HTTP_END.len() {
+                requests += 1;
+                matched = 0;
+            }
+        } else {
+            // The only prefix of "\r\n\r\n" a mismatching byte can start again is "\r".
+            matched = usize::from(b == b'\r');
+        }
+    }
+    (requests, matched)
 }
 
-impl Epoll {
-    fn new() -> io::Result<Self> {
-        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by epoll_create1 and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd })
-    }
+// ---------------------------------------------------------------------------------------------
+// udp-echo
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` is a valid epoll_event on our stack for the duration of the call; the
-        // kernel copies it and keeps no pointer to it.
-        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn add(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
-    }
-
-    fn modify(&self, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
-    }
-
-    /// Blocks until at least one event; returns how many entries of `events` were filled.
-    fn wait(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
-        let max = events.len().min(i32::MAX as usize) as libc::c_int;
-        loop {
-            // SAFETY: `events` is a valid, writable buffer of at least `max` entries that
-            // outlives the call; the kernel writes at most `max` entries into it.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), max, -1) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != ErrorKind::Interrupted {
-                return Err(err);
+fn run_udp_echo(args: &Args) -> ExitCode {
+    let mut sockets = Vec::new();
+    for _ in 0..args.threads.max(1) {
+        match udp_socket(args.bind) {
+            Ok(s) => sockets.push(s),
+            Err(e) => {
+                eprintln!("bench_backend: cannot bind udp {}: {e}", args.bind);
+                return ExitCode::from(1);
             }
         }
+    }
+    eprintln!(
+        "bench_backend: listening on udp {} mode=UdpEcho threads={}",
+        args.bind,
+        sockets.len()
+    );
+    let threads: Vec<_> = sockets
+        .into_iter()
+        .map(|s| thread::spawn(move || udp_echo_loop(&s)))
+        .collect();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("bench_backend: udp echo loop failed: {e}");
+                return ExitCode::from(1);
+            }
+            Err(_) => return ExitCode::from(1),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    // Room for bursts from many flows at once: a drop here would count against the proxy.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Blocks for the first datagram of a batch, takes whatever else is queued (up to the batch),
+/// and sends them all back in one call.
+fn udp_echo_loop(socket: &Socket) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    let mut batch = Batch::new(UDP_BATCH, true);
+    loop {
+        let n = match batch.recv(fd, libc::MSG_WAITFORONE) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut sent = 0;
+        while sent < n {
+            match batch.send(fd, sent, n - sent, 0) {
+                Ok(0) => break,
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // A vanished peer (ICMP unreachable reported on the socket) or a full queue:
+                // drop this datagram, as a real UDP server would, and go on.
+                Err(_) => sent += 1,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_requests;
+
+    #[test]
+    fn counts_requests_across_reads() {
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(count_requests(req, 0), (1, 0));
+        let two: Vec<u8> = [&req[..], &req[..]].concat();
+        assert_eq!(count_requests(&two, 0), (2, 0));
+        // Split inside the terminator, byte by byte.
+        let mut total = 0;
+        let mut matched = 0;
+        for b in two.iter() {
+            let (n, m) = count_requests(std::slice::from_ref(b), matched);
+            total += n;
+            matched = m;
+        }
+        assert_eq!((total, matched), (2, 0));
+        assert_eq!(count_requests(b"a\r\n\r", 0), (0, 3));
+        assert_eq!(count_requests(b"\r\r\n\r\n", 0), (1, 0));
     }
 }

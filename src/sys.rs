@@ -310,3 +310,47 @@ pub fn send_from(
     }
     Ok(n as usize)
 }
+
+/// Receives up to `lens.len()` datagrams in one `recvmmsg(2)` (non-blocking) into consecutive
+/// `slot`-byte pieces of `scratch`; datagram i's length goes to `lens[i]`. Returns how many
+/// arrived (0 never: no datagram is `WouldBlock`).
+pub fn recv_batch(
+    fd: BorrowedFd<'_>,
+    scratch: &mut [u8],
+    slot: usize,
+    lens: &mut [usize],
+) -> io::Result<usize> {
+    const MAX: usize = 16;
+    let n = lens.len().min(MAX).min(scratch.len() / slot.max(1));
+    let mut iovs: [libc::iovec; MAX] = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX];
+    // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid empty value.
+    let mut msgs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        iovs[i].iov_base = scratch[i * slot..].as_mut_ptr().cast();
+        iovs[i].iov_len = slot;
+        msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: each of the `n` headers points at its own iovec, which points at a disjoint
+    // `slot`-byte piece of `scratch`; all of them live and are exclusively ours for the call.
+    let got = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = got as usize;
+    for i in 0..got {
+        lens[i] = msgs[i].msg_len as usize;
+    }
+    Ok(got)
+}

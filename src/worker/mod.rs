@@ -270,7 +270,7 @@ struct Worker {
     timeouts: Vec<(Duration, TimespecId)>,
     /// Scratch space for peeking at PROXY headers (never held across completions).
     scratch: Box<[u8; MAX_INBOUND]>,
-    /// Scratch space for one UDP datagram (never held across completions).
+    /// Scratch space for a batch of UDP datagrams (never held across completions).
     udp_scratch: Box<[u8]>,
     flows: udp::Flows,
     /// Receive buffer sets of closed UDP listeners, reused by the next one.
@@ -308,7 +308,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         pool: Vec::new(),
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
-        udp_scratch: vec![0u8; udp::MAX_DATAGRAM].into_boxed_slice(),
+        udp_scratch: vec![0u8; udp::MAX_DATAGRAM * udp::REPLY_BATCH].into_boxed_slice(),
         flows: udp::Flows::default(),
         free_recv_sets: Vec::new(),
         scan_buf: Vec::new(),

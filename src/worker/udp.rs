@@ -21,6 +21,8 @@ use std::sync::Arc;
 pub const MAX_DATAGRAM: usize = 65536;
 /// Replies drained from one upstream socket per readiness event (fairness between flows).
 const DRAIN_BATCH: usize = 64;
+/// Replies taken per recvmmsg (the worker's UDP scratch holds this many 64 KiB datagrams).
+pub const REPLY_BATCH: usize = 8;
 const NIL: u32 = u32::MAX;
 
 /// A UDP listener's receive side on one worker.
@@ -325,12 +327,19 @@ impl Worker {
     fn drain_replies(&mut self, idx: u32) {
         let now = self.now_ms;
         let mut got = false;
-        for _ in 0..DRAIN_BATCH {
+        let mut lens = [0usize; REPLY_BATCH];
+        for _ in 0..DRAIN_BATCH / REPLY_BATCH {
             let Some(f) = self.flows.slots[idx as usize].flow.as_ref() else {
                 return;
             };
-            let sock = socket2::SockRef::from(&f.socket);
-            let n = match sock.recv(crate::sys::as_uninit(&mut self.udp_scratch[..])) {
+            // One recvmmsg takes every queued reply (up to a batch): no extra recv to learn
+            // that the socket is empty after the usual single reply.
+            let n = match crate::sys::recv_batch(
+                f.socket.as_fd(),
+                &mut self.udp_scratch,
+                MAX_DATAGRAM,
+                &mut lens,
+            ) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -345,16 +354,21 @@ impl Worker {
             };
             let (li, client) = (f.listener as usize, f.client);
             if let Some(ls) = &self.listeners[li].socket {
-                let data = &self.udp_scratch[..n];
-                let sent = match f.local {
-                    Some(from) => crate::sys::send_from(ls.as_fd(), data, client, from).is_ok(),
-                    None => ls.send_to(data, &client.into()).is_ok(),
-                };
-                if sent {
-                    bump(&f.member.worker(self.id).datagrams_down, 1);
+                for (i, &len) in lens[..n].iter().enumerate() {
+                    let data = &self.udp_scratch[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
+                    let sent = match f.local {
+                        Some(from) => crate::sys::send_from(ls.as_fd(), data, client, from).is_ok(),
+                        None => ls.send_to(data, &client.into()).is_ok(),
+                    };
+                    if sent {
+                        bump(&f.member.worker(self.id).datagrams_down, 1);
+                    }
                 }
             }
-            got = true;
+            got |= n > 0;
+            if n < REPLY_BATCH {
+                break;
+            }
         }
         if got {
             if let Some(f) = self.flows.slots[idx as usize].flow.as_ref() {
