@@ -354,3 +354,52 @@ pub fn recv_batch(
     }
     Ok(got)
 }
+
+/// Non-blocking `recv` into `buf`: bytes read (0 = EOF) or -errno.
+pub fn recv_nb(fd: RawFd, buf: &mut [u8]) -> i32 {
+    // SAFETY: recv writes at most buf.len() bytes into `buf`, which is exclusively borrowed for
+    // the call; the fd is kept open by the caller.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        n as i32
+    }
+}
+
+/// Non-blocking `send` of `buf` (no SIGPIPE): bytes sent or -errno.
+pub fn send_nb(fd: RawFd, buf: &[u8]) -> i32 {
+    // SAFETY: send reads buf.len() bytes from `buf`, borrowed for the call; the fd is kept open
+    // by the caller.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        n as i32
+    }
+}
+
+/// Non-blocking `write` of `buf` (into a pipe): bytes written or -errno.
+pub fn write_nb(fd: RawFd, buf: &[u8]) -> i32 {
+    // SAFETY: write reads buf.len() bytes from `buf`, borrowed for the call; the fd is kept open
+    // by the caller.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        n as i32
+    }
+}

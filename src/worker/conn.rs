@@ -61,6 +61,10 @@ pub enum Step {
 /// try reading again at once instead of arming a poll first (saves one round trip per chunk).
 const BULK_HINT: u32 = 16 * 1024;
 
+/// A flow whose last read was smaller than this copies its next message instead of splicing it
+/// (request/response traffic); a stream whose reads are large keeps splicing.
+const COPY_BELOW: u32 = 4 * 1024;
+
 /// One direction of a proxied connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
@@ -122,6 +126,41 @@ impl Flow {
                 Step::PollIn
             }
             e => Step::SourceFailed(e),
+        }
+    }
+
+    /// Small messages are copied (recv into the worker's scratch, send straight on) rather
+    /// than spliced: for a few hundred bytes two copies cost less than moving page references
+    /// through a pipe. A flow copies until a read fills the scratch (a stream), then splices
+    /// until a splice-in comes back small.
+    pub fn wants_copy(&self) -> bool {
+        self.pending == 0 && self.last_in < COPY_BELOW
+    }
+
+    /// A copy step: `read` bytes (0 = EOF, or -errno) were read from the source into the
+    /// worker's scratch (`full`: it filled it) and `sent` of them (or -errno) went straight to
+    /// the destination. The worker has put the bytes not sent into the pipe.
+    pub fn on_copied(&mut self, read: i32, sent: i32, full: bool) -> Step {
+        if read <= 0 {
+            return self.on_spliced_in(read);
+        }
+        if sent < 0 && sent != -libc::EAGAIN && sent != -libc::EINTR {
+            return Step::DestFailed(sent);
+        }
+        let (read, sent) = (read as u32, (sent.max(0) as u32).min(read as u32));
+        self.bytes += u64::from(sent);
+        self.last_in = if full { BULK_HINT } else { read };
+        if sent < read {
+            self.pending = read - sent;
+            self.phase = Phase::WaitWritable;
+            return Step::PollOut;
+        }
+        if full {
+            self.phase = Phase::Reading;
+            Step::SpliceIn
+        } else {
+            self.phase = Phase::WaitReadable;
+            Step::PollIn
         }
     }
 
@@ -289,6 +328,52 @@ mod tests {
             f.on_spliced_out(-libc::EPIPE),
             Step::DestFailed(-libc::EPIPE)
         );
+    }
+
+    #[test]
+    fn small_messages_are_copied_and_streams_spliced() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        assert!(f.wants_copy());
+        assert_eq!(f.on_copied(100, 100, false), Step::PollIn);
+        assert_eq!(f.bytes, 100);
+        // A read that fills the scratch means a stream: splice from now on.
+        f.on_readable(1);
+        assert_eq!(f.on_copied(16384, 16384, true), Step::SpliceIn);
+        assert!(!f.wants_copy());
+        assert_eq!(f.on_spliced_in(8000), Step::SpliceOut(8000));
+        assert_eq!(f.on_spliced_out(8000), Step::PollIn);
+        assert!(!f.wants_copy(), "8 KB reads keep splicing");
+        f.on_readable(1);
+        assert_eq!(f.on_spliced_in(500), Step::SpliceOut(500));
+        assert_eq!(f.on_spliced_out(500), Step::PollIn);
+        assert!(f.wants_copy(), "small reads go back to copying");
+    }
+
+    #[test]
+    fn copy_leftovers_wait_in_the_pipe() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        assert_eq!(f.on_copied(1000, 400, false), Step::PollOut);
+        assert_eq!(f.pending, 600);
+        assert_eq!(f.on_writable(4), Step::SpliceOut(600));
+        assert_eq!(f.on_spliced_out(600), Step::PollIn);
+        assert_eq!(f.bytes, 1000);
+        let mut g = Flow::new();
+        g.start();
+        g.on_readable(1);
+        assert_eq!(g.on_copied(10, -libc::EAGAIN, false), Step::PollOut);
+        assert_eq!(g.pending, 10);
+        let mut h = Flow::new();
+        h.start();
+        h.on_readable(1);
+        assert_eq!(
+            h.on_copied(10, -libc::EPIPE, false),
+            Step::DestFailed(-libc::EPIPE)
+        );
+        assert_eq!(h.on_copied(0, 0, false), Step::ShutdownDest);
     }
 
     #[test]

@@ -54,6 +54,9 @@ const TICK: Duration = Duration::from_millis(100);
 const SCAN_MS: u64 = 250;
 /// Back-off before re-arming accept after EMFILE/ENFILE/ENOMEM.
 const ACCEPT_BACKOFF_MS: u64 = 100;
+/// Size of the worker's copy buffer for small TCP messages: a read that fills it marks a stream,
+/// which is spliced from then on.
+const COPY_BUF: usize = 16 * 1024;
 /// On drain, a worker with UDP flows stays this long after the last forwarded datagram.
 const UDP_DRAIN_GRACE_MS: u64 = 1000;
 /// recvmsg operations kept in flight per UDP listener (each with a 64 KiB ring-owned buffer).
@@ -270,6 +273,8 @@ struct Worker {
     timeouts: Vec<(Duration, TimespecId)>,
     /// Scratch space for peeking at PROXY headers (never held across completions).
     scratch: Box<[u8; MAX_INBOUND]>,
+    /// Scratch space for copying small TCP messages (never holds bytes across calls).
+    copy_buf: Box<[u8]>,
     /// Scratch space for a batch of UDP datagrams (never held across completions).
     udp_scratch: Box<[u8]>,
     flows: udp::Flows,
@@ -308,6 +313,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         pool: Vec::new(),
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
+        copy_buf: vec![0u8; COPY_BUF].into_boxed_slice(),
         udp_scratch: vec![0u8; udp::MAX_DATAGRAM * udp::REPLY_BATCH].into_boxed_slice(),
         flows: udp::Flows::default(),
         free_recv_sets: Vec::new(),

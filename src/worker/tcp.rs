@@ -494,6 +494,7 @@ impl Worker {
         let now = self.now_ms;
         let wid = self.id;
         let pool = &mut self.pool;
+        let copy_buf = &mut self.copy_buf;
         let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
             return;
         };
@@ -510,23 +511,49 @@ impl Worker {
         let mut budget = SPLICE_BUDGET;
         let fail = loop {
             match step {
-                Step::SpliceIn if budget > 0 => {
+                Step::SpliceIn if budget > 0 && conn.flows[di].wants_copy() => {
                     budget -= 1;
-                    if conn.pipes[di].is_none() {
-                        match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-                            Ok(p) => {
-                                if (p.capacity as usize) < PIPE_SIZE {
-                                    warn_small_pipe(p.capacity);
-                                }
-                                conn.pipes[di] = Some(p)
+                    let read = sys::recv_nb(src, &mut copy_buf[..]);
+                    let sent = if read > 0 {
+                        sys::send_nb(dst, &copy_buf[..read as usize])
+                    } else {
+                        0
+                    };
+                    if read > 0 {
+                        conn.last_active_ms = now;
+                        let sent_ok = sent.max(0);
+                        if sent_ok > 0 {
+                            if let Some(m) = &conn.member {
+                                let w = m.worker(wid);
+                                let c = if d == Dir::Up {
+                                    &w.bytes_up
+                                } else {
+                                    &w.bytes_down
+                                };
+                                bump(c, sent_ok as u64);
                             }
-                            Err(e) => {
-                                debug!("conn {idx}: no pipe: {e}");
+                        }
+                        if sent_ok < read && (sent >= 0 || sent == -libc::EAGAIN) {
+                            // The destination took less: the rest waits in a pipe, as a
+                            // splice-in would have left it.
+                            let Some(pipe) = take_pipe(pool, &mut conn.pipes[di]) else {
+                                break Some(CloseReason::Resource);
+                            };
+                            let rest = &copy_buf[sent_ok as usize..read as usize];
+                            if sys::write_nb(pipe.write.as_raw_fd(), rest) != rest.len() as i32 {
                                 break Some(CloseReason::Resource);
                             }
                         }
                     }
-                    let pipe = conn.pipes[di].as_ref().expect("just ensured");
+                    let full = read as usize == copy_buf.len();
+                    step = conn.flows[di].on_copied(read, sent, full);
+                }
+                Step::SpliceIn if budget > 0 => {
+                    budget -= 1;
+                    let Some(pipe) = take_pipe(pool, &mut conn.pipes[di]) else {
+                        debug!("conn {idx}: no pipe");
+                        break Some(CloseReason::Resource);
+                    };
                     let res = sys::splice(src, pipe.write.as_raw_fd(), pipe.capacity);
                     if res > 0 {
                         conn.last_active_ms = now;
@@ -700,6 +727,25 @@ impl Worker {
             self.retry_queue(li);
         }
     }
+}
+
+/// The flow's pipe, taken from the pool (or created) if it holds none.
+fn take_pipe<'a>(pool: &mut Vec<Pipe>, slot: &'a mut Option<Pipe>) -> Option<&'a Pipe> {
+    if slot.is_none() {
+        match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
+            Ok(p) => {
+                if (p.capacity as usize) < PIPE_SIZE {
+                    warn_small_pipe(p.capacity);
+                }
+                *slot = Some(p);
+            }
+            Err(e) => {
+                debug!("no pipe: {e}");
+                return None;
+            }
+        }
+    }
+    slot.as_ref()
 }
 
 /// Warns once per process that the kernel refused 1 MiB pipes (per-user pipe budget:
