@@ -12,8 +12,10 @@
 //! Ownership rule the ring relies on: a connection's fds and pipes are dropped (closed) only in
 //! `finalize`, which runs when the connection has no operation in flight (`inflight == 0`).
 
+mod admission;
 pub mod conn;
 mod tcp;
+mod timers;
 mod udp;
 
 pub use tcp::keepalive_params;
@@ -563,119 +565,6 @@ impl Worker {
                     }
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
-        }
-    }
-
-    // ---- timers and stop -------------------------------------------------------------------
-
-    fn on_tick(&mut self, c: Completion) {
-        if !c.more() {
-            let tick = self.timespec_for(TICK);
-            self.ring.timer(tick, Token::new(Op::Tick, 0, 0));
-        }
-        self.shared.heartbeat.store(process_ms(), Ordering::Relaxed);
-        self.take_commands();
-        self.check_stop();
-        for li in 0..self.listeners.len() {
-            // max_connections is listener-wide: follow the shared count of open connections,
-            // which other workers' closes lower.
-            let l = &mut self.listeners[li];
-            if l.udp.is_none() && l.removed_at_ms.is_none() {
-                let limit = u64::from(l.reader.load().settings.max_connections);
-                let open = l.stats.open_now();
-                if l.paused && open < limit {
-                    l.paused = false;
-                } else if !l.paused && open >= limit {
-                    l.paused = true;
-                    if l.accepting {
-                        self.cancel_listener_ops(li);
-                    }
-                }
-            }
-            let l = &self.listeners[li];
-            if !l.accepting && !l.paused && self.now_ms >= l.rearm_at_ms {
-                self.arm_accept(li);
-            }
-            if !self.listeners[li].held.is_empty() {
-                // Places may have freed on other workers since the last try.
-                self.release_held(li);
-            }
-            if !self.listeners[li].queue.is_empty() {
-                // Slots may have freed on other workers since the last try.
-                self.retry_queue(li);
-            }
-        }
-        if self.now_ms >= self.next_scan_ms {
-            self.next_scan_ms = self.now_ms + SCAN_MS;
-            self.scan_timeouts();
-            self.expire_flows();
-        }
-    }
-
-    /// Closes connections past a deadline: idle timeout, PROXY header or queue timeout, and the
-    /// drain timeout of a removed listener or a removed backend.
-    fn scan_timeouts(&mut self) {
-        let now_process = process_ms();
-        // Per listener: (drain timeout in ms, removed at).
-        let mut per_listener = std::mem::take(&mut self.scan_buf);
-        per_listener.clear();
-        per_listener.extend(self.listeners.iter_mut().map(|l| {
-            let drain = l.reader.load().settings.drain_timeout;
-            (drain.map(|d| d.as_millis() as u64), l.removed_at_ms)
-        }));
-        for idx in 0..self.slots.len() as u32 {
-            let Some(c) = &self.slots[idx as usize].conn else {
-                continue;
-            };
-            if c.closing {
-                continue;
-            }
-            let (drain, listener_removed) = per_listener[c.listener as usize];
-            let reason = match c.stage {
-                Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
-                Stage::Queued if self.now_ms >= c.deadline_ms => Some(CloseReason::QueueTimeout),
-                Stage::Proxying => {
-                    let idle = self.now_ms.saturating_sub(c.last_active_ms) >= c.idle_ms;
-                    let listener_drained = matches!((drain, listener_removed), (Some(d), Some(t)) if self.now_ms >= t + d);
-                    let backend_drained =
-                        match (drain, c.member.as_ref().and_then(|m| m.removed_at())) {
-                            (Some(d), Some(t)) => now_process >= t + d,
-                            _ => false,
-                        };
-                    if idle {
-                        Some(CloseReason::IdleTimeout)
-                    } else if listener_drained || backend_drained {
-                        Some(CloseReason::Draining)
-                    } else {
-                        None
-                    }
-                }
-                _ => None,
-            };
-            if let Some(r) = reason {
-                self.close_conn(idx, r);
-            }
-        }
-        self.scan_buf = per_listener;
-    }
-
-    fn check_stop(&mut self) {
-        let stop = self.shared.stop.load(Ordering::SeqCst);
-        if stop >= DRAIN && !self.draining {
-            self.draining = true;
-            for li in 0..self.listeners.len() {
-                self.close_listener(li);
-            }
-            debug!("worker {}: draining", self.id);
-        }
-        if stop >= HARD_STOP && self.hard_stop_at_ms.is_none() {
-            self.hard_stop_at_ms = Some(self.now_ms);
-            self.close_all_flows(None);
-            for idx in 0..self.slots.len() as u32 {
-                if self.slots[idx as usize].conn.is_some() {
-                    self.close_conn(idx, CloseReason::Draining);
-                }
             }
         }
     }

@@ -1,13 +1,14 @@
-//! A TCP connection's life on its worker: admit (optionally reading the client's PROXY header),
-//! pick and connect (retrying other backends, queueing while every backend is full), send the
-//! PROXY header to the backend, splice both ways by applying `conn.rs` steps, close and free.
+//! A TCP connection's life on its worker: admit (then `admission.rs`: the listener-wide hold,
+//! the client's PROXY header, the backend queue), pick and connect (retrying other backends),
+//! send the PROXY header to the backend, copy or splice both ways by applying `conn.rs` steps,
+//! close and free.
 //! Must not: block, allocate per completion, or log above debug per connection (the access log,
 //! when enabled by the operator, is the one info line per closed connection).
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
 use super::{release_pipe, Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::bump;
-use crate::proxy_protocol::{self, Parsed, MAX_ENCODED};
+use crate::proxy_protocol::{self, MAX_ENCODED};
 use crate::snapshot::Pick;
 use crate::sys::{self, Pipe, PIPE_SIZE};
 use crate::uring::{Completion, Op, Token};
@@ -110,202 +111,9 @@ impl Worker {
         self.start_conn(li, idx);
     }
 
-    /// Lets held connections of listener `li` in, oldest first, while places are free.
-    pub(super) fn release_held(&mut self, li: usize) {
-        while let Some(&(idx, generation)) = self.listeners[li].held.front() {
-            let slot = &self.slots[idx as usize];
-            let waiting = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Held);
-            if !waiting {
-                self.listeners[li].held.pop_front();
-                continue;
-            }
-            let l = &mut self.listeners[li];
-            let limit = u64::from(l.reader.load().settings.max_connections);
-            if l.stats.opened() > limit {
-                l.stats.closed();
-                return;
-            }
-            l.held.pop_front();
-            let conn = self.slots[idx as usize].conn.as_mut().expect("checked");
-            conn.counted = true;
-            conn.stage = Stage::Connecting;
-            self.start_conn(li, idx);
-        }
-    }
-
-    /// Starts serving an admitted connection: PROXY header, queue, or connect.
-    fn start_conn(&mut self, li: usize, idx: u32) {
-        let accept_proxy = self.listeners[li].reader.load().settings.accept_proxy;
-        if let Some(t) = accept_proxy {
-            let tok = self.token(Op::HeaderIn, idx);
-            let conn = self.slots[idx as usize].conn.as_mut().expect("just stored");
-            conn.stage = Stage::Header;
-            conn.deadline_ms = self.now_ms + t.as_millis() as u64;
-            conn.inflight += 1;
-            self.ring
-                .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
-            return;
-        }
-        if self.has_waiting(li) {
-            // Others are already waiting for a slot: take a place behind them.
-            self.enqueue(idx);
-            return;
-        }
-        self.connect_next(idx);
-    }
-
-    /// The client is readable while we wait for its PROXY header: peek, parse, consume.
-    fn on_header(&mut self, idx: u32, res: i32) {
-        if res < 0 {
-            self.close_conn(idx, CloseReason::ClientReset);
-            return;
-        }
-        let conn = self.slots[idx as usize].conn.as_mut().expect("live");
-        let sock = socket2::SockRef::from(&conn.client);
-        let have = conn.header.as_ref().map_or(0, |h| h.len());
-        let room = &mut self.scratch[..proxy_protocol::MAX_INBOUND - have];
-        let n = match sock.peek(as_uninit(room)) {
-            Ok(0) => {
-                self.close_conn(idx, CloseReason::ClientEof);
-                return;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
-                self.close_conn(idx, CloseReason::ClientReset);
-                return;
-            }
-        };
-        let parsed = match conn.header.as_mut() {
-            None => proxy_protocol::parse(&self.scratch[..n]),
-            Some(h) => {
-                let before = h.len();
-                h.extend_from_slice(&self.scratch[..n]);
-                let r = proxy_protocol::parse(h);
-                h.truncate(before);
-                r
-            }
-        };
-        match parsed {
-            Err(bad) => {
-                debug!(
-                    "conn {idx}: bad PROXY header from {:?}: {}",
-                    conn.client_addr, bad.0
-                );
-                self.close_conn(idx, CloseReason::BadProxyHeader);
-            }
-            Ok(Parsed::Incomplete) => {
-                if have + n >= proxy_protocol::MAX_INBOUND {
-                    self.close_conn(idx, CloseReason::BadProxyHeader);
-                    return;
-                }
-                // Every byte so far belongs to the header: consume them, so the next poll
-                // waits for new bytes instead of firing again at once.
-                let mut drained = 0;
-                while drained < n {
-                    match sock.recv(as_uninit(&mut self.scratch[drained..n])) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => drained += k,
-                    }
-                }
-                conn.header
-                    .get_or_insert_with(|| Vec::with_capacity(64))
-                    .extend_from_slice(&self.scratch[..drained]);
-                let tok = self.token(Op::HeaderIn, idx);
-                let conn = self.slots[idx as usize].conn.as_mut().expect("live");
-                conn.inflight += 1;
-                self.ring
-                    .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
-            }
-            Ok(Parsed::Header {
-                len, source, dest, ..
-            }) => {
-                // Consume what is left of the header in the socket; the rest is client data.
-                let mut left = len - have;
-                while left > 0 {
-                    match sock.recv(as_uninit(&mut self.scratch[..left])) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => left -= k,
-                    }
-                }
-                if left > 0 {
-                    self.close_conn(idx, CloseReason::ClientReset);
-                    return;
-                }
-                conn.header = None;
-                if source.is_some() {
-                    conn.client_addr = source;
-                    conn.client_dst = dest;
-                }
-                conn.stage = Stage::Connecting;
-                let li = conn.listener as usize;
-                if self.has_waiting(li) {
-                    self.enqueue(idx);
-                } else {
-                    self.connect_next(idx);
-                }
-            }
-        }
-    }
-
-    /// Whether live connections wait in listener `li`'s queue (stale entries at its front, left
-    /// by connections that closed while queued, are dropped here).
-    fn has_waiting(&mut self, li: usize) -> bool {
-        while let Some(&(idx, generation)) = self.listeners[li].queue.front() {
-            let slot = &self.slots[idx as usize];
-            let live = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
-            if live {
-                return true;
-            }
-            self.listeners[li].queue.pop_front();
-        }
-        false
-    }
-
-    /// Puts a connection at the back of its listener's queue (every backend full).
-    fn enqueue(&mut self, idx: u32) {
-        let now = self.now_ms;
-        let generation = self.slots[idx as usize].generation;
-        let conn = self.slots[idx as usize].conn.as_mut().expect("live");
-        let li = conn.listener as usize;
-        if conn.stage != Stage::Queued {
-            let qt = self.listeners[li].reader.load().settings.queue_timeout;
-            conn.stage = Stage::Queued;
-            conn.deadline_ms = now + qt.as_millis() as u64;
-        }
-        self.listeners[li].queue.push_back((idx, generation));
-    }
-
-    /// Gives every queued connection of listener `li`, oldest first, another try.
-    pub(super) fn retry_queue(&mut self, li: usize) {
-        let n = self.listeners[li].queue.len();
-        for _ in 0..n {
-            let Some((idx, generation)) = self.listeners[li].queue.pop_front() else {
-                break;
-            };
-            let slot = &self.slots[idx as usize];
-            let waiting = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
-            if waiting {
-                self.connect_next(idx);
-            }
-        }
-    }
-
     /// Picks a backend not yet tried and starts a connect to it; queues the client when every
     /// eligible backend is full; closes it when none is left.
-    fn connect_next(&mut self, idx: u32) {
+    pub(super) fn connect_next(&mut self, idx: u32) {
         let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
             return;
         };
@@ -808,6 +616,6 @@ fn send_proxy_header(conn: &Conn, version: proxy_protocol::Version) -> bool {
 }
 
 /// Views initialised bytes as the `MaybeUninit` buffer socket2's recv/peek take.
-fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+pub(super) fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
     sys::as_uninit(buf)
 }
