@@ -172,13 +172,7 @@ pub fn splice(fd_in: RawFd, fd_out: RawFd, len: u32) -> i32 {
             libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
         )
     };
-    if n < 0 {
-        -io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        n.min(i32::MAX as isize) as i32
-    }
+    as_result(n)
 }
 
 /// Asks the kernel to report each datagram's destination address (`IP_PKTINFO` /
@@ -360,13 +354,7 @@ pub fn recv_nb(fd: RawFd, buf: &mut [u8]) -> i32 {
     // SAFETY: recv writes at most buf.len() bytes into `buf`, which is exclusively borrowed for
     // the call; the fd is kept open by the caller.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        -io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        n as i32
-    }
+    as_result(n)
 }
 
 /// Non-blocking `send` of `buf` (no SIGPIPE): bytes sent or -errno.
@@ -381,13 +369,7 @@ pub fn send_nb(fd: RawFd, buf: &[u8]) -> i32 {
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
-    if n < 0 {
-        -io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        n as i32
-    }
+    as_result(n)
 }
 
 /// Non-blocking `write` of `buf` (into a pipe): bytes written or -errno.
@@ -395,11 +377,16 @@ pub fn write_nb(fd: RawFd, buf: &[u8]) -> i32 {
     // SAFETY: write reads buf.len() bytes from `buf`, borrowed for the call; the fd is kept open
     // by the caller.
     let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    as_result(n)
+}
+
+/// A syscall's return as a completion-style result: bytes (clamped to i32) or -errno.
+fn as_result(n: isize) -> i32 {
     if n < 0 {
         -io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO)
     } else {
-        n as i32
+        n.min(i32::MAX as isize) as i32
     }
 }
