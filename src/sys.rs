@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Capacity we ask pipes for. Measured on these machines: 1 MiB pipes halve CPU per byte against
 /// the default 64 KiB (STYLE.md).
@@ -118,18 +118,6 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// The peer address of a connected socket (the client of an accepted connection).
 pub fn peer_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
     socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-}
-
-/// Number of open file descriptors of this process (for diagnostics).
-pub fn open_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Convenience for functions that need a `BorrowedFd` of an `OwnedFd`.
-pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
-    fd.as_fd()
 }
 
 /// Waits up to `timeout` for one of the (blocked) signals in `set`; returns its number.

@@ -327,16 +327,16 @@ impl Ring {
         self.push(e);
     }
 
-    /// The datagram a completed `recvmsg` of `len` bytes left in slot `k`, its sender, and the
-    /// local address it was sent to (when the socket reports PKTINFO). Marks the slot free for
-    /// the next [`Ring::recvmsg`]. Call it once per recvmsg completion, with that completion's
-    /// set and slot (the token of [`Ring::recv_token`] carries both).
+    /// The sender of the datagram a completed `recvmsg` left in slot `k`, and the local address
+    /// it was sent to (when the socket reports PKTINFO). Marks the slot free for the next
+    /// [`Ring::recvmsg`]; its bytes stay readable through [`Ring::recv_data`] until then. Call
+    /// it once per recvmsg completion, with that completion's set and slot (the token of
+    /// [`Ring::recv_token`] carries both).
     pub fn recv_done(
         &mut self,
         set: RecvSetId,
         k: usize,
-        len: usize,
-    ) -> (&[u8], Option<SocketAddr>, Option<std::net::IpAddr>) {
+    ) -> (Option<SocketAddr>, Option<std::net::IpAddr>) {
         let m = &mut self.recv_sets[set.0][k];
         debug_assert!(m.busy, "recv_done on a slot with no recvmsg in flight");
         m.busy = false;
@@ -357,7 +357,14 @@ impl Ring {
         }
         .ok()
         .and_then(|((), a)| a.as_socket());
-        (&m.buf[..len.min(m.buf.len())], addr, local)
+        (addr, local)
+    }
+
+    /// The first `len` bytes slot `k` of `set` received (valid after [`Ring::recv_done`] and
+    /// before the slot's next [`Ring::recvmsg`]).
+    pub fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8] {
+        let m = &self.recv_sets[set.0][k];
+        &m.buf[..len.min(m.buf.len())]
     }
 
     /// The token of slot `k` of `set`'s recvmsg: the set and slot travel in the index, so a
@@ -403,10 +410,5 @@ impl Ring {
                 flags: cqe.flags(),
             });
         }
-    }
-
-    /// Entries waiting for room in the submission queue.
-    pub fn backlog_len(&self) -> usize {
-        self.backlog.len()
     }
 }

@@ -5,7 +5,6 @@
 //! small allocation), or touch backend sockets (`tcp.rs` connects).
 
 use super::conn::CloseReason;
-use super::tcp::as_uninit;
 use super::{Stage, Worker};
 use crate::proxy_protocol::{self, Parsed};
 use crate::uring::Op;
@@ -13,15 +12,21 @@ use log::debug;
 use std::os::fd::AsRawFd;
 
 impl Worker {
+    /// Whether a (slot, generation) entry of a hold or queue list still names a connection
+    /// waiting in `stage` (it may have closed, and its slot been reused, since it was listed).
+    fn still_waiting(&self, idx: u32, generation: u32, stage: Stage) -> bool {
+        let slot = &self.slots[idx as usize];
+        slot.generation == generation
+            && slot
+                .conn
+                .as_ref()
+                .is_some_and(|c| !c.closing && c.stage == stage)
+    }
+
     /// Lets held connections of listener `li` in, oldest first, while places are free.
     pub(super) fn release_held(&mut self, li: usize) {
         while let Some(&(idx, generation)) = self.listeners[li].held.front() {
-            let slot = &self.slots[idx as usize];
-            let waiting = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Held);
+            let waiting = self.still_waiting(idx, generation, Stage::Held);
             if !waiting {
                 self.listeners[li].held.pop_front();
                 continue;
@@ -71,7 +76,7 @@ impl Worker {
         let sock = socket2::SockRef::from(&conn.client);
         let have = conn.header.as_ref().map_or(0, |h| h.len());
         let room = &mut self.scratch[..proxy_protocol::MAX_INBOUND - have];
-        let n = match sock.peek(as_uninit(room)) {
+        let n = match sock.peek(crate::sys::as_uninit(room)) {
             Ok(0) => {
                 self.close_conn(idx, CloseReason::ClientEof);
                 return;
@@ -110,7 +115,7 @@ impl Worker {
                 // waits for new bytes instead of firing again at once.
                 let mut drained = 0;
                 while drained < n {
-                    match sock.recv(as_uninit(&mut self.scratch[drained..n])) {
+                    match sock.recv(crate::sys::as_uninit(&mut self.scratch[drained..n])) {
                         Ok(0) | Err(_) => break,
                         Ok(k) => drained += k,
                     }
@@ -130,7 +135,7 @@ impl Worker {
                 // Consume what is left of the header in the socket; the rest is client data.
                 let mut left = len - have;
                 while left > 0 {
-                    match sock.recv(as_uninit(&mut self.scratch[..left])) {
+                    match sock.recv(crate::sys::as_uninit(&mut self.scratch[..left])) {
                         Ok(0) | Err(_) => break,
                         Ok(k) => left -= k,
                     }
@@ -159,13 +164,7 @@ impl Worker {
     /// by connections that closed while queued, are dropped here).
     pub(super) fn has_waiting(&mut self, li: usize) -> bool {
         while let Some(&(idx, generation)) = self.listeners[li].queue.front() {
-            let slot = &self.slots[idx as usize];
-            let live = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
-            if live {
+            if self.still_waiting(idx, generation, Stage::Queued) {
                 return true;
             }
             self.listeners[li].queue.pop_front();
@@ -194,12 +193,7 @@ impl Worker {
             let Some((idx, generation)) = self.listeners[li].queue.pop_front() else {
                 break;
             };
-            let slot = &self.slots[idx as usize];
-            let waiting = slot.generation == generation
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| !c.closing && c.stage == Stage::Queued);
+            let waiting = self.still_waiting(idx, generation, Stage::Queued);
             if waiting {
                 self.connect_next(idx);
             }

@@ -198,6 +198,22 @@ impl Flow {
         Step::SpliceOut(self.pending)
     }
 
+    /// The worker ran out of inline budget before `step` (a splice or copy): wait for the ring
+    /// to report readiness instead (it fires at once when data or room is already there).
+    pub fn yield_to_ring(&mut self, step: Step) -> Step {
+        match step {
+            Step::SpliceIn => {
+                self.phase = Phase::WaitReadable;
+                Step::PollIn
+            }
+            Step::SpliceOut(_) => {
+                self.phase = Phase::WaitWritable;
+                Step::PollOut
+            }
+            other => other,
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }
@@ -374,6 +390,19 @@ mod tests {
             Step::DestFailed(-libc::EPIPE)
         );
         assert_eq!(h.on_copied(0, 0, false), Step::ShutdownDest);
+    }
+
+    #[test]
+    fn out_of_budget_waits_for_the_ring() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(1);
+        assert_eq!(f.yield_to_ring(Step::SpliceIn), Step::PollIn);
+        assert_eq!(f.phase, Phase::WaitReadable);
+        f.on_readable(1);
+        f.on_spliced_in(10);
+        assert_eq!(f.yield_to_ring(Step::SpliceOut(10)), Step::PollOut);
+        assert_eq!(f.on_writable(4), Step::SpliceOut(10));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// `Shared::stop` values.
@@ -88,7 +88,7 @@ pub struct Shared {
     pub live: AtomicU64,
     /// Set once, while draining, every listening socket of this worker is closed.
     pub listeners_closed: AtomicBool,
-    commands: Mutex<Option<Sender<Command>>>,
+    commands: Sender<Command>,
 }
 
 impl Shared {
@@ -104,7 +104,7 @@ impl Shared {
                 heartbeat: Arc::new(AtomicU64::new(process_ms())),
                 live: AtomicU64::new(0),
                 listeners_closed: AtomicBool::new(false),
-                commands: Mutex::new(Some(tx)),
+                commands: tx,
             },
             rx,
         ))
@@ -118,8 +118,7 @@ impl Shared {
 
     /// Sends a command and wakes the worker. False if the worker is gone.
     pub fn send(&self, cmd: Command) -> bool {
-        let guard = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        let ok = guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok());
+        let ok = self.commands.send(cmd).is_ok();
         sys::eventfd_signal(self.wake.as_fd());
         ok
     }
@@ -155,10 +154,9 @@ struct Listener {
     needs_client_addr: bool,
     /// A multishot accept is armed (until its final completion arrives).
     accepting: bool,
-    /// At this worker's share of max_connections: accept stays disarmed until below it.
+    /// At the listener-wide max_connections: accept stays disarmed until below it.
     paused: bool,
     rearm_at_ms: u64,
-    live: u32,
     /// ASYNC_CANCELs naming the listening socket not yet completed: the socket may only close
     /// when this is 0 (a queued cancel must not meet a reused fd number).
     cancels: u32,
@@ -198,7 +196,6 @@ impl Listener {
             accepting: false,
             paused: false,
             rearm_at_ms: 0,
-            live: 0,
             cancels: 0,
             removed_at_ms: None,
             queue: VecDeque::new(),
@@ -207,8 +204,14 @@ impl Listener {
     }
 
     /// A removed listener with nothing left: its slot can take a new listener.
-    fn is_tombstone(&self) -> bool {
-        self.removed_at_ms.is_some() && self.socket.is_none() && self.live == 0
+    fn is_tombstone(&self, worker: usize) -> bool {
+        self.removed_at_ms.is_some() && self.socket.is_none() && self.open_here(worker) == 0
+    }
+
+    /// Connections of this listener open on this worker (the per-worker counter only this
+    /// worker writes).
+    fn open_here(&self, worker: usize) -> u64 {
+        self.stats.worker(worker).active.load(Ordering::Relaxed)
     }
 }
 
@@ -238,7 +241,8 @@ struct Conn {
     backend: Option<OwnedFd>,
     member: Option<Arc<crate::backend::BackendStats>>,
     backend_addr: Option<SocketAddr>,
-    tried: [Option<SocketAddr>; MAX_CONNECT_ATTEMPTS as usize],
+    /// Backends tried so far (the first `attempts` entries).
+    tried: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize],
     attempts: u8,
     flows: [Flow; 2],
     pipes: [Option<Pipe>; 2],
@@ -296,7 +300,6 @@ struct Worker {
 /// Runs a worker until it has drained (or was hard-stopped). Errors only on ring failure.
 pub fn run(spec: WorkerSpec) -> io::Result<()> {
     let mut ring = Ring::new(RING_ENTRIES)?;
-    let tick = ring.timespec(TICK);
     let shared = spec.shared;
     let listeners = spec
         .listeners
@@ -328,6 +331,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         hard_stop_at_ms: None,
         last_warn_ms: 0,
     };
+    let tick = w.timespec_for(TICK);
     w.ring.timer(tick, Token::new(Op::Tick, 0, 0));
     w.ring.poll_multi(
         w.shared.wake.as_raw_fd(),
@@ -518,7 +522,7 @@ impl Worker {
             match self.commands.try_recv() {
                 Ok(Command::AddListener(spec)) => {
                     let name = spec.name.clone();
-                    let li = match self.listeners.iter().position(Listener::is_tombstone) {
+                    let li = match self.listeners.iter().position(|l| l.is_tombstone(self.id)) {
                         Some(i) => {
                             self.listeners[i] = Listener::new(
                                 spec,

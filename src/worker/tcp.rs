@@ -7,7 +7,7 @@
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
 use super::{release_pipe, Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
-use crate::backend::bump;
+use crate::backend::{bump, BackendStats};
 use crate::proxy_protocol::{self, MAX_ENCODED};
 use crate::snapshot::Pick;
 use crate::sys::{self, Pipe, PIPE_SIZE};
@@ -16,9 +16,11 @@ use log::{debug, info};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Splices (in or out) one flow may do inline before yielding to the ring: 16 × up to 1 MiB.
+/// Reads and writes (splice or copy) one flow may do inline before yielding to the ring, so a
+/// busy stream cannot starve the worker's other connections.
 const SPLICE_BUDGET: u32 = 32;
 
 impl Worker {
@@ -43,7 +45,6 @@ impl Worker {
         } else {
             None
         };
-        l.live += 1;
         let open = l.stats.opened();
         // Over the listener-wide limit (another worker took the last place first): hold this
         // connection, unserved, until a place frees, as the kernel backlog would have.
@@ -51,12 +52,7 @@ impl Worker {
         if over {
             l.stats.closed();
         }
-        if open >= limit && l.accepting && !l.paused {
-            // At max_connections: disarm accept; the kernel backlog holds the rest. The other
-            // workers see the same shared count when they next accept or tick.
-            l.paused = true;
-            self.cancel_listener_ops(li);
-        }
+        self.follow_limit(li, open);
         let l = &mut self.listeners[li];
         bump(&l.stats.worker(self.id).accepted, 1);
         bump(&l.stats.worker(self.id).active, 1);
@@ -70,7 +66,7 @@ impl Worker {
             backend: None,
             member: None,
             backend_addr: None,
-            tried: [None; MAX_CONNECT_ATTEMPTS as usize],
+            tried: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_CONNECT_ATTEMPTS as usize],
             attempts: 0,
             flows: [Flow::new(), Flow::new()],
             pipes: [None, None],
@@ -111,6 +107,25 @@ impl Worker {
         self.start_conn(li, idx);
     }
 
+    /// Pauses accept on listener `li` while `open` (its listener-wide count) is at
+    /// `max_connections` — the kernel backlog holds the rest — and resumes it below. Every
+    /// worker follows the same shared count when it accepts, closes or ticks.
+    pub(super) fn follow_limit(&mut self, li: usize, open: u64) {
+        let l = &mut self.listeners[li];
+        let limit = u64::from(l.reader.load().settings.max_connections);
+        if open >= limit && !l.paused {
+            l.paused = true;
+            if l.accepting {
+                self.cancel_listener_ops(li);
+            }
+        } else if open < limit && l.paused {
+            l.paused = false;
+            if self.now_ms >= l.rearm_at_ms {
+                self.arm_accept(li);
+            }
+        }
+    }
+
     /// Picks a backend not yet tried and starts a connect to it; queues the client when every
     /// eligible backend is full; closes it when none is left.
     pub(super) fn connect_next(&mut self, idx: u32) {
@@ -119,11 +134,8 @@ impl Worker {
         };
         let l = &mut self.listeners[conn.listener as usize];
         let snap = l.reader.load();
-        let tried_buf = conn.tried;
         let n = conn.attempts as usize;
-        let tried: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize] =
-            std::array::from_fn(|i| tried_buf[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
-        let mut picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &tried[..n]);
+        let mut picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &conn.tried[..n]);
         if picked == Pick::None && n > 0 {
             // Every other backend is out: try an already-tried one again (a transient refusal
             // of the only backend should not cost the client its connection).
@@ -173,7 +185,7 @@ impl Worker {
             .as_mut()
             .expect("checked above");
         conn.stage = Stage::Connecting;
-        conn.tried[conn.attempts as usize] = Some(addr);
+        conn.tried[conn.attempts as usize] = addr;
         conn.attempts += 1;
         conn.member = Some(stats);
         conn.backend_addr = Some(addr);
@@ -330,17 +342,7 @@ impl Worker {
                     if read > 0 {
                         conn.last_active_ms = now;
                         let sent_ok = sent.max(0);
-                        if sent_ok > 0 {
-                            if let Some(m) = &conn.member {
-                                let w = m.worker(wid);
-                                let c = if d == Dir::Up {
-                                    &w.bytes_up
-                                } else {
-                                    &w.bytes_down
-                                };
-                                bump(c, sent_ok as u64);
-                            }
-                        }
+                        count_bytes(&conn.member, wid, d, sent_ok);
                         if sent_ok < read && (sent >= 0 || sent == -libc::EAGAIN) {
                             // The destination took less: the rest waits in a pipe, as a
                             // splice-in would have left it.
@@ -375,28 +377,13 @@ impl Worker {
                     let res = sys::splice(pipe.read.as_raw_fd(), dst, n);
                     if res > 0 {
                         conn.last_active_ms = now;
-                        if let Some(m) = &conn.member {
-                            let w = m.worker(wid);
-                            bump(
-                                if d == Dir::Up {
-                                    &w.bytes_up
-                                } else {
-                                    &w.bytes_down
-                                },
-                                res as u64,
-                            );
-                        }
+                        count_bytes(&conn.member, wid, d, res);
                     }
                     step = conn.flows[di].on_spliced_out(res);
                 }
-                Step::SpliceIn => {
+                Step::SpliceIn | Step::SpliceOut(_) => {
                     // Budget spent with data likely waiting: let the ring report readiness.
-                    conn.flows[di].phase = super::conn::Phase::WaitReadable;
-                    step = Step::PollIn;
-                }
-                Step::SpliceOut(_) => {
-                    conn.flows[di].phase = super::conn::Phase::WaitWritable;
-                    step = Step::PollOut;
+                    step = conn.flows[di].yield_to_ring(step);
                 }
                 Step::PollIn => {
                     release_pipe(pool, &mut conn.pipes[di]);
@@ -517,7 +504,6 @@ impl Worker {
             .worker(self.id)
             .active
             .fetch_sub(1, Ordering::Relaxed);
-        l.live -= 1;
         let open = if counted {
             l.stats.closed()
         } else {
@@ -526,14 +512,25 @@ impl Worker {
         if !l.held.is_empty() && open < limit {
             self.release_held(li);
         }
-        let l = &mut self.listeners[li];
-        if open < limit && l.paused {
-            l.paused = false;
-            self.arm_accept(li);
-        }
+        self.follow_limit(li, open);
         if freed_backend && !self.listeners[li].queue.is_empty() {
             self.retry_queue(li);
         }
+    }
+}
+
+/// Counts `n` bytes forwarded in direction `d` on the backend's per-worker counters.
+fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: Dir, n: i32) {
+    if let (Some(m), true) = (member, n > 0) {
+        let w = m.worker(worker);
+        bump(
+            if d == Dir::Up {
+                &w.bytes_up
+            } else {
+                &w.bytes_down
+            },
+            n as u64,
+        );
     }
 }
 
@@ -613,9 +610,4 @@ fn send_proxy_header(conn: &Conn, version: proxy_protocol::Version) -> bool {
     let mut buf = [0u8; MAX_ENCODED];
     let len = proxy_protocol::encode(version, src, dst, &mut buf);
     matches!(socket2::SockRef::from(backend).send(&buf[..len]), Ok(n) if n == len)
-}
-
-/// Views initialised bytes as the `MaybeUninit` buffer socket2's recv/peek take.
-pub(super) fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
-    sys::as_uninit(buf)
 }

@@ -22,18 +22,10 @@ impl Worker {
         for li in 0..self.listeners.len() {
             // max_connections is listener-wide: follow the shared count of open connections,
             // which other workers' closes lower.
-            let l = &mut self.listeners[li];
+            let l = &self.listeners[li];
             if l.udp.is_none() && l.removed_at_ms.is_none() {
-                let limit = u64::from(l.reader.load().settings.max_connections);
                 let open = l.stats.open_now();
-                if l.paused && open < limit {
-                    l.paused = false;
-                } else if !l.paused && open >= limit {
-                    l.paused = true;
-                    if l.accepting {
-                        self.cancel_listener_ops(li);
-                    }
-                }
+                self.follow_limit(li, open);
             }
             let l = &self.listeners[li];
             if !l.accepting && !l.paused && self.now_ms >= l.rearm_at_ms {

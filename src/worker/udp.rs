@@ -33,7 +33,6 @@ pub(super) struct UdpListener {
     /// Least recently used list of this listener's flows (head = most recent).
     head: u32,
     tail: u32,
-    pub flows: u32,
 }
 
 impl UdpListener {
@@ -43,7 +42,6 @@ impl UdpListener {
             inflight: 0,
             head: NIL,
             tail: NIL,
-            flows: 0,
         }
     }
 }
@@ -109,8 +107,7 @@ impl Worker {
     /// A datagram from a client (or the end of a cancelled recvmsg).
     fn on_udp_recv(&mut self, c: Completion) {
         let (set, k) = Ring::recv_slot_of(c.token);
-        let len = c.result.max(0) as usize;
-        let (payload, client, local) = self.ring.recv_done(set, k, len);
+        let (client, local) = self.ring.recv_done(set, k);
         // The set identifies the listener (a set is reused only once nothing is in flight).
         let Some(li) = self
             .listeners
@@ -120,13 +117,9 @@ impl Worker {
             return;
         };
         let now = self.now_ms;
-        if c.result >= 0 {
-            if let Some(client) = client {
-                // Copy out: the slot is re-armed below and must not alias what we forward.
-                let n = payload.len();
-                self.udp_scratch[..n].copy_from_slice(payload);
-                self.forward_up(li, client, local, n, now);
-            }
+        if let (Some(client), true) = (client, c.result >= 0) {
+            // Sent straight from the ring's buffer: the slot is re-armed only after.
+            self.forward_up(li, client, local, (set, k, c.result as usize), now);
         }
         let l = &mut self.listeners[li];
         let Some(u) = l.udp.as_mut() else {
@@ -145,14 +138,15 @@ impl Worker {
         }
     }
 
-    /// Sends `udp_scratch[..n]` from `client` to its flow's backend, creating the flow if needed
-    /// (and re-creating it when its backend went down or was removed since).
+    /// Sends the datagram in ring slot `(set, k)` (`len` bytes) from `client` to its flow's
+    /// backend, creating the flow if needed (and re-creating it when its backend went down or
+    /// was removed since).
     fn forward_up(
         &mut self,
         li: usize,
         client: SocketAddr,
         local: Option<IpAddr>,
-        n: usize,
+        (set, k, len): (RecvSetId, usize, usize),
         now: u64,
     ) {
         let key = (li as u32, client);
@@ -181,7 +175,7 @@ impl Worker {
             .as_ref()
             .expect("mapped flow");
         let sock = socket2::SockRef::from(&f.socket);
-        match sock.send(&self.udp_scratch[..n]) {
+        match sock.send(self.ring.recv_data(set, k, len)) {
             Ok(_) => bump(&f.member.worker(self.id).datagrams_up, 1),
             Err(e) => {
                 let refused = e.raw_os_error() == Some(libc::ECONNREFUSED);
@@ -206,12 +200,14 @@ impl Worker {
             let snap = l.reader.load();
             (snap.settings.max_flows as usize).div_ceil(self.workers) as u32
         };
-        // Full table: evict the least recently used flow of this listener.
-        if self.listeners[li]
-            .udp
-            .as_ref()
-            .is_some_and(|u| u.flows >= limit)
-        {
+        // Full table: evict the least recently used flow of this listener. (The per-worker
+        // flow gauge is written only by this worker.)
+        let open = self.listeners[li]
+            .stats
+            .worker(id)
+            .udp_flows
+            .load(Ordering::Relaxed);
+        if open >= u64::from(limit) {
             let tail = self.listeners[li].udp.as_ref().map_or(NIL, |u| u.tail);
             if tail != NIL {
                 bump(&self.listeners[li].stats.worker(id).udp_evicted, 1);
@@ -244,9 +240,6 @@ impl Worker {
         let stats = member.stats.clone();
         stats.inc_active();
         bump(&l.stats.worker(id).udp_flows, 1);
-        if let Some(u) = l.udp.as_mut() {
-            u.flows += 1;
-        }
         let flow = Flow {
             listener: li as u32,
             client,
@@ -400,9 +393,6 @@ impl Worker {
         self.flows.map.remove(&key);
         self.unlink(idx);
         let l = &mut self.listeners[li];
-        if let Some(u) = l.udp.as_mut() {
-            u.flows = u.flows.saturating_sub(1);
-        }
         l.stats
             .worker(self.id)
             .udp_flows
