@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::admin::{http_get, metric, scrape};
+use common::admin::{connections_per_backend, http_get, metric, scrape};
 use common::procs::{require_tool, run_ok, tail, try_run, PgCluster, Proc};
 use common::*;
 
@@ -176,18 +176,7 @@ fn pgbench_through_ringlb_and_failover_to_the_other_cluster() {
     assert!(processed > 0, "{report}");
     let tps = pgbench_tps(&stdout).unwrap_or_else(|| panic!("no tps line: {report}"));
     let s = scrape(admin);
-    let sessions: Vec<f64> = [a.addr(), b.addr()]
-        .iter()
-        .map(|n| {
-            let n = n.to_string();
-            metric(
-                &s,
-                "ringlb_connections_total",
-                &[("listener", LISTENER), ("backend", &n)],
-            )
-            .unwrap_or(0.0)
-        })
-        .collect();
+    let sessions = connections_per_backend(&s, LISTENER, &[a.addr(), b.addr()]);
     eprintln!(
         "run 1: {processed} transactions, tps = {tps:.1}, in {:?}; sessions per cluster so \
          far {sessions:?}",

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::admin::{metric, scrape};
+use common::admin::{connections_per_backend, metric, scrape};
 use common::procs::{require_tool, run_ok, tail, try_run, RedisServer};
 use common::*;
 
@@ -154,18 +154,7 @@ fn redis_benchmark_and_maglev_stickiness_through_ringlb() {
     }
     eprintln!("redis-benchmark: 4 x 100000 requests in {bench_time:?}");
     let s = scrape(admin);
-    let conns: Vec<f64> = nodes
-        .iter()
-        .map(|n| {
-            let n = n.to_string();
-            metric(
-                &s,
-                "ringlb_connections_total",
-                &[("listener", LISTENER), ("backend", &n)],
-            )
-            .unwrap_or(0.0)
-        })
-        .collect();
+    let conns = connections_per_backend(&s, LISTENER, &nodes);
     eprintln!("connections per node after the benchmark: {conns:?}");
 
     // Stickiness from one client IP (redis-cli connects from 127.0.0.1): every connection lands

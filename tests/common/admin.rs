@@ -172,3 +172,24 @@ pub fn metric_sum(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     );
     found.into_iter().map(sample_value).sum()
 }
+
+/// `ringlb_connections_total` of each backend of `listener`, in the order given (0 when a
+/// backend has no sample yet).
+pub fn connections_per_backend(
+    scrape: &Scrape,
+    listener: &str,
+    backends: &[std::net::SocketAddr],
+) -> Vec<f64> {
+    backends
+        .iter()
+        .map(|b| {
+            let b = b.to_string();
+            metric(
+                scrape,
+                "ringlb_connections_total",
+                &[("listener", listener), ("backend", &b)],
+            )
+            .unwrap_or(0.0)
+        })
+        .collect()
+}
