@@ -21,7 +21,7 @@ use std::time::Duration;
 pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Per-listener connection cap (each worker enforces its share).
+    /// Listener-wide connection cap (one count shared by the workers).
     pub max_connections: u32,
     pub hash_key: HashKey,
     /// One info line per closed connection.
