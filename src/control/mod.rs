@@ -86,27 +86,38 @@ impl Control {
     pub fn new(config: &Config) -> Control {
         let registry = Arc::new(Registry::new(config.runtime.workers));
         let health = HealthDriver::new(&config.listeners, Instant::now());
-        let listeners = config
-            .listeners
-            .iter()
-            .map(|l| {
-                let stats = Arc::new(ListenerStats::new(config.runtime.workers));
-                let snap = build_snapshot(l, 1, &registry, &stats, &health, &[], None);
-                log_tables(l, &snap, None);
-                ControlListener {
-                    config: l.clone(),
-                    published: Arc::new(ArcSwap::from_pointee(snap)),
-                    stats,
-                    generation: 1,
-                }
-            })
-            .collect();
-        Control {
+        let mut control = Control {
             registry,
-            listeners,
+            listeners: Vec::new(),
             health,
             drained: Vec::new(),
             workers: config.runtime.workers,
+        };
+        for l in &config.listeners {
+            let cl = control.new_listener(l.clone());
+            control.listeners.push(cl);
+        }
+        control
+    }
+
+    /// A listener's stats and first published snapshot (generation 1).
+    fn new_listener(&self, config: Listener) -> ControlListener {
+        let stats = Arc::new(ListenerStats::new(self.workers));
+        let snap = build_snapshot(
+            &config,
+            1,
+            &self.registry,
+            &stats,
+            &self.health,
+            &self.drained,
+            None,
+        );
+        log_tables(&config, &snap, None);
+        ControlListener {
+            config,
+            published: Arc::new(ArcSwap::from_pointee(snap)),
+            stats,
+            generation: 1,
         }
     }
 
@@ -200,25 +211,9 @@ impl Control {
         }
         let n_added = bound.len();
         for (l, b) in bound {
-            let stats = Arc::new(ListenerStats::new(self.workers));
-            let snap = build_snapshot(
-                &l,
-                1,
-                &self.registry,
-                &stats,
-                &self.health,
-                &self.drained,
-                None,
-            );
-            log_tables(&l, &snap, None);
-            let published: Published = Arc::new(ArcSwap::from_pointee(snap));
-            host.start(&l, b, published.clone(), stats.clone());
-            self.listeners.push(ControlListener {
-                config: l,
-                published,
-                stats,
-                generation: 1,
-            });
+            let cl = self.new_listener(l);
+            host.start(&cl.config, b, cl.published.clone(), cl.stats.clone());
+            self.listeners.push(cl);
         }
         // Keep the config's order (admin output, metrics).
         self.listeners.sort_by_key(|c| {
