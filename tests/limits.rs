@@ -66,12 +66,9 @@ fn fd_exhaustion_backs_off_and_recovers() {
     eprintln!("proxied {}, not served {refused}", held.len());
     assert!(held.len() >= 10, "only {} connections proxied", held.len());
     assert!(refused > 0, "the limit was never reached");
+    // Whichever step ran out (accept, or the backend socket after accept), it is logged.
     assert!(
-        lb.wait_for_log("accept failed", Duration::from_secs(2))
-            || lb
-                .stderr_lines()
-                .iter()
-                .any(|l| l.contains("Too many open files")),
+        lb.wait_for_log("Too many open files", Duration::from_secs(2)),
         "no sign of fd exhaustion in the log:\n{}",
         lb.stderr_tail(20)
     );
@@ -84,13 +81,13 @@ fn fd_exhaustion_backs_off_and_recovers() {
     let warnings = lb
         .stderr_lines()
         .iter()
-        .filter(|l| l.contains("accept failed"))
+        .filter(|l| l.contains("Too many open files"))
         .count();
     // At most one warning per worker per second.
     let allowed = 2 * (started.elapsed().as_secs() as usize + 1);
     assert!(
         warnings <= allowed,
-        "{warnings} accept warnings in {:?}: not rate limited",
+        "{warnings} fd warnings in {:?}: not rate limited",
         started.elapsed()
     );
 

@@ -474,6 +474,25 @@ impl Worker {
         }
     }
 
+    /// Warns that the worker ran short of a resource (descriptors, memory), at most once a second
+    /// per worker, whichever step hit it.
+    pub(super) fn warn_resource(
+        &mut self,
+        li: usize,
+        what: &str,
+        e: io::Error,
+        then: std::fmt::Arguments,
+    ) {
+        if self.now_ms < self.last_warn_ms + 1000 && self.last_warn_ms != 0 {
+            return;
+        }
+        self.last_warn_ms = self.now_ms.max(1);
+        warn!(
+            "listener \"{}\" worker {}: {what}: {e}; {then}",
+            self.listeners[li].name, self.id
+        );
+    }
+
     fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more() {
             let l = &mut self.listeners[li];
@@ -492,16 +511,14 @@ impl Worker {
                 libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
             ) {
                 self.listeners[li].rearm_at_ms = self.now_ms + ACCEPT_BACKOFF_MS;
-                if self.now_ms >= self.last_warn_ms + 1000 {
-                    self.last_warn_ms = self.now_ms;
-                    warn!(
-                        "listener \"{}\" worker {}: accept failed: {}; backing off {} ms (open connections keep being served)",
-                        self.listeners[li].name,
-                        self.id,
-                        io::Error::from_raw_os_error(e),
-                        ACCEPT_BACKOFF_MS
-                    );
-                }
+                self.warn_resource(
+                    li,
+                    "accept failed",
+                    io::Error::from_raw_os_error(e),
+                    format_args!(
+                        "backing off {ACCEPT_BACKOFF_MS} ms (open connections keep being served)"
+                    ),
+                );
             } else if e != libc::ECANCELED && !c.more() {
                 self.listeners[li].rearm_at_ms = self.now_ms + ACCEPT_BACKOFF_MS;
             }

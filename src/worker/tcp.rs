@@ -168,7 +168,13 @@ impl Worker {
         let sock = match backend_socket(addr, keepalive) {
             Ok(s) => s,
             Err(e) => {
-                debug!("socket() for backend {addr} failed: {e}");
+                let li = conn.listener as usize;
+                self.warn_resource(
+                    li,
+                    "socket() for a backend failed",
+                    e,
+                    format_args!("closing the client (open connections keep being served)"),
+                );
                 self.close_conn(idx, CloseReason::Resource);
                 return;
             }
