@@ -226,36 +226,20 @@ fn msghdr_zeroed() -> libc::msghdr {
     unsafe { std::mem::zeroed() }
 }
 
-/// Sends one datagram to `to` from the local address `from` (`sendmsg` with a PKTINFO control
-/// message): the reply path of a wildcard-bound UDP listener. Non-blocking.
-pub fn send_from(
-    fd: BorrowedFd<'_>,
-    buf: &[u8],
-    to: SocketAddr,
-    from: std::net::IpAddr,
-) -> io::Result<usize> {
-    let dst = socket2::SockAddr::from(to);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut control = [0u64; 8];
-    let mut hdr = msghdr_zeroed();
-    hdr.msg_name = dst.as_ptr() as *mut libc::c_void;
-    hdr.msg_namelen = dst.len();
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
+/// Writes one PKTINFO control message naming `from` as the source address into `control`, and
+/// points `hdr` at it.
+fn set_pktinfo(hdr: &mut libc::msghdr, control: &mut [u64; 8], from: std::net::IpAddr) {
     hdr.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE/CMSG_FIRSTHDR/CMSG_DATA only compute offsets within `control` (64
-    // bytes, 8-aligned, large enough for one in_pktinfo or in6_pktinfo cmsg); we write exactly
-    // one cmsg of the size CMSG_LEN announces. sendmsg reads `hdr`, `iov`, `buf`, `dst` and
-    // `control`, all alive and unaliased for the call.
-    let n = unsafe {
+    // bytes, 8-aligned, large enough for one in_pktinfo or in6_pktinfo cmsg), which `hdr` now
+    // points at with the length CMSG_SPACE gives; we write exactly one cmsg of the size
+    // CMSG_LEN announces. Nothing else aliases `control` meanwhile.
+    unsafe {
         match from {
             std::net::IpAddr::V4(ip) => {
                 hdr.msg_controllen =
                     libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(&hdr);
+                let c = libc::CMSG_FIRSTHDR(hdr);
                 (*c).cmsg_level = libc::IPPROTO_IP;
                 (*c).cmsg_type = libc::IP_PKTINFO;
                 (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
@@ -271,7 +255,7 @@ pub fn send_from(
             std::net::IpAddr::V6(ip) => {
                 hdr.msg_controllen =
                     libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(&hdr);
+                let c = libc::CMSG_FIRSTHDR(hdr);
                 (*c).cmsg_level = libc::IPPROTO_IPV6;
                 (*c).cmsg_type = libc::IPV6_PKTINFO;
                 (*c).cmsg_len =
@@ -285,12 +269,96 @@ pub fn send_from(
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
             }
         }
-        libc::sendmsg(fd.as_raw_fd(), &hdr, libc::MSG_DONTWAIT)
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
     }
-    Ok(n as usize)
+}
+
+/// One datagram of a [`send_batch`]: `len` bytes at `offset` of the batch's buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct OutDatagram {
+    pub offset: usize,
+    pub len: usize,
+    pub to: SocketAddr,
+    /// Source address to send from (PKTINFO), for wildcard-bound sockets.
+    pub from: Option<std::net::IpAddr>,
+}
+
+/// Most datagrams one [`send_batch`] call takes.
+pub const SEND_BATCH_MAX: usize = 32;
+
+/// Sends up to [`SEND_BATCH_MAX`] datagrams (pieces of `buf`) from one unconnected UDP socket
+/// with `sendmmsg(2)`, non-blocking: one syscall, and one chance for the scheduler to switch
+/// away, for the whole batch instead of one per datagram. A datagram the kernel refuses (full
+/// buffer, unreachable) is skipped and the rest still go. `sent[i]` tells whether datagram i
+/// left; returns how many did.
+pub fn send_batch(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    out: &[OutDatagram],
+    sent: &mut [bool; SEND_BATCH_MAX],
+) -> usize {
+    let n = out.len().min(SEND_BATCH_MAX);
+    // SAFETY: sockaddr_storage is a plain C struct for which all-zero bytes are valid.
+    let mut names: [libc::sockaddr_storage; SEND_BATCH_MAX] = unsafe { std::mem::zeroed() };
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; SEND_BATCH_MAX];
+    let mut controls = [[0u64; 8]; SEND_BATCH_MAX];
+    // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid empty value.
+    let mut msgs: [libc::mmsghdr; SEND_BATCH_MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        sent[i] = false;
+        let data = &buf[out[i].offset..out[i].offset + out[i].len];
+        let dst = socket2::SockAddr::from(out[i].to);
+        let len = dst.len() as usize;
+        // SAFETY: `dst` holds `len` (≤ size_of sockaddr_storage) initialised bytes of a socket
+        // address; `names[i]` is ours and large enough; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                dst.as_ptr().cast::<u8>(),
+                (&mut names[i] as *mut libc::sockaddr_storage).cast::<u8>(),
+                len,
+            );
+        }
+        iovs[i].iov_base = data.as_ptr() as *mut libc::c_void;
+        iovs[i].iov_len = data.len();
+        let hdr = &mut msgs[i].msg_hdr;
+        hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = len as libc::socklen_t;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+        if let Some(from) = out[i].from {
+            set_pktinfo(hdr, &mut controls[i], from);
+        }
+    }
+    let mut done = 0;
+    let mut start = 0;
+    while start < n {
+        // SAFETY: headers start..n point at their own name, iovec and control buffers on this
+        // stack frame and at pieces of `buf`, all alive and unmodified for the call; sendmmsg
+        // only reads them (and writes msg_len).
+        let r = unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                msgs[start..].as_mut_ptr(),
+                (n - start) as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r > 0 {
+            for s in &mut sent[start..start + r as usize] {
+                *s = true;
+            }
+            done += r as usize;
+            start += r as usize;
+        } else if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            sent[start] = false; // refused: dropped, as a full socket buffer drops datagrams
+            start += 1;
+        }
+    }
+    done
 }
 
 /// Receives up to `lens.len()` datagrams in one `recvmmsg(2)` (non-blocking) into consecutive
@@ -376,5 +444,104 @@ fn as_result(n: isize) -> i32 {
             .unwrap_or(libc::EIO)
     } else {
         n.min(i32::MAX as isize) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    fn receiver(addr: &str) -> Option<UdpSocket> {
+        let s = UdpSocket::bind(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Some(s)
+    }
+
+    /// One sendmmsg delivers each piece of the buffer to its own destination, IPv4 and IPv6,
+    /// with and without a PKTINFO source; the source the receiver sees is the one asked for.
+    #[test]
+    fn send_batch_delivers_each_datagram_to_its_destination() {
+        let a = receiver("127.0.0.1:0").unwrap();
+        let b = receiver("127.0.0.1:0").unwrap();
+        let from = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = from.local_addr().unwrap().port();
+        let buf = b"helloworld!";
+        let mut out = vec![
+            OutDatagram {
+                offset: 0,
+                len: 5,
+                to: a.local_addr().unwrap(),
+                from: None,
+            },
+            OutDatagram {
+                offset: 5,
+                len: 6,
+                to: b.local_addr().unwrap(),
+                from: Some("127.0.0.9".parse().unwrap()),
+            },
+            OutDatagram {
+                offset: 0,
+                len: 11,
+                to: a.local_addr().unwrap(),
+                from: Some("127.0.0.1".parse().unwrap()),
+            },
+        ];
+        let v6 = receiver("[::1]:0");
+        let from6 = UdpSocket::bind("[::]:0").ok();
+        let mut sent = [false; SEND_BATCH_MAX];
+        assert_eq!(send_batch(from.as_fd(), buf, &out, &mut sent), 3);
+        assert_eq!(&sent[..3], &[true, true, true]);
+        let mut got = [0u8; 64];
+        let (n, src) = a.recv_from(&mut got).unwrap();
+        assert_eq!((&got[..n], src.port()), (&b"hello"[..], port));
+        let (n, src) = b.recv_from(&mut got).unwrap();
+        assert_eq!(&got[..n], b"world!");
+        assert_eq!(src, SocketAddr::from(([127, 0, 0, 9], port)));
+        let (n, src) = a.recv_from(&mut got).unwrap();
+        assert_eq!(&got[..n], buf);
+        assert_eq!(src, SocketAddr::from(([127, 0, 0, 1], port)));
+
+        // IPv6, where the host has it.
+        if let (Some(v6), Some(from6)) = (v6, from6) {
+            out.truncate(1);
+            out[0].to = v6.local_addr().unwrap();
+            out[0].from = Some("::1".parse().unwrap());
+            assert_eq!(send_batch(from6.as_fd(), buf, &out, &mut sent), 1);
+            let (n, src) = v6.recv_from(&mut got).unwrap();
+            assert_eq!(&got[..n], b"hello");
+            assert_eq!(src.ip(), "::1".parse::<std::net::IpAddr>().unwrap());
+        }
+    }
+
+    /// A datagram the kernel refuses (too large for UDP) is skipped; the rest of the batch goes.
+    #[test]
+    fn send_batch_skips_a_refused_datagram() {
+        let a = receiver("127.0.0.1:0").unwrap();
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let big = vec![7u8; 70_000];
+        let to = a.local_addr().unwrap();
+        let out = [
+            OutDatagram {
+                offset: 0,
+                len: 70_000,
+                to,
+                from: None,
+            },
+            OutDatagram {
+                offset: 0,
+                len: 3,
+                to,
+                from: None,
+            },
+        ];
+        let mut sent = [true; SEND_BATCH_MAX];
+        assert_eq!(send_batch(from.as_fd(), &big, &out, &mut sent), 1);
+        assert_eq!(&sent[..2], &[false, true]);
+        let mut got = [0u8; 16];
+        let n = a.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &[7, 7, 7]);
     }
 }

@@ -282,7 +282,7 @@ struct Worker {
     /// Scratch space for copying small TCP messages (never holds bytes across calls).
     copy_buf: Box<[u8]>,
     /// Scratch space for a batch of UDP datagrams (never held across completions).
-    udp_scratch: Box<[u8]>,
+    outbox: udp::Outbox,
     flows: udp::Flows,
     /// Receive buffer sets of closed UDP listeners, reused by the next one.
     free_recv_sets: Vec<crate::uring::RecvSetId>,
@@ -319,7 +319,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
         copy_buf: vec![0u8; COPY_BUF].into_boxed_slice(),
-        udp_scratch: vec![0u8; udp::MAX_DATAGRAM * udp::REPLY_BATCH].into_boxed_slice(),
+        outbox: udp::Outbox::new(),
         flows: udp::Flows::default(),
         free_recv_sets: Vec::new(),
         scan_buf: Vec::new(),
@@ -351,6 +351,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         for c in &completions {
             w.dispatch(*c);
         }
+        w.flush_replies();
         if w.finished() {
             break;
         }

@@ -1,8 +1,8 @@
 //! UDP on a worker: each UDP listener has its own `SO_REUSEPORT` socket here, received with
 //! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
 //! client address) maps each client to a connected upstream socket, whose replies (multishot
-//! poll, then non-blocking `recv` into the worker's scratch buffer) go back to the client from the
-//! listener's socket. Flows expire after `idle_timeout`; `max_flows` bounds the table by evicting
+//! poll, then non-blocking `recvmmsg` into the worker's outbox) go back to the client from the
+//! listener's socket, one `sendmmsg` per batch of completions. Flows expire after `idle_timeout`; `max_flows` bounds the table by evicting
 //! the least recently used flow. Nothing is allocated per datagram.
 //! Must not: block, log per datagram, or free a flow's socket while its poll is in flight.
 
@@ -21,8 +21,10 @@ use std::sync::Arc;
 pub const MAX_DATAGRAM: usize = 65536;
 /// Replies drained from one upstream socket per readiness event (fairness between flows).
 const DRAIN_BATCH: usize = 64;
-/// Replies taken per recvmmsg (the worker's UDP scratch holds this many 64 KiB datagrams).
-pub const REPLY_BATCH: usize = 8;
+/// Replies taken per recvmmsg.
+const REPLY_BATCH: usize = 8;
+/// Replies held for one batched send (each in a 64 KiB slot of the outbox).
+const OUTBOX_SLOTS: usize = crate::sys::SEND_BATCH_MAX;
 const NIL: u32 = u32::MAX;
 
 /// A UDP listener's receive side on one worker.
@@ -66,6 +68,26 @@ struct Flow {
 struct FlowSlot {
     generation: u32,
     flow: Option<Flow>,
+}
+
+/// Replies read from upstream sockets, waiting to leave in one `sendmmsg` per listener when the
+/// worker has handled its batch of completions (or when the outbox is full): one syscall, and one
+/// point where the scheduler may switch to the woken client, per batch rather than per reply.
+pub(super) struct Outbox {
+    buf: Box<[u8]>,
+    out: Vec<crate::sys::OutDatagram>,
+    /// (listener, flow, flow generation) of each reply in `out`.
+    from: Vec<(u32, u32, u32)>,
+}
+
+impl Outbox {
+    pub fn new() -> Outbox {
+        Outbox {
+            buf: vec![0u8; OUTBOX_SLOTS * MAX_DATAGRAM].into_boxed_slice(),
+            out: Vec::with_capacity(OUTBOX_SLOTS),
+            from: Vec::with_capacity(OUTBOX_SLOTS),
+        }
+    }
 }
 
 /// The worker's UDP flows, all listeners together.
@@ -316,20 +338,25 @@ impl Worker {
         }
     }
 
-    /// Forwards pending replies of a flow to its client from the listener's socket.
+    /// Takes pending replies of a flow into the outbox, for its client via the listener's socket.
     fn drain_replies(&mut self, idx: u32) {
         let now = self.now_ms;
         let mut got = false;
         let mut lens = [0usize; REPLY_BATCH];
         for _ in 0..DRAIN_BATCH / REPLY_BATCH {
+            if self.outbox.out.len() + REPLY_BATCH > OUTBOX_SLOTS {
+                self.flush_replies();
+            }
+            let generation = self.flows.slots[idx as usize].generation;
             let Some(f) = self.flows.slots[idx as usize].flow.as_ref() else {
                 return;
             };
+            let at = self.outbox.out.len();
             // One recvmmsg takes every queued reply (up to a batch): no extra recv to learn
             // that the socket is empty after the usual single reply.
             let n = match crate::sys::recv_batch(
                 f.socket.as_fd(),
-                &mut self.udp_scratch,
+                &mut self.outbox.buf[at * MAX_DATAGRAM..],
                 MAX_DATAGRAM,
                 &mut lens,
             ) {
@@ -345,18 +372,14 @@ impl Worker {
                     return;
                 }
             };
-            let (li, client) = (f.listener as usize, f.client);
-            if let Some(ls) = &self.listeners[li].socket {
-                for (i, &len) in lens[..n].iter().enumerate() {
-                    let data = &self.udp_scratch[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
-                    let sent = match f.local {
-                        Some(from) => crate::sys::send_from(ls.as_fd(), data, client, from).is_ok(),
-                        None => ls.send_to(data, &client.into()).is_ok(),
-                    };
-                    if sent {
-                        bump(&f.member.worker(self.id).datagrams_down, 1);
-                    }
-                }
+            for (i, &len) in lens[..n].iter().enumerate() {
+                self.outbox.out.push(crate::sys::OutDatagram {
+                    offset: (at + i) * MAX_DATAGRAM,
+                    len,
+                    to: f.client,
+                    from: f.local,
+                });
+                self.outbox.from.push((f.listener, idx, generation));
             }
             got |= n > 0;
             if n < REPLY_BATCH {
@@ -369,6 +392,31 @@ impl Worker {
             }
             self.touch(idx, now);
         }
+    }
+
+    /// Sends the replies in the outbox: one `sendmmsg` per run of replies of one listener.
+    pub(super) fn flush_replies(&mut self) {
+        let mut sent = [false; crate::sys::SEND_BATCH_MAX];
+        let ob = &self.outbox;
+        let mut i = 0;
+        while i < ob.out.len() {
+            let li = ob.from[i].0;
+            let j = i + ob.from[i..].iter().take_while(|m| m.0 == li).count();
+            if let Some(ls) = &self.listeners[li as usize].socket {
+                crate::sys::send_batch(ls.as_fd(), &ob.buf, &ob.out[i..j], &mut sent);
+                for (k, &(_, fi, generation)) in ob.from[i..j].iter().enumerate() {
+                    let slot = &self.flows.slots[fi as usize];
+                    if let (true, true, Some(f)) =
+                        (sent[k], slot.generation == generation, slot.flow.as_ref())
+                    {
+                        bump(&f.member.worker(self.id).datagrams_down, 1);
+                    }
+                }
+            }
+            i = j;
+        }
+        self.outbox.out.clear();
+        self.outbox.from.clear();
     }
 
     /// Removes a flow from the table now; its socket closes once its poll has ended.
