@@ -281,7 +281,8 @@ struct Worker {
     scratch: Box<[u8; MAX_INBOUND]>,
     /// Scratch space for copying small TCP messages (never holds bytes across calls).
     copy_buf: Box<[u8]>,
-    /// Scratch space for a batch of UDP datagrams (never held across completions).
+    /// UDP replies waiting for the end of the current completion batch (sent by
+    /// `flush_replies` before the worker waits on its ring again).
     outbox: udp::Outbox,
     flows: udp::Flows,
     /// Receive buffer sets of closed UDP listeners, reused by the next one.

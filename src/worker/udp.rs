@@ -2,8 +2,9 @@
 //! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
 //! client address) maps each client to a connected upstream socket, whose replies (multishot
 //! poll, then non-blocking `recvmmsg` into the worker's outbox) go back to the client from the
-//! listener's socket, one `sendmmsg` per batch of completions. Flows expire after `idle_timeout`; `max_flows` bounds the table by evicting
-//! the least recently used flow. Nothing is allocated per datagram.
+//! listener's socket, one `sendmmsg` per batch of completions. Flows expire after
+//! `idle_timeout`; `max_flows` bounds the table by evicting the least recently used flow.
+//! Nothing is allocated per datagram.
 //! Must not: block, log per datagram, or free a flow's socket while its poll is in flight.
 
 use super::{Worker, UDP_RECV_SLOTS};
