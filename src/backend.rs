@@ -186,7 +186,7 @@ pub struct ListenerWorkerCounters {
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
 /// `CloseReason` to an index with `close_index`).
-pub const CLOSE_REASONS: [&str; 13] = [
+pub const CLOSE_REASONS: [&str; 14] = [
     "client_eof",
     "backend_eof",
     "client_reset",
@@ -200,6 +200,7 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "resource",
     "queue_timeout",
     "bad_proxy_header",
+    "backend_down",
 ];
 
 /// Per-listener counters, outside snapshots, per worker.

@@ -37,6 +37,8 @@ pub struct Settings {
     /// Connections to a removed backend (or of a removed listener) are closed this long after
     /// the removal; None: they run until they end.
     pub drain_timeout: Option<Duration>,
+    /// Close open connections to a backend once it is marked down (`on_backend_down = "close"`).
+    pub close_on_backend_down: bool,
     /// UDP: flows per listener (each worker takes its share).
     pub max_flows: u32,
 }

@@ -1,7 +1,7 @@
 //! Backend health end to end through the real binary (2 workers) on loopback: active probes
 //! taking a killed backend out while traffic flows and putting a revived one back, `send` /
-//! `expect` probes, every backend down (readiness, connections closed at once), and passive
-//! ejection after consecutive connect failures, with its doubling.
+//! `expect` probes, every backend down (readiness, connections closed at once), passive
+//! ejection after consecutive connect failures, with its doubling, and `on_backend_down`.
 //!
 //! Timing bounds follow the configured intervals plus a fixed slack; every wait is bounded.
 
@@ -87,6 +87,8 @@ struct Backend {
 #[derive(Default)]
 struct BackendShared {
     stop: AtomicBool,
+    /// Close the listening socket (probes are refused) but keep serving open connections.
+    refuse: AtomicBool,
     /// Proxied (non-probe) connections.
     served: AtomicUsize,
     probes: AtomicUsize,
@@ -137,6 +139,12 @@ impl Backend {
         self.shared.served.load(Ordering::SeqCst)
     }
 
+    /// Closes the listening socket, so that its port refuses connects (and health probes fail),
+    /// while the connections it accepted go on being served.
+    fn stop_listening(&self) {
+        self.shared.refuse.store(true, Ordering::SeqCst);
+    }
+
     fn probes(&self) -> usize {
         self.shared.probes.load(Ordering::SeqCst)
     }
@@ -183,7 +191,8 @@ fn bind_reuse(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<BackendShared>, probe_reply: &'static [u8]) {
-    while !shared.stop.load(Ordering::SeqCst) {
+    // Returning drops the listener: its port refuses from then on.
+    while !shared.stop.load(Ordering::SeqCst) && !shared.refuse.load(Ordering::SeqCst) {
         let (stream, peer) = match listener.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -784,4 +793,82 @@ fn passive_ejection_hides_a_refusing_backend_and_doubles() {
     for e in &echoes {
         assert_eq!(e.errors(), Vec::<String>::new());
     }
+}
+
+/// `on_backend_down = "close"` ends the open connections of a backend once it is marked down,
+/// and only those; with the default (`"keep"`) they go on. Two listeners over the same two
+/// backends, one connection to each backend through each listener; then one backend stops
+/// listening (probes refused) while the connections it holds stay up on its side.
+#[test]
+fn on_backend_down_close_ends_that_backends_connections_and_keep_does_not() {
+    let a = Backend::echo();
+    let b = Backend::echo();
+    let both = [a.addr(), b.addr()];
+    let with_policy = |name: &str, policy: &str| {
+        both.iter()
+            .fold(listener(name), |l, addr| l.backend(*addr))
+            .set("health", &health(""))
+            .set("passive", "{ consecutive_failures = 0 }")
+            .set("on_backend_down", &format!("\"{policy}\""))
+    };
+    let lb = Lb::start(&ringlb_config([
+        with_policy("close", "close"),
+        with_policy("keep", "keep"),
+    ]));
+    let admin = admin(&lb);
+    // Round robin: of two connections per listener, one goes to each backend.
+    let mut conns: Vec<(&str, TcpStream)> = Vec::new();
+    for (i, name) in ["close", "close", "keep", "keep"].into_iter().enumerate() {
+        let mut s = connect(lb.addr(name));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        ping(&mut s, 64, i as u64);
+        conns.push((name, s));
+    }
+    assert_eq!(
+        (a.served(), b.served()),
+        (2, 2),
+        "one connection per backend per listener"
+    );
+
+    let mark = lb.log_len();
+    b.stop_listening();
+    assert_refuses(b.addr());
+    let deadline = Instant::now() + INTERVAL * FALL + SLACK;
+    for name in ["close", "keep"] {
+        let down = format!("listener \"{name}\": backend {} is DOWN", b.addr());
+        await_log(&lb, mark, &down, deadline, "stop listening → DOWN");
+    }
+
+    // Within a scan period or two of the flip: exactly the "close" listener's connection to b
+    // ends; its connection to a, and both of "keep", stay silent and still echo.
+    let mut ended = Vec::new();
+    for (i, (name, s)) in conns.iter_mut().enumerate() {
+        match wait_stream_end(s, Duration::from_millis(1500)) {
+            Ok(end) => ended.push((*name, end)),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                    "{name} connection {i}: {e}"
+                );
+                ping(s, 64, 100 + i as u64);
+            }
+        }
+    }
+    assert_eq!(ended.len(), 1, "connections ended: {ended:?}");
+    assert_eq!(ended[0].0, "close", "connections ended: {ended:?}");
+    let s = scrape(admin);
+    let closed = |l: &str| {
+        metric(
+            &s,
+            "ringlb_closes_total",
+            &[("listener", l), ("reason", "backend_down")],
+        )
+        .expect("ringlb_closes_total{reason=\"backend_down\"}")
+    };
+    assert_eq!((closed("close"), closed("keep")), (1.0, 0.0));
+    assert!(a.errors().is_empty(), "backend a: {:?}", a.errors());
+    assert!(b.errors().is_empty(), "backend b: {:?}", b.errors());
 }

@@ -151,6 +151,17 @@ pub(super) fn validate_listener(
         .drain_timeout
         .map(|s| parse_duration(&s).map_err(|e| invalid(scope, "drain_timeout", e)))
         .transpose()?;
+    let close_on_backend_down = match raw.on_backend_down.as_deref() {
+        None | Some("keep") => false,
+        Some("close") => true,
+        Some(s) => {
+            return Err(invalid(
+                scope,
+                "on_backend_down",
+                format!("{s:?} is not a policy (expected \"keep\" or \"close\")"),
+            ))
+        }
+    };
     let tcp_keepalive = validate_keepalive(scope, raw.tcp_keepalive)?;
     let queue_timeout = match raw.queue_timeout {
         None => DEFAULT_QUEUE_TIMEOUT,
@@ -194,6 +205,7 @@ pub(super) fn validate_listener(
         max_flows,
         access_log,
         drain_timeout,
+        close_on_backend_down,
         tcp_keepalive,
         queue_timeout,
         proxy_protocol,
@@ -225,6 +237,7 @@ fn check_transport_fields(
                     "max_connections".into(),
                     raw.max_connections.map(|n| n.to_string()),
                 ),
+                ("on_backend_down".into(), quoted(&raw.on_backend_down)),
                 ("tcp_keepalive".into(), quoted(&raw.tcp_keepalive)),
                 ("queue_timeout".into(), quoted(&raw.queue_timeout)),
                 ("proxy_protocol".into(), quoted(&raw.proxy_protocol)),

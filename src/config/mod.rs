@@ -159,6 +159,12 @@ pub struct Listener {
     /// `None` (the default) lets them run until they end; `Some(d)` closes them `d` after the
     /// reload (`Some(ZERO)`: at once).
     pub drain_timeout: Option<Duration>,
+    /// TCP only (`on_backend_down`): when a backend is marked down (active checks or passive
+    /// ejection), `false` (`"keep"`, the default, as HAProxy and Envoy) lets its open
+    /// connections run; `true` (`"close"`, HAProxy's `on-marked-down shutdown-sessions`, Envoy's
+    /// `close_connections_on_host_health_failure`) closes them within a scan period, so that
+    /// clients of a demoted database primary reconnect to the healthy one.
+    pub close_on_backend_down: bool,
     /// TCP keepalive on both legs (client and backend sockets): idle time before the first probe
     /// (`TCP_KEEPIDLE`), a whole number of seconds between 1s and [`MAX_TCP_KEEPALIVE`]; probe
     /// interval and count are derived from it by the data plane. Default
@@ -285,8 +291,13 @@ impl Config {
                 );
                 let _ = writeln!(
                     out,
-                    "  drain_timeout {drain_timeout}, tcp_keepalive {}, queue_timeout {}, \
-                     proxy_protocol {}, accept_proxy_protocol {}",
+                    "  drain_timeout {drain_timeout}, on_backend_down {}, tcp_keepalive {}, \
+                     queue_timeout {}, proxy_protocol {}, accept_proxy_protocol {}",
+                    if l.close_on_backend_down {
+                        "close"
+                    } else {
+                        "keep"
+                    },
                     l.tcp_keepalive.map_or("off".to_string(), format_duration),
                     format_duration(l.queue_timeout),
                     l.proxy_protocol.map_or("off", |v| v.name()),

@@ -36,6 +36,7 @@ fn error(text: &str) -> String {
 fn defaults() {
     let l = parse(&web_with(""));
     assert_eq!(l.drain_timeout, None);
+    assert!(!l.close_on_backend_down, "keep, as HAProxy and Envoy");
     assert_eq!(l.tcp_keepalive, Some(Duration::from_secs(60)));
     assert_eq!(l.queue_timeout, Duration::from_secs(5));
     assert_eq!(l.proxy_protocol, None);
@@ -57,6 +58,8 @@ fn explicit_values() {
     assert_eq!(l.proxy_protocol, Some(Version::V2));
     assert!(l.accept_proxy_protocol);
     assert_eq!(l.proxy_protocol_timeout, Duration::from_millis(500));
+    assert!(parse(&web_with("on_backend_down = \"close\"")).close_on_backend_down);
+    assert!(!parse(&web_with("on_backend_down = \"keep\"")).close_on_backend_down);
     assert_eq!(
         parse(&web_with("proxy_protocol = \"v1\"")).proxy_protocol,
         Some(Version::V1)
@@ -117,7 +120,8 @@ fn summary_shows_them() {
         "{}{}",
         web_with(
             "drain_timeout = \"5m\"\ntcp_keepalive = \"0s\"\nqueue_timeout = \"10s\"\n\
-             proxy_protocol = \"v2\"\naccept_proxy_protocol = true\nproxy_protocol_timeout = \"2s\""
+             proxy_protocol = \"v2\"\naccept_proxy_protocol = true\nproxy_protocol_timeout = \"2s\"\n\
+             on_backend_down = \"close\""
         ),
         db_with_backends(
             "{ address = \"10.0.0.1:5432\", max_connections = 90 }, \
@@ -128,11 +132,11 @@ fn summary_shows_them() {
         .unwrap_or_else(|e| panic!("{e}"))
         .summary();
     for want in [
-        "  drain_timeout 5m, tcp_keepalive off, queue_timeout 10s, proxy_protocol v2, \
-         accept_proxy_protocol on (timeout 2s)\n",
+        "  drain_timeout 5m, on_backend_down close, tcp_keepalive off, queue_timeout 10s, \
+         proxy_protocol v2, accept_proxy_protocol on (timeout 2s)\n",
         // Defaults.
-        "  drain_timeout unlimited, tcp_keepalive 1m, queue_timeout 5s, proxy_protocol off, \
-         accept_proxy_protocol off\n",
+        "  drain_timeout unlimited, on_backend_down keep, tcp_keepalive 1m, queue_timeout 5s, \
+         proxy_protocol off, accept_proxy_protocol off\n",
         "  backend 10.0.0.1:5432 weight 1, max_connections 90\n",
         "  backend 10.0.0.2:5432 weight 0 (drain)\n",
         "  backend 127.0.0.1:9001 weight 1\n",
@@ -173,6 +177,7 @@ fn examples_use_every_new_setting() {
     });
     any("proxy_protocol", &|l| l.proxy_protocol.is_some());
     any("accept_proxy_protocol", &|l| l.accept_proxy_protocol);
+    any("on_backend_down = \"close\"", &|l| l.close_on_backend_down);
 }
 
 #[test]
@@ -193,6 +198,11 @@ fn bad_values_name_listener_field_and_value() {
         (
             web_with("tcp_keepalive = \"60\""),
             "listener \"web\": field \"tcp_keepalive\": \"60\" is not a duration",
+        ),
+        (
+            web_with("on_backend_down = \"shutdown\""),
+            "listener \"web\": field \"on_backend_down\": \"shutdown\" is not a policy \
+             (expected \"keep\" or \"close\")",
         ),
         (
             web_with("drain_timeout = \"forever\""),

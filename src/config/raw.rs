@@ -49,6 +49,7 @@ pub struct RawListener {
     pub max_flows: Option<i64>,
     pub access_log: Option<bool>,
     pub drain_timeout: Option<String>,
+    pub on_backend_down: Option<String>,
     pub tcp_keepalive: Option<String>,
     pub queue_timeout: Option<String>,
     pub proxy_protocol: Option<String>,

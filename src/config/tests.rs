@@ -117,6 +117,7 @@ fn defaults_applied() {
         max_flows: 65_536,
         access_log: false,
         drain_timeout: None,
+        close_on_backend_down: false,
         tcp_keepalive: Some(Duration::from_secs(60)),
         queue_timeout: Duration::from_secs(5),
         proxy_protocol: None,

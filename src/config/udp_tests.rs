@@ -120,6 +120,13 @@ fn tcp_only_settings_are_refused_on_udp() {
     let cases = [
         ("max_connections = 10", "max_connections", "10", "max_flows"),
         ("tcp_keepalive = \"60s\"", "tcp_keepalive", "\"60s\"", ""),
+        // UDP flows always leave a backend that goes down: nothing to choose.
+        (
+            "on_backend_down = \"close\"",
+            "on_backend_down",
+            "\"close\"",
+            "",
+        ),
         // Explicitly set to the default or to "off" is still set.
         ("tcp_keepalive = \"0s\"", "tcp_keepalive", "\"0s\"", ""),
         ("queue_timeout = \"5s\"", "queue_timeout", "\"5s\"", ""),

@@ -430,6 +430,7 @@ fn build_snapshot(
             send_proxy: l.proxy_protocol,
             accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
             drain_timeout: l.drain_timeout,
+            close_on_backend_down: l.close_on_backend_down,
             max_flows: l.max_flows,
         },
         tables,

@@ -245,6 +245,8 @@ pub enum CloseReason {
     QueueTimeout,
     /// `accept_proxy_protocol`: the client sent no valid PROXY header in time.
     BadProxyHeader,
+    /// `on_backend_down = "close"`: the backend was marked down.
+    BackendDown,
 }
 
 impl CloseReason {
@@ -263,6 +265,7 @@ impl CloseReason {
             CloseReason::Resource => "local resource exhausted",
             CloseReason::QueueTimeout => "queue timeout",
             CloseReason::BadProxyHeader => "bad PROXY header",
+            CloseReason::BackendDown => "backend marked down",
         }
     }
 
@@ -448,6 +451,7 @@ mod tests {
             (CloseReason::Resource, "resource"),
             (CloseReason::QueueTimeout, "queue_timeout"),
             (CloseReason::BadProxyHeader, "bad_proxy_header"),
+            (CloseReason::BackendDown, "backend_down"),
         ];
         assert_eq!(all.len(), CLOSE_REASONS.len());
         for (r, label) in all {

@@ -287,8 +287,9 @@ struct Worker {
     flows: udp::Flows,
     /// Receive buffer sets of closed UDP listeners, reused by the next one.
     free_recv_sets: Vec<crate::uring::RecvSetId>,
-    /// Per-listener (drain timeout, removed at) for the timeout scan, reused.
-    scan_buf: Vec<(Option<u64>, Option<u64>)>,
+    /// Per-listener (drain timeout, removed at, close on backend down) for the timeout scan,
+    /// reused.
+    scan_buf: Vec<(Option<u64>, Option<u64>, bool)>,
     workers: usize,
     start: Instant,
     now_ms: u64,

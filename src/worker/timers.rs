@@ -51,12 +51,13 @@ impl Worker {
     /// drain timeout of a removed listener or a removed backend.
     pub(super) fn scan_timeouts(&mut self) {
         let now_process = process_ms();
-        // Per listener: (drain timeout in ms, removed at).
+        // Per listener: (drain timeout in ms, removed at, close on backend down).
         let mut per_listener = std::mem::take(&mut self.scan_buf);
         per_listener.clear();
         per_listener.extend(self.listeners.iter_mut().map(|l| {
-            let drain = l.reader.load().settings.drain_timeout;
-            (drain.map(|d| d.as_millis() as u64), l.removed_at_ms)
+            let settings = &l.reader.load().settings;
+            let drain = settings.drain_timeout.map(|d| d.as_millis() as u64);
+            (drain, l.removed_at_ms, settings.close_on_backend_down)
         }));
         for idx in 0..self.slots.len() as u32 {
             let Some(c) = &self.slots[idx as usize].conn else {
@@ -65,7 +66,7 @@ impl Worker {
             if c.closing {
                 continue;
             }
-            let (drain, listener_removed) = per_listener[c.listener as usize];
+            let (drain, listener_removed, close_on_down) = per_listener[c.listener as usize];
             let reason = match c.stage {
                 Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
                 Stage::Queued if self.now_ms >= c.deadline_ms => Some(CloseReason::QueueTimeout),
@@ -77,10 +78,14 @@ impl Worker {
                             (Some(d), Some(t)) => now_process >= t + d,
                             _ => false,
                         };
+                    let backend_down =
+                        close_on_down && c.member.as_ref().is_some_and(|m| !m.is_up());
                     if idle {
                         Some(CloseReason::IdleTimeout)
                     } else if listener_drained || backend_drained {
                         Some(CloseReason::Draining)
+                    } else if backend_down {
+                        Some(CloseReason::BackendDown)
                     } else {
                         None
                     }
