@@ -14,6 +14,7 @@
 
 mod admission;
 pub mod conn;
+mod pipes;
 mod tcp;
 mod timers;
 mod udp;
@@ -46,8 +47,6 @@ pub const HARD_STOP: u8 = 2;
 
 /// Connect attempts per client connection (the first pick plus retries on other backends).
 pub const MAX_CONNECT_ATTEMPTS: u8 = 3;
-/// Idle pipes a worker keeps for reuse; more are closed.
-const PIPE_POOL_MAX: usize = 64;
 /// Ring size (submission entries; the completion queue is 4×).
 const RING_ENTRIES: u32 = 4096;
 /// Period of the worker's tick (heartbeat, accept re-arm, queue retry, stop flag).
@@ -590,15 +589,6 @@ impl Worker {
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
-        }
-    }
-}
-
-/// Returns an empty pipe to the pool (or closes it when the pool is full).
-fn release_pipe(pool: &mut Vec<Pipe>, slot: &mut Option<Pipe>) {
-    if let Some(p) = slot.take() {
-        if pool.len() < PIPE_POOL_MAX {
-            pool.push(p);
         }
     }
 }

@@ -6,11 +6,12 @@
 //! when enabled by the operator, is the one info line per closed connection).
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
-use super::{release_pipe, Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
+use super::pipes::{release_pipe, take_pipe};
+use super::{Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::{bump, BackendStats};
 use crate::proxy_protocol::{self, MAX_ENCODED};
 use crate::snapshot::Pick;
-use crate::sys::{self, Pipe, PIPE_SIZE};
+use crate::sys;
 use crate::uring::{Completion, Op, Token};
 use log::{debug, info};
 use std::net::SocketAddr;
@@ -536,38 +537,6 @@ fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: Dir, n: i32
                 &w.bytes_down
             },
             n as u64,
-        );
-    }
-}
-
-/// The flow's pipe, taken from the pool (or created) if it holds none.
-fn take_pipe<'a>(pool: &mut Vec<Pipe>, slot: &'a mut Option<Pipe>) -> Option<&'a Pipe> {
-    if slot.is_none() {
-        match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-            Ok(p) => {
-                if (p.capacity as usize) < PIPE_SIZE {
-                    warn_small_pipe(p.capacity);
-                }
-                *slot = Some(p);
-            }
-            Err(e) => {
-                debug!("no pipe: {e}");
-                return None;
-            }
-        }
-    }
-    slot.as_ref()
-}
-
-/// Warns once per process that the kernel refused 1 MiB pipes (per-user pipe budget:
-/// fs.pipe-user-pages-soft, or fs.pipe-max-size): splicing still works, with more CPU per byte.
-fn warn_small_pipe(capacity: u32) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        log::warn!(
-            "pipes are {capacity} bytes instead of {PIPE_SIZE}: the kernel refused F_SETPIPE_SZ \
-             (raise fs.pipe-max-size / fs.pipe-user-pages-soft, or run with CAP_SYS_RESOURCE); \
-             splicing continues with more CPU per byte"
         );
     }
 }

@@ -1,0 +1,312 @@
+//! `/metrics`: the Prometheus text exposition (format 0.0.4) of the listeners, backends, health
+//! checks and workers. Per-worker counters are summed here, at scrape time.
+//! Must not: write anything it reads.
+
+use super::{age_ms, AdminState};
+use crate::backend::CLOSE_REASONS;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4). Per-worker counters are summed here.
+pub fn metrics(state: &AdminState) -> String {
+    let mut out = String::with_capacity(8192);
+    let listeners = state.listeners.load();
+    let backends = state.registry.all();
+    let mut f = Family { out: &mut out };
+    f.head(
+        "ringlb_connections_total",
+        "counter",
+        "Connections established to a backend.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let v = b.sum(|w| &w.connections);
+        f.line(
+            "ringlb_connections_total",
+            &[("listener", l), ("backend", &a)],
+            v,
+        );
+    }
+    f.head(
+        "ringlb_active_connections",
+        "gauge",
+        "Connections assigned to a backend and not yet closed (all workers).",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_active_connections",
+            &[("listener", l), ("backend", &a)],
+            b.active(),
+        );
+    }
+    f.head(
+        "ringlb_bytes_total",
+        "counter",
+        "Bytes forwarded, by direction.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let up = b.sum(|w| &w.bytes_up);
+        let down = b.sum(|w| &w.bytes_down);
+        f.line(
+            "ringlb_bytes_total",
+            &[
+                ("listener", l),
+                ("backend", &a),
+                ("direction", "to_backend"),
+            ],
+            up,
+        );
+        f.line(
+            "ringlb_bytes_total",
+            &[("listener", l), ("backend", &a), ("direction", "to_client")],
+            down,
+        );
+    }
+    f.head(
+        "ringlb_connect_errors_total",
+        "counter",
+        "Failed connect attempts to a backend, by reason.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        for (reason, v) in [
+            ("refused", b.sum(|w| &w.connect_refused)),
+            ("timeout", b.sum(|w| &w.connect_timeout)),
+            ("other", b.sum(|w| &w.connect_other)),
+        ] {
+            f.line(
+                "ringlb_connect_errors_total",
+                &[("listener", l), ("backend", &a), ("reason", reason)],
+                v,
+            );
+        }
+    }
+    f.head(
+        "ringlb_backend_up",
+        "gauge",
+        "1 if the backend is eligible for new connections (healthy, not ejected), else 0.",
+    );
+    for lv in listeners.iter() {
+        let snap = lv.published.load();
+        for m in &snap.members {
+            let a = m.address.to_string();
+            f.line(
+                "ringlb_backend_up",
+                &[("listener", &lv.name), ("backend", &a)],
+                u64::from(m.up),
+            );
+        }
+    }
+    f.head(
+        "ringlb_health_checks_total",
+        "counter",
+        "Active health probes, by result.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        let c = &b.control;
+        f.line(
+            "ringlb_health_checks_total",
+            &[("listener", l), ("backend", &a), ("result", "success")],
+            c.checks_ok.load(Ordering::Relaxed),
+        );
+        f.line(
+            "ringlb_health_checks_total",
+            &[("listener", l), ("backend", &a), ("result", "failure")],
+            c.checks_failed.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_health_flips_total",
+        "counter",
+        "Up/down transitions of a backend.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_health_flips_total",
+            &[("listener", l), ("backend", &a)],
+            b.control.flips.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_ejections_total",
+        "counter",
+        "Passive ejections after consecutive connect failures.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_ejections_total",
+            &[("listener", l), ("backend", &a)],
+            b.control.ejections.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_accepted_total",
+        "counter",
+        "Client connections accepted.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_accepted_total",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.accepted),
+        );
+    }
+    f.head(
+        "ringlb_listener_active_connections",
+        "gauge",
+        "Client connections open on the listener.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_listener_active_connections",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.active),
+        );
+    }
+    f.head(
+        "ringlb_no_backend_total",
+        "counter",
+        "Client connections closed at once because no backend was eligible.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_no_backend_total",
+            &[("listener", &lv.name)],
+            lv.stats.sum(|w| &w.no_backend),
+        );
+    }
+    f.head(
+        "ringlb_closes_total",
+        "counter",
+        "Closed client connections, by close reason.",
+    );
+    for lv in listeners.iter() {
+        for (i, reason) in CLOSE_REASONS.iter().enumerate() {
+            f.line(
+                "ringlb_closes_total",
+                &[("listener", &lv.name), ("reason", reason)],
+                lv.stats.sum(|w| &w.closes[i]),
+            );
+        }
+    }
+    f.head("ringlb_udp_flows", "gauge", "UDP flows open (all workers).");
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_flows);
+        f.line("ringlb_udp_flows", &[("listener", &lv.name)], v);
+    }
+    f.head(
+        "ringlb_udp_flows_evicted_total",
+        "counter",
+        "UDP flows evicted because the listener's flow table was full (max_flows).",
+    );
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_evicted);
+        f.line(
+            "ringlb_udp_flows_evicted_total",
+            &[("listener", &lv.name)],
+            v,
+        );
+    }
+    f.head(
+        "ringlb_udp_dropped_total",
+        "counter",
+        "UDP datagrams dropped (no eligible backend, upstream socket error).",
+    );
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_dropped);
+        f.line("ringlb_udp_dropped_total", &[("listener", &lv.name)], v);
+    }
+    f.head(
+        "ringlb_udp_datagrams_total",
+        "counter",
+        "UDP datagrams forwarded, by direction.",
+    );
+    let udp_names: Vec<&str> = listeners
+        .iter()
+        .filter(|l| l.protocol == "udp")
+        .map(|l| l.name.as_str())
+        .collect();
+    for (l, b) in backends
+        .iter()
+        .filter(|(l, _)| udp_names.contains(&l.as_str()))
+    {
+        let a = b.address.to_string();
+        let up = b.sum(|w| &w.datagrams_up);
+        let down = b.sum(|w| &w.datagrams_down);
+        let lab = |d| {
+            [
+                ("listener", l.as_str()),
+                ("backend", a.as_str()),
+                ("direction", d),
+            ]
+        };
+        f.line("ringlb_udp_datagrams_total", &lab("to_backend"), up);
+        f.line("ringlb_udp_datagrams_total", &lab("to_client"), down);
+    }
+    f.head(
+        "ringlb_maglev_slots_moved_total",
+        "counter",
+        "Maglev table slots that changed owner on rebuilds.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_maglev_slots_moved_total",
+            &[("listener", &lv.name)],
+            lv.stats.slots_moved.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "ringlb_snapshot_generation",
+        "gauge",
+        "Generation of the listener's published backend snapshot.",
+    );
+    for lv in listeners.iter() {
+        f.line(
+            "ringlb_snapshot_generation",
+            &[("listener", &lv.name)],
+            lv.published.load().generation,
+        );
+    }
+    f.head(
+        "ringlb_worker_heartbeat_age_milliseconds",
+        "gauge",
+        "Time since each worker loop last ticked.",
+    );
+    for (i, hb) in state.worker_heartbeats.iter().enumerate() {
+        f.line(
+            "ringlb_worker_heartbeat_age_milliseconds",
+            &[("worker", &i.to_string())],
+            age_ms(state, hb),
+        );
+    }
+    out
+}
