@@ -1,7 +1,8 @@
 //! UDP listeners end to end through the real binary (2 workers) on loopback: flows from many
 //! client addresses with Maglev stickiness, idle expiry, the `max_flows` LRU bound, passive
-//! ejection of a backend that went away (ICMP port unreachable), and a real DNS exchange (`dig`
-//! through ringlb to `dnsmasq`, with a DNS health check).
+//! ejection of a backend that went away (ICMP port unreachable), a real DNS exchange (`dig`
+//! through ringlb to `dnsmasq`, with a DNS health check), wildcard binds, and a udp listener
+//! removed by reload and SIGTERM under traffic.
 //!
 //! Clients bind their own loopback addresses (127.0.x.y), one range per test. Every receive has
 //! a timeout and every loop is bounded.
@@ -16,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::admin::{metric, metric_sum, scrape};
+use common::ops::reload_ok;
 use common::udp::{check_reply, client_ip, udp_listener, UdpClient, UdpEcho};
 use common::*;
 
@@ -620,4 +622,116 @@ fn wildcard_bind_replies_from_the_address_the_client_used() {
             .unwrap_or_else(|e| panic!("no reply from {to}: {e}"));
         assert_eq!(&buf[..n], format!("w {dst}").as_bytes());
     }
+}
+
+/// Sends small datagrams to `to` from a fresh socket, about 16 per millisecond, until `stop` is
+/// set (or 20 s pass, or 2 million datagrams went), ignoring replies and errors: a listener kept
+/// busy, below what overloads it on a shared machine, while the test stops it.
+fn blast(to: SocketAddr, stop: &std::sync::atomic::AtomicBool) -> usize {
+    use std::sync::atomic::Ordering;
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_nonblocking(true).expect("nonblocking");
+    let t0 = Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed)
+        && t0.elapsed() < Duration::from_secs(20)
+        && sent < 2_000_000
+    {
+        if s.send_to(b"load", to).is_ok() {
+            sent += 1;
+        }
+        while s.recv_from(&mut buf).is_ok() {}
+        if sent % 16 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    sent
+}
+
+/// A UDP listener that a reload removes stops receiving on every worker (its port refuses
+/// within a second), right after a burst of traffic and with none arriving (so its pending
+/// receives must be cancelled, not just drained by datagrams), and another listener goes on
+/// answering; then SIGTERM, with datagrams still arriving, exits 0 well inside the drain
+/// timeout.
+#[test]
+fn removed_udp_listener_stops_and_sigterm_exits_under_traffic() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let backend = UdpEcho::start("u");
+    let keep = udp_listener("keep").backend(backend.addr());
+    let gone = udp_listener("gone").backend(backend.addr());
+    let one = ringlb_config([keep.clone()]);
+    let mut lb = Lb::start(&ringlb_config([keep, gone]));
+    let (k, g) = (lb.addr("keep"), lb.addr("gone"));
+    let client = UdpClient::bind(client_ip(200, 0));
+    assert_eq!(client.exchange(g, b"before", REPLY), "u");
+
+    let (stop, stop_gone) = (AtomicBool::new(false), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let load_gone = s.spawn(|| blast(g, &stop_gone));
+        let load_keep = s.spawn(|| blast(k, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        stop_gone.store(true, Ordering::Relaxed);
+        let sent_gone = load_gone.join().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, line) = reload_ok(&lb, &one);
+        let t0 = Instant::now();
+        assert!(line.contains("listeners: 0 added, 1 removed"), "{line}");
+        // Give every worker a moment to take the removal; from then on the removed port never
+        // answers, and refuses (ICMP port unreachable on a connected socket) within 1 s.
+        std::thread::sleep(Duration::from_millis(200));
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.connect(g).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let mut answered = 0;
+        let refused = loop {
+            let _ = probe.send(b"after");
+            match probe.recv(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break true,
+                Ok(_) => answered += 1,
+                Err(_) => {}
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                break false;
+            }
+        };
+        assert_eq!(
+            (answered, refused),
+            (0, true),
+            "removed udp listener {g}: (answers after the removal, refused within 1 s); \
+             stderr:\n{}",
+            lb.stderr_tail(20)
+        );
+        // UDP under load may drop a datagram: a few tries, each must be answered correctly.
+        let me = client.local_addr();
+        let kept = (0..5).find_map(|_| client.request(k, b"kept", REPLY).ok());
+        let (from, reply) = kept.expect("no reply from the kept listener in 5 tries");
+        assert_eq!(check_reply(me, k, from, &reply, b"kept"), "u");
+
+        // SIGTERM while "keep" is still busy: a clean exit, long before drain_timeout (10 s).
+        let t1 = Instant::now();
+        lb.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = lb.wait_exit(Duration::from_secs(8));
+        stop.store(true, Ordering::Relaxed);
+        let sent = (sent_gone, load_keep.join().unwrap());
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "no exit 8 s after SIGTERM under udp load; stderr:\n{}",
+                lb.stderr_tail(20)
+            )
+        });
+        assert!(
+            status.success(),
+            "{status:?}; stderr:\n{}",
+            lb.stderr_tail(20)
+        );
+        eprintln!(
+            "exit {:?} after SIGTERM; datagrams sent (gone, keep): {sent:?}",
+            t1.elapsed()
+        );
+        assert!(sent.0 > 100 && sent.1 > 100, "load too small: {sent:?}");
+    });
 }

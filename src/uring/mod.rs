@@ -2,7 +2,8 @@
 //! handful of operations ringlb uses, a submission backlog, and `user_data` tokens.
 //!
 //! Ownership promise (what every `// SAFETY:` below rests on): memory an SQE points to is owned by
-//! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`), lives as long as
+//! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`, UDP receive
+//! slots in `recv_sets`, which are also the buffers UDP sends read from), lives as long as
 //! the ring, and never moves; file descriptors named by an SQE belong to the caller's connection
 //! entry, which the worker does not free or close until every operation it submitted for that
 //! entry has completed. This module never logs and never allocates per operation (the backlog
@@ -192,8 +193,9 @@ impl Ring {
             return false;
         }
         // SAFETY: every entry built by this module points only at memory owned by the Ring
-        // (AddrTable slots, boxed timespecs) or at nothing; the fds it names are kept open by the
-        // caller until the completion arrives (module docs).
+        // (AddrTable slots, boxed timespecs, boxed receive slots, whose buffer a linked
+        // send reads before the slot's recvmsg may write it) or at nothing; the fds it names are
+        // kept open by the caller until the completion arrives (module docs).
         unsafe {
             let _ = sq.push(first);
             if let Some(s) = second {
@@ -306,9 +308,56 @@ impl Ring {
 
     /// Starts a `recvmsg` on `fd` into slot `k` of `set`. Ignored if that slot is busy.
     pub fn recvmsg(&mut self, fd: RawFd, set: RecvSetId, k: usize, token: Token) {
+        if let Some(e) = self.recvmsg_entry(fd, set, k, token) {
+            self.push(e);
+        }
+    }
+
+    /// Sends the `len` bytes slot `k` of `set` received last (see [`Ring::recv_data`]) on the
+    /// connected socket `send_fd`, and starts the slot's next `recvmsg` on `recv_fd` linked
+    /// behind the send, so the buffer is not written again before the send has read it. Two
+    /// completions: `send_token` (bytes sent or -errno) and `recv_token` (the recvmsg's; it is
+    /// -ECANCELED when the send failed). The send goes out with the next submission, together
+    /// with everything else queued: one `io_uring_enter` for a batch of datagrams. Returns
+    /// false, and queues nothing, if the slot already has a recvmsg in flight (its buffer is
+    /// not the caller's to send from).
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_then_recvmsg(
+        &mut self,
+        send_fd: RawFd,
+        send_token: Token,
+        recv_fd: RawFd,
+        set: RecvSetId,
+        k: usize,
+        len: usize,
+        recv_token: Token,
+    ) -> bool {
+        let Some(recv) = self.recvmsg_entry(recv_fd, set, k, recv_token) else {
+            return false;
+        };
+        let m = &self.recv_sets[set.0][k];
+        let len = len.min(m.buf.len());
+        let send = opcode::Send::new(types::Fd(send_fd), m.buf.as_ptr(), len as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(send_token.0);
+        self.push_group(send, Some(recv));
+        true
+    }
+
+    /// The SQE of a `recvmsg` on `fd` into slot `k` of `set`, marking the slot busy; None if it
+    /// already is.
+    fn recvmsg_entry(
+        &mut self,
+        fd: RawFd,
+        set: RecvSetId,
+        k: usize,
+        token: Token,
+    ) -> Option<squeue::Entry> {
         let m = &mut self.recv_sets[set.0][k];
         if m.busy {
-            return;
+            return None;
         }
         m.busy = true;
         m.iov.iov_base = m.buf.as_mut_ptr().cast();
@@ -321,10 +370,11 @@ impl Ring {
         m.hdr.msg_controllen = std::mem::size_of_val(&m.control) as _;
         m.hdr.msg_flags = 0;
         let hdr: *mut libc::msghdr = &mut m.hdr;
-        let e = opcode::RecvMsg::new(types::Fd(fd), hdr)
-            .build()
-            .user_data(token.0);
-        self.push(e);
+        Some(
+            opcode::RecvMsg::new(types::Fd(fd), hdr)
+                .build()
+                .user_data(token.0),
+        )
     }
 
     /// The sender of the datagram a completed `recvmsg` left in slot `k`, and the local address

@@ -33,6 +33,8 @@ pub enum Op {
     UdpPoll = 18,
     /// Cancel issued while closing a UDP flow.
     UdpCancel = 19,
+    /// A datagram sent on a UDP flow's upstream socket; index = flow slot.
+    UdpSend = 20,
 }
 
 impl Op {
@@ -54,6 +56,7 @@ impl Op {
             17 => UdpRecv,
             18 => UdpPoll,
             19 => UdpCancel,
+            20 => UdpSend,
             _ => return None,
         })
     }

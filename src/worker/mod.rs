@@ -404,7 +404,9 @@ impl Worker {
                 }
                 self.drop_socket_if_done(li);
             }
-            Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel)) => self.on_udp_completion(op, c),
+            Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel | Op::UdpSend)) => {
+                self.on_udp_completion(op, c)
+            }
             Some(op) => self.on_conn_completion(op, c),
             None => {}
         }
@@ -439,7 +441,7 @@ impl Worker {
     }
 
     /// Cancels what is in flight on a listener's socket (its accept or its recvmsgs).
-    fn cancel_listener_ops(&mut self, li: usize) {
+    pub(super) fn cancel_listener_ops(&mut self, li: usize) {
         let l = &mut self.listeners[li];
         if let Some(sock) = &l.socket {
             l.cancels += 1;

@@ -240,7 +240,8 @@ impl Worker {
             | Op::AcceptCancel
             | Op::UdpRecv
             | Op::UdpPoll
-            | Op::UdpCancel => return,
+            | Op::UdpCancel
+            | Op::UdpSend => return,
         };
         self.apply(idx, step.0, step.1);
     }

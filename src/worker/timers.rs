@@ -31,6 +31,17 @@ impl Worker {
             if !l.accepting && !l.paused && self.now_ms >= l.rearm_at_ms {
                 self.arm_accept(li);
             }
+            // A recvmsg linked behind an upstream send is issued only when the send completes,
+            // so it can escape the cancel of a stopping UDP listener: cancel until none is left.
+            let l = &self.listeners[li];
+            let stopping = self.draining || l.removed_at_ms.is_some();
+            if stopping
+                && l.cancels == 0
+                && l.socket.is_some()
+                && l.udp.as_ref().is_some_and(|u| u.inflight > 0)
+            {
+                self.cancel_listener_ops(li);
+            }
             if !self.listeners[li].held.is_empty() {
                 // Places may have freed on other workers since the last try.
                 self.release_held(li);

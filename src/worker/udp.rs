@@ -1,11 +1,13 @@
 //! UDP on a worker: each UDP listener has its own `SO_REUSEPORT` socket here, received with
 //! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
-//! client address) maps each client to a connected upstream socket, whose replies (multishot
+//! client address) maps each client to a connected upstream socket. A datagram goes upstream by
+//! an io_uring `SEND` straight from its receive buffer, with that buffer's next `recvmsg` linked
+//! behind it (one `io_uring_enter` for a batch of datagrams); the flow's replies (multishot
 //! poll, then non-blocking `recvmmsg` into the worker's outbox) go back to the client from the
 //! listener's socket, one `sendmmsg` per batch of completions. Flows expire after
 //! `idle_timeout`; `max_flows` bounds the table by evicting the least recently used flow.
 //! Nothing is allocated per datagram.
-//! Must not: block, log per datagram, or free a flow's socket while its poll is in flight.
+//! Must not: block, log per datagram, or free a flow's socket while a poll or send names it.
 
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
@@ -61,7 +63,7 @@ struct Flow {
     last_active_ms: u64,
     prev: u32,
     next: u32,
-    /// Poll and cancel operations in flight.
+    /// Poll, cancel and send operations in flight (sends: at most one per receive slot).
     inflight: u8,
     closing: bool,
 }
@@ -123,6 +125,7 @@ impl Worker {
         match op {
             Op::UdpRecv => self.on_udp_recv(c),
             Op::UdpPoll | Op::UdpCancel => self.on_flow_event(op, c),
+            Op::UdpSend => self.on_flow_sent(c),
             _ => {}
         }
     }
@@ -140,21 +143,31 @@ impl Worker {
             return;
         };
         let now = self.now_ms;
+        let l = &self.listeners[li];
+        let stopping = self.draining || l.removed_at_ms.is_some();
+        // While the listener runs, the slot's next recvmsg is linked behind the upstream send.
+        let rearm_on = l
+            .socket
+            .as_ref()
+            .map(|s| s.as_raw_fd())
+            .filter(|_| !stopping);
+        let mut rearmed = false;
         if let (Some(client), true) = (client, c.result >= 0) {
-            // Sent straight from the ring's buffer: the slot is re-armed only after.
-            self.forward_up(li, client, local, (set, k, c.result as usize), now);
+            let slot = (set, k, c.result as usize);
+            rearmed = self.forward_up(li, client, local, slot, rearm_on, now);
         }
         let l = &mut self.listeners[li];
         let Some(u) = l.udp.as_mut() else {
             return;
         };
         u.inflight = u.inflight.saturating_sub(1);
-        let stopping = self.draining || l.removed_at_ms.is_some();
         if stopping {
             self.drop_socket_if_done(li);
             return;
         }
-        if let Some(sock) = &l.socket {
+        if rearmed {
+            u.inflight += 1;
+        } else if let Some(sock) = &l.socket {
             u.inflight += 1;
             self.ring
                 .recvmsg(sock.as_raw_fd(), set, k, Ring::recv_token(set, k));
@@ -163,15 +176,18 @@ impl Worker {
 
     /// Sends the datagram in ring slot `(set, k)` (`len` bytes) from `client` to its flow's
     /// backend, creating the flow if needed (and re-creating it when its backend went down or
-    /// was removed since).
+    /// was removed since). With `rearm_on` (the listener's socket), the send goes through the
+    /// ring with the slot's next recvmsg linked behind it, and this returns true; otherwise (a
+    /// stopping listener) the datagram is sent at once and the slot is left to the caller.
     fn forward_up(
         &mut self,
         li: usize,
         client: SocketAddr,
         local: Option<IpAddr>,
         (set, k, len): (RecvSetId, usize, usize),
+        rearm_on: Option<std::os::fd::RawFd>,
         now: u64,
-    ) {
+    ) -> bool {
         let key = (li as u32, client);
         if let Some(&i) = self.flows.map.get(&key) {
             let stale = self.flows.slots[i as usize]
@@ -188,15 +204,28 @@ impl Worker {
                 Some(i) => i,
                 None => {
                     bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
-                    return;
+                    return false;
                 }
             },
         };
         self.touch(idx, now);
-        let f = self.flows.slots[idx as usize]
-            .flow
-            .as_ref()
-            .expect("mapped flow");
+        let slot = &mut self.flows.slots[idx as usize];
+        let generation = slot.generation;
+        let f = slot.flow.as_mut().expect("mapped flow");
+        if let Some(listener_fd) = rearm_on {
+            let tok = Token::new(Op::UdpSend, idx, generation);
+            let recv_tok = Ring::recv_token(set, k);
+            let fd = f.socket.as_raw_fd();
+            if self
+                .ring
+                .send_then_recvmsg(fd, tok, listener_fd, set, k, len, recv_tok)
+            {
+                // Counted in the flow's in-flight operations: its socket stays open until the
+                // send completes.
+                f.inflight += 1;
+                return true;
+            }
+        }
         let sock = socket2::SockRef::from(&f.socket);
         match sock.send(self.ring.recv_data(set, k, len)) {
             Ok(_) => bump(&f.member.worker(self.id).datagrams_up, 1),
@@ -213,6 +242,44 @@ impl Worker {
                 self.close_flow(idx);
             }
         }
+        false
+    }
+
+    /// A datagram sent through the ring on a flow's upstream socket completed.
+    fn on_flow_sent(&mut self, c: Completion) {
+        let idx = c.token.index();
+        let Some(slot) = self.flows.slots.get_mut(idx as usize) else {
+            return;
+        };
+        if !c.token.gen_matches(slot.generation) {
+            return;
+        }
+        let Some(f) = slot.flow.as_mut() else {
+            return;
+        };
+        f.inflight = f.inflight.saturating_sub(1);
+        if f.closing {
+            if f.inflight == 0 {
+                self.free_flow(idx);
+            }
+            return;
+        }
+        if c.result >= 0 {
+            bump(&f.member.worker(self.id).datagrams_up, 1);
+            return;
+        }
+        let e = std::io::Error::from_raw_os_error(-c.result);
+        if c.result == -libc::ECONNREFUSED {
+            // ICMP port unreachable: the backend is not there (passive health).
+            f.member.connect_failed();
+        }
+        debug!(
+            "udp flow {} -> {}: send failed: {e}",
+            f.client, f.member.address
+        );
+        let li = f.listener as usize;
+        bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+        self.close_flow(idx);
     }
 
     /// Picks a backend for a new client and opens its connected upstream socket.
