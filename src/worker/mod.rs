@@ -295,7 +295,17 @@ struct Worker {
     next_scan_ms: u64,
     draining: bool,
     hard_stop_at_ms: Option<u64>,
-    last_warn_ms: u64,
+    /// When each kind of resource warning was last logged (index: [`Shortage`]).
+    last_warn_ms: [u64; 3],
+}
+
+/// The step that ran short of descriptors or memory (each is warned about on its own clock, so
+/// that one cannot hide another).
+#[derive(Clone, Copy)]
+pub(super) enum Shortage {
+    Accept = 0,
+    Socket = 1,
+    Pipe = 2,
 }
 
 /// Runs a worker until it has drained (or was hard-stopped). Errors only on ring failure.
@@ -330,7 +340,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         next_scan_ms: SCAN_MS,
         draining: false,
         hard_stop_at_ms: None,
-        last_warn_ms: 0,
+        last_warn_ms: [0; 3],
     };
     let tick = w.timespec_for(TICK);
     w.ring.timer(tick, Token::new(Op::Tick, 0, 0));
@@ -478,19 +488,21 @@ impl Worker {
         }
     }
 
-    /// Warns that the worker ran short of a resource (descriptors, memory), at most once a second
-    /// per worker, whichever step hit it.
+    /// Warns that the worker ran short of a resource (descriptors, memory) at step `kind`, at
+    /// most once a second per worker and step.
     pub(super) fn warn_resource(
         &mut self,
         li: usize,
+        kind: Shortage,
         what: &str,
         e: io::Error,
         then: std::fmt::Arguments,
     ) {
-        if self.now_ms < self.last_warn_ms + 1000 && self.last_warn_ms != 0 {
+        let last = &mut self.last_warn_ms[kind as usize];
+        if *last != 0 && self.now_ms < *last + 1000 {
             return;
         }
-        self.last_warn_ms = self.now_ms.max(1);
+        *last = self.now_ms.max(1);
         warn!(
             "listener \"{}\" worker {}: {what}: {e}; {then}",
             self.listeners[li].name, self.id
@@ -517,6 +529,7 @@ impl Worker {
                 self.listeners[li].rearm_at_ms = self.now_ms + ACCEPT_BACKOFF_MS;
                 self.warn_resource(
                     li,
+                    Shortage::Accept,
                     "accept failed",
                     io::Error::from_raw_os_error(e),
                     format_args!(

@@ -3,29 +3,28 @@
 //! empties. Must not: log more than once per process, or keep more than `PIPE_POOL_MAX` idle.
 
 use crate::sys::{Pipe, PIPE_SIZE};
-use log::debug;
 use std::sync::atomic::Ordering;
 
 /// Idle pipes a worker keeps for reuse; more are closed.
 const PIPE_POOL_MAX: usize = 64;
 
-/// The flow's pipe, taken from the pool (or created) if it holds none.
-pub(super) fn take_pipe<'a>(pool: &mut Vec<Pipe>, slot: &'a mut Option<Pipe>) -> Option<&'a Pipe> {
+/// The flow's pipe, taken from the pool (or created) if it holds none. Err: the pipe could not
+/// be created (out of descriptors, or of the per-user pipe budget).
+pub(super) fn take_pipe<'a>(
+    pool: &mut Vec<Pipe>,
+    slot: &'a mut Option<Pipe>,
+) -> std::io::Result<&'a Pipe> {
     if slot.is_none() {
-        match pool.pop().map(Ok).unwrap_or_else(|| Pipe::new(PIPE_SIZE)) {
-            Ok(p) => {
-                if (p.capacity as usize) < PIPE_SIZE {
-                    warn_small_pipe(p.capacity);
-                }
-                *slot = Some(p);
-            }
-            Err(e) => {
-                debug!("no pipe: {e}");
-                return None;
-            }
+        let p = match pool.pop() {
+            Some(p) => p,
+            None => Pipe::new(PIPE_SIZE)?,
+        };
+        if (p.capacity as usize) < PIPE_SIZE {
+            warn_small_pipe(p.capacity);
         }
+        *slot = Some(p);
     }
-    slot.as_ref()
+    Ok(slot.as_ref().expect("just filled"))
 }
 
 /// Warns once per process that the kernel refused 1 MiB pipes (per-user pipe budget:

@@ -7,7 +7,7 @@
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
 use super::pipes::{release_pipe, take_pipe};
-use super::{Conn, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
+use super::{Conn, Shortage, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::{bump, BackendStats};
 use crate::proxy_protocol::{self, MAX_ENCODED};
 use crate::snapshot::Pick;
@@ -172,6 +172,7 @@ impl Worker {
                 let li = conn.listener as usize;
                 self.warn_resource(
                     li,
+                    Shortage::Socket,
                     "socket() for a backend failed",
                     e,
                     format_args!("closing the client (open connections keep being served)"),
@@ -337,6 +338,7 @@ impl Worker {
         let mut step = step;
         // Chunks moved before yielding to other connections (fairness on a busy stream).
         let mut budget = SPLICE_BUDGET;
+        let mut no_pipe = None;
         let fail = loop {
             match step {
                 Step::SpliceIn if budget > 0 && conn.flows[di].wants_copy() => {
@@ -354,8 +356,12 @@ impl Worker {
                         if sent_ok < read && (sent >= 0 || sent == -libc::EAGAIN) {
                             // The destination took less: the rest waits in a pipe, as a
                             // splice-in would have left it.
-                            let Some(pipe) = take_pipe(pool, &mut conn.pipes[di]) else {
-                                break Some(CloseReason::Resource);
+                            let pipe = match take_pipe(pool, &mut conn.pipes[di]) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    no_pipe = Some(e);
+                                    break Some(CloseReason::Resource);
+                                }
                             };
                             let rest = &copy_buf[sent_ok as usize..read as usize];
                             if sys::write_nb(pipe.write.as_raw_fd(), rest) != rest.len() as i32 {
@@ -368,9 +374,12 @@ impl Worker {
                 }
                 Step::SpliceIn if budget > 0 => {
                     budget -= 1;
-                    let Some(pipe) = take_pipe(pool, &mut conn.pipes[di]) else {
-                        debug!("conn {idx}: no pipe");
-                        break Some(CloseReason::Resource);
+                    let pipe = match take_pipe(pool, &mut conn.pipes[di]) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            no_pipe = Some(e);
+                            break Some(CloseReason::Resource);
+                        }
                     };
                     let res = sys::splice(src, pipe.write.as_raw_fd(), pipe.capacity);
                     if res > 0 {
@@ -425,6 +434,16 @@ impl Worker {
                 Step::DestFailed(_) => break Some(CloseReason::from_failure(d, false)),
             }
         };
+        if let Some(e) = no_pipe {
+            let li = conn.listener as usize;
+            self.warn_resource(
+                li,
+                Shortage::Pipe,
+                "pipe2() failed",
+                e,
+                format_args!("closing the connection (open connections keep being served)"),
+            );
+        }
         if let Some(reason) = fail {
             self.close_conn(idx, reason);
         }
