@@ -287,9 +287,9 @@ pub const SEND_BATCH_MAX: usize = 32;
 
 /// Sends up to [`SEND_BATCH_MAX`] datagrams (pieces of `buf`) from one unconnected UDP socket
 /// with `sendmmsg(2)`, non-blocking: one syscall, and one chance for the scheduler to switch
-/// away, for the whole batch instead of one per datagram. A datagram the kernel refuses (full
-/// buffer, unreachable) is skipped and the rest still go. `sent[i]` tells whether datagram i
-/// left; returns how many did.
+/// away, for the whole batch instead of one per datagram. A datagram the kernel refuses (too
+/// large, unreachable) is skipped and the rest still go; a full socket buffer drops the rest of
+/// the batch. `sent[i]` tells whether datagram i left; returns how many did.
 pub fn send_batch(
     fd: BorrowedFd<'_>,
     buf: &[u8],
@@ -351,11 +351,15 @@ pub fn send_batch(
             }
             done += r as usize;
             start += r as usize;
-        } else if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
         } else {
-            sent[start] = false; // refused: dropped, as a full socket buffer drops datagrams
-            start += 1;
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) if r < 0 => continue,
+                // The socket's buffer is full: the rest of the batch is dropped, as UDP drops.
+                Some(libc::EAGAIN | libc::ENOBUFS) if r < 0 => break,
+                // This datagram is refused (too large, unreachable): skip it, send the rest.
+                _ => start += 1,
+            }
         }
     }
     done

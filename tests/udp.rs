@@ -1,8 +1,9 @@
 //! UDP listeners end to end through the real binary (2 workers) on loopback: flows from many
 //! client addresses with Maglev stickiness, idle expiry, the `max_flows` LRU bound, passive
 //! ejection of a backend that went away (ICMP port unreachable), a real DNS exchange (`dig`
-//! through ringlb to `dnsmasq`, with a DNS health check), wildcard binds, and a udp listener
-//! removed by reload and SIGTERM under traffic.
+//! through ringlb to `dnsmasq`, with a DNS health check), wildcard binds, a udp listener removed
+//! by reload and SIGTERM under traffic, and (in a network namespace of the test's own) a backend
+//! whose address never resolves.
 //!
 //! Clients bind their own loopback addresses (127.0.x.y), one range per test. Every receive has
 //! a timeout and every loop is bounded.
@@ -734,4 +735,168 @@ fn removed_udp_listener_stops_and_sigterm_exits_under_traffic() {
         );
         assert!(sent.0 > 100 && sent.1 > 100, "load too small: {sent:?}");
     });
+}
+
+/// A network namespace of the test's own (deleted on drop), with loopback up and a veth pair
+/// `v0` (10.77.0.1/24) – `v1` (no address): a datagram to 10.77.0.99 waits for an ARP answer
+/// that never comes, so a socket sending there fills its buffer. Nothing leaves the namespace.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let name = format!("ringlb-udp-{}", std::process::id());
+        let ip =
+            |args: &[&str]| run_bounded(Command::new("ip").args(args), Duration::from_secs(10));
+        let (ok, _, err) = ip(&["netns", "add", &name]);
+        if !ok {
+            eprintln!("cannot create a network namespace: {err}");
+            return None;
+        }
+        let ns = Netns(name);
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            &["addr", "add", "10.77.0.1/24", "dev", "v0"],
+            &["link", "set", "v0", "up"],
+            &["link", "set", "v1", "up"],
+        ] {
+            let mut full = vec!["-n", ns.0.as_str()];
+            full.extend_from_slice(args);
+            let (ok, _, err) = ip(&full);
+            assert!(ok, "ip {}: {err}", full.join(" "));
+        }
+        Some(ns)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
+    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run_bounded(
+            Command::new("ip").args(["netns", "del", &self.0]),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// A flow whose backend never answers ARP fills its upstream socket's buffer; its datagrams are
+/// dropped (and counted) from then on, and the listener goes on serving every other client.
+/// (Before the fix, each of the listener's receive slots ended up parked behind a send that
+/// could not complete, and the listener stopped reading: 0 of 10 replies.)
+#[test]
+fn a_backend_that_never_resolves_does_not_stall_the_listener() {
+    if !have("ip") {
+        eprintln!("skipped: needs iproute2 (.ci/run installs it) and root");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipped: no network namespaces here");
+        return;
+    };
+    // Inside the namespace the ports are ours alone.
+    let toml =
+        "[runtime]\nworkers = 1\ndrain_timeout = \"1s\"\n[admin]\nbind = \"127.0.0.1:9900\"\n\
+                [[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:7000\"\nprotocol = \"udp\"\n\
+                backends = [ { address = \"10.77.0.99:53\" }, { address = \"127.0.0.1:7001\" } ]\n";
+    let cfg = TempFile::new("netns-udp", "toml", toml);
+    let mut lb = Command::new("ip")
+        .args(["netns", "exec", &ns.0, ringlb_bin(), "run", "--config"])
+        .arg(cfg.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringlb in the namespace");
+    let stderr = lb.stderr.take().expect("stderr");
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut s);
+        s
+    });
+    let outcome = ns.within(|| {
+        let echo = UdpSocket::bind("127.0.0.1:7001").expect("bind echo");
+        echo.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = [0u8; 2048];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                        let _ = echo.send_to(&buf[..n], from);
+                    }
+                }
+            });
+            let lb_addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+            let client = || {
+                let c = UdpSocket::bind(("127.0.0.1", 0)).expect("bind client");
+                c.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                c
+            };
+            // Round robin: of two new clients, one flow goes to each backend. Wait for ringlb
+            // to listen by retrying the first exchange.
+            let (a, b) = (client(), client());
+            let mut buf = [0u8; 2048];
+            let answered = |c: &UdpSocket, buf: &mut [u8]| {
+                c.send_to(b"hello", lb_addr).is_ok() && c.recv_from(buf).is_ok()
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (live, dead) = loop {
+                let first = answered(&a, &mut buf);
+                let second = answered(&b, &mut buf);
+                match (first, second) {
+                    (true, false) => break (a, b),
+                    (false, true) => break (b, a),
+                    _ if Instant::now() > deadline => {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(format!("clients answered: {first} {second}"));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            };
+            // Far more than the flow's send buffer holds while ARP is pending.
+            for _ in 0..3000 {
+                let _ = dead.send_to(&[7u8; 64], lb_addr);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let replies = (0..10)
+                .filter(|i| {
+                    live.send_to(format!("ping {i}").as_bytes(), lb_addr)
+                        .is_ok()
+                        && live.recv_from(&mut buf).is_ok()
+                })
+                .count();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(replies)
+        })
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lb.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lb.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = lb.kill();
+    let status = lb.wait().expect("wait");
+    let log = log.join().expect("log");
+    let replies = outcome.unwrap_or_else(|e| panic!("{e}\nringlb stderr:\n{log}"));
+    assert_eq!(replies, 10, "live client's replies; ringlb stderr:\n{log}");
+    assert!(status.success(), "ringlb exit {status:?}; stderr:\n{log}");
 }

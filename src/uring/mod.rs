@@ -338,7 +338,10 @@ impl Ring {
         let m = &self.recv_sets[set.0][k];
         let len = len.min(m.buf.len());
         let send = opcode::Send::new(types::Fd(send_fd), m.buf.as_ptr(), len as u32)
-            .flags(libc::MSG_NOSIGNAL)
+            // MSG_DONTWAIT: a full send buffer (a backend whose address does not resolve, say)
+            // fails the send at once with -EAGAIN instead of parking it, and with it this
+            // receive slot; the linked recvmsg is then cancelled and the caller re-arms it.
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data(send_token.0);

@@ -230,19 +230,33 @@ impl Worker {
         match sock.send(self.ring.recv_data(set, k, len)) {
             Ok(_) => bump(&f.member.worker(self.id).datagrams_up, 1),
             Err(e) => {
-                let refused = e.raw_os_error() == Some(libc::ECONNREFUSED);
-                debug!(
-                    "udp flow {client} -> {}: send failed: {e}",
-                    f.member.address
-                );
-                if refused {
-                    f.member.connect_failed();
-                }
-                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
-                self.close_flow(idx);
+                let errno = e.raw_os_error().unwrap_or(0);
+                self.send_failed(idx, li, errno);
             }
         }
         false
+    }
+
+    /// A datagram to flow `idx`'s backend could not be sent (`errno`): it is dropped and
+    /// counted. A full send buffer only drops the datagram (UDP under pressure); any other error
+    /// closes the flow, and a refusal (ICMP port unreachable) also counts against the backend.
+    fn send_failed(&mut self, idx: u32, li: usize, errno: i32) {
+        bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+        if matches!(errno, libc::EAGAIN | libc::ENOBUFS) {
+            return;
+        }
+        if let Some(f) = self.flows.slots[idx as usize].flow.as_ref() {
+            if errno == libc::ECONNREFUSED {
+                f.member.connect_failed();
+            }
+            debug!(
+                "udp flow {} -> {}: send failed: {}",
+                f.client,
+                f.member.address,
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+        self.close_flow(idx);
     }
 
     /// A datagram sent through the ring on a flow's upstream socket completed.
@@ -258,28 +272,23 @@ impl Worker {
             return;
         };
         f.inflight = f.inflight.saturating_sub(1);
+        let li = f.listener as usize;
+        if c.result >= 0 {
+            bump(&f.member.worker(self.id).datagrams_up, 1);
+        }
         if f.closing {
+            // A send the flow's close cancelled is a dropped datagram.
+            if c.result < 0 {
+                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+            }
             if f.inflight == 0 {
                 self.free_flow(idx);
             }
             return;
         }
-        if c.result >= 0 {
-            bump(&f.member.worker(self.id).datagrams_up, 1);
-            return;
+        if c.result < 0 {
+            self.send_failed(idx, li, -c.result);
         }
-        let e = std::io::Error::from_raw_os_error(-c.result);
-        if c.result == -libc::ECONNREFUSED {
-            // ICMP port unreachable: the backend is not there (passive health).
-            f.member.connect_failed();
-        }
-        debug!(
-            "udp flow {} -> {}: send failed: {e}",
-            f.client, f.member.address
-        );
-        let li = f.listener as usize;
-        bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
-        self.close_flow(idx);
     }
 
     /// Picks a backend for a new client and opens its connected upstream socket.
