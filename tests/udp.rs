@@ -744,7 +744,10 @@ struct Netns(String);
 
 impl Netns {
     fn create() -> Option<Netns> {
-        let name = format!("ringlb-udp-{}", std::process::id());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("ringlb-udp-{}-{nanos}", std::process::id());
         let ip =
             |args: &[&str]| run_bounded(Command::new("ip").args(args), Duration::from_secs(10));
         let (ok, _, err) = ip(&["netns", "add", &name]);
@@ -813,6 +816,14 @@ fn a_backend_that_never_resolves_does_not_stall_the_listener() {
                 [[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:7000\"\nprotocol = \"udp\"\n\
                 backends = [ { address = \"10.77.0.99:53\" }, { address = \"127.0.0.1:7001\" } ]\n";
     let cfg = TempFile::new("netns-udp", "toml", toml);
+    // Killed and reaped on drop (before the namespace is deleted), even when the test panics.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut lb = Command::new("ip")
         .args(["netns", "exec", &ns.0, ringlb_bin(), "run", "--config"])
         .arg(cfg.path())
@@ -820,8 +831,9 @@ fn a_backend_that_never_resolves_does_not_stall_the_listener() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .expect("spawn ringlb in the namespace");
-    let stderr = lb.stderr.take().expect("stderr");
+    let stderr = lb.0.stderr.take().expect("stderr");
     let log = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::BufReader::new(stderr).read_to_string(&mut s);
@@ -832,7 +844,16 @@ fn a_backend_that_never_resolves_does_not_stall_the_listener() {
         echo.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
+        // Stops the echo thread however the scope is left (a panic included), so that the
+        // scope, which joins it, cannot wait forever.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         std::thread::scope(|s| {
+            let _stop_echo = StopOnDrop(&stop);
             s.spawn(|| {
                 let mut buf = [0u8; 2048];
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -886,15 +907,15 @@ fn a_backend_that_never_resolves_does_not_stall_the_listener() {
         })
     });
     let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(lb.id() as i32),
+        nix::unistd::Pid::from_raw(lb.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lb.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+    while lb.0.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = lb.kill();
-    let status = lb.wait().expect("wait");
+    let _ = lb.0.kill();
+    let status = lb.0.wait().expect("wait");
     let log = log.join().expect("log");
     let replies = outcome.unwrap_or_else(|e| panic!("{e}\nringlb stderr:\n{log}"));
     assert_eq!(replies, 10, "live client's replies; ringlb stderr:\n{log}");
