@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::admin::{connections_per_backend, http_get, metric, scrape};
+use common::admin::{connections_per_backend, http_get, per_backend, scrape};
 use common::procs::{require_tool, run_ok, tail, try_run, PgCluster, Proc};
 use common::*;
 
@@ -48,17 +48,8 @@ fn wait_up(lb: &Lb, want: &[(SocketAddr, f64)], timeout: Duration) {
     let mut last = Vec::new();
     let ok = wait_until(timeout, || {
         let s = scrape(admin);
-        last = want
-            .iter()
-            .map(|(b, _)| {
-                let b = b.to_string();
-                metric(
-                    &s,
-                    "ringlb_backend_up",
-                    &[("listener", LISTENER), ("backend", &b)],
-                )
-            })
-            .collect();
+        let backends: Vec<SocketAddr> = want.iter().map(|(b, _)| *b).collect();
+        last = per_backend(&s, "ringlb_backend_up", LISTENER, &backends);
         last.iter().zip(want).all(|(v, (_, w))| *v == Some(*w))
     });
     assert!(

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::admin::{connections_per_backend, metric, scrape};
+use common::admin::{connections_per_backend, per_backend, scrape};
 use common::procs::{require_tool, run_ok, tail, try_run, RedisServer};
 use common::*;
 
@@ -39,17 +39,7 @@ fn wait_all_up(lb: &Lb, backends: &[SocketAddr], timeout: Duration) {
     let mut last = Vec::new();
     let ok = wait_until(timeout, || {
         let s = scrape(admin);
-        last = backends
-            .iter()
-            .map(|b| {
-                let b = b.to_string();
-                metric(
-                    &s,
-                    "ringlb_backend_up",
-                    &[("listener", LISTENER), ("backend", &b)],
-                )
-            })
-            .collect();
+        last = per_backend(&s, "ringlb_backend_up", LISTENER, backends);
         last.iter().all(|v| *v == Some(1.0))
     });
     assert!(

@@ -171,6 +171,27 @@ write_json() {
         }' >"$json"
 }
 
+# chart_panel TITLE N TSV: one panel of the chart, as gnuplot commands on stdout: a bar per
+# contestant for each of the N rows of TSV (x, label, four ratios, four value labels), with the
+# tick labels at the group centres (xtic() in a plot would put them under one bar).
+chart_panel() {
+    local title=$1 n=$2 tsv=$3 tics
+    tics=$(awk -F'\t' '{ printf "%s\"%s\" %d", (NR > 1 ? ", " : ""), $2, $1 }' "$tsv")
+    cat <<EOF
+set title "$title"
+set xrange [-0.5:$n-0.5]
+set xtics ($tics)
+plot "$tsv" using (\$1-0.3):3 with boxes lc rgb "#1f77b4" title "ringlb", \\
+     "" using (\$1-0.1):4 with boxes lc rgb "#ff7f0e" title "HAProxy", \\
+     "" using (\$1+0.1):5 with boxes lc rgb "#2ca02c" title "NGINX", \\
+     "" using (\$1+0.3):6 with boxes lc rgb "#999999" title "no proxy", \\
+     "" using (\$1-0.3):3:7 with labels offset 0,0.7 font ",8" notitle, \\
+     "" using (\$1-0.1):4:8 with labels offset 0,0.7 font ",8" notitle, \\
+     "" using (\$1+0.1):5:9 with labels offset 0,0.7 font ",8" notitle, \\
+     "" using (\$1+0.3):6:10 with labels offset 0,0.7 font ",8" notitle
+EOF
+}
+
 # PNG: grouped bars per metric, normalised to HAProxy = 1 (udp: NGINX = 1), one colour per
 # contestant; top panel throughput, bottom panel costs.
 write_chart() {
@@ -195,11 +216,8 @@ write_chart() {
         done
         unset -n keys
     done
-    # Tick labels at the group centres (xtic() in a plot would put them under one bar).
-    local tics_higher tics_lower
-    tics_higher=$(awk -F'\t' '{ printf "%s\"%s\" %d", (NR > 1 ? ", " : ""), $2, $1 }' "$dat-higher.tsv")
-    tics_lower=$(awk -F'\t' '{ printf "%s\"%s\" %d", (NR > 1 ? ", " : ""), $2, $1 }' "$dat-lower.tsv")
-    cat >"$gp" <<EOF
+    {
+        cat <<EOF
 set terminal pngcairo size 1500,1100 font "DejaVu Sans,10"
 set output "$png"
 set datafile separator "\t"
@@ -213,30 +231,12 @@ set key outside right top
 set bmargin 5
 set arrow from graph 0, first 1 to graph 1, first 1 nohead dashtype 2 lc rgb "#555555"
 set multiplot layout 2,1 title "ringlb vs HAProxy vs NGINX ($MODE_NAME run $STAMP; $(nproc) CPUs, kernel $(uname -r)) — normalised: HAProxy = 1 (udp: NGINX = 1)"
-set title "throughput: higher is better"
-set xrange [-0.5:${#CHART_HIGHER[@]}-0.5]
-set xtics ($tics_higher)
-plot "$dat-higher.tsv" using (\$1-0.3):3 with boxes lc rgb "#1f77b4" title "ringlb", \
-     "" using (\$1-0.1):4 with boxes lc rgb "#ff7f0e" title "HAProxy", \
-     "" using (\$1+0.1):5 with boxes lc rgb "#2ca02c" title "NGINX", \
-     "" using (\$1+0.3):6 with boxes lc rgb "#999999" title "no proxy", \
-     "" using (\$1-0.3):3:7 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1-0.1):4:8 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1+0.1):5:9 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1+0.3):6:10 with labels offset 0,0.7 font ",8" notitle
-set title "cost per unit of work, latency, memory: lower is better"
-set xrange [-0.5:${#CHART_LOWER[@]}-0.5]
-set xtics ($tics_lower)
-plot "$dat-lower.tsv" using (\$1-0.3):3 with boxes lc rgb "#1f77b4" title "ringlb", \
-     "" using (\$1-0.1):4 with boxes lc rgb "#ff7f0e" title "HAProxy", \
-     "" using (\$1+0.1):5 with boxes lc rgb "#2ca02c" title "NGINX", \
-     "" using (\$1+0.3):6 with boxes lc rgb "#999999" title "no proxy", \
-     "" using (\$1-0.3):3:7 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1-0.1):4:8 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1+0.1):5:9 with labels offset 0,0.7 font ",8" notitle, \
-     "" using (\$1+0.3):6:10 with labels offset 0,0.7 font ",8" notitle
-unset multiplot
 EOF
+        chart_panel "throughput: higher is better" "${#CHART_HIGHER[@]}" "$dat-higher.tsv"
+        chart_panel "cost per unit of work, latency, memory: lower is better" \
+            "${#CHART_LOWER[@]}" "$dat-lower.tsv"
+        echo "unset multiplot"
+    } >"$gp"
     gnuplot "$gp" 2>"$LOGS/chart.log" || { warn "gnuplot failed; see ${LOGS#"$ROOT"/}/chart.log"; return 0; }
 }
 

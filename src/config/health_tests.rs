@@ -1,6 +1,7 @@
 //! Tests of `[listeners.health]`, `[listeners.passive]` and `access_log`: defaults, explicit
 //! values, both TOML string forms of the probe bytes, and one message per kind of mistake.
 
+use super::tests::parse;
 use super::*;
 
 /// One listener "web" with `extra` appended after its backends (so `[listeners.health]` tables
@@ -10,11 +11,6 @@ fn web(extra: &str) -> String {
         "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\n\
          backends = [ {{ address = \"127.0.0.1:9001\" }} ]\n{extra}\n"
     )
-}
-
-fn parse(text: &str) -> Listener {
-    let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    config.listeners.into_iter().next().expect("one listener")
 }
 
 #[test]

@@ -3,9 +3,9 @@
 //! `max_connections` and drain weight 0: defaults, explicit values, the summary, the examples, and
 //! one message per kind of mistake.
 
+use super::tests::{error, parse};
 use super::*;
 use crate::proxy_protocol::Version;
-use std::path::PathBuf;
 
 /// One listener "web" with `lines` before a one-backend list.
 fn web_with(lines: &str) -> String {
@@ -18,18 +18,6 @@ fn web_with(lines: &str) -> String {
 /// One listener "db" with the given inline backend list.
 fn db_with_backends(backends: &str) -> String {
     format!("[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:5432\"\nbackends = [ {backends} ]\n")
-}
-
-fn parse(text: &str) -> Listener {
-    let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    config.listeners.into_iter().next().expect("one listener")
-}
-
-fn error(text: &str) -> String {
-    match Config::parse(text) {
-        Ok(_) => panic!("accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]
@@ -147,12 +135,7 @@ fn summary_shows_them() {
 
 #[test]
 fn examples_use_every_new_setting() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("directory entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
+    let files = super::tests::examples();
     let listeners: Vec<Listener> = files
         .iter()
         .flat_map(|f| Config::load(f).unwrap_or_else(|e| panic!("{e}")).listeners)

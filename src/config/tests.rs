@@ -4,7 +4,22 @@
 use super::*;
 use std::path::PathBuf;
 
-fn examples() -> Vec<PathBuf> {
+/// The first listener of a config that must load.
+pub(super) fn parse(text: &str) -> Listener {
+    let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    config.listeners.into_iter().next().expect("one listener")
+}
+
+/// The message of a config that must be refused.
+pub(super) fn error(text: &str) -> String {
+    match Config::parse(text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Every `config/*.toml`, sorted.
+pub(super) fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))

@@ -1,6 +1,7 @@
 //! Tests of udp listeners: defaults, `max_flows`, the settings each transport refuses, the health
 //! check requirement, shared binds across protocols, the summary and the DNS example.
 
+use super::tests::{error, parse};
 use super::*;
 
 /// One udp listener "dns" with `lines` before a one-backend list and `after` behind it (where
@@ -21,18 +22,6 @@ fn web_with(protocol: &str, lines: &str) -> String {
 }
 
 const UDP_HEALTH: &str = "[listeners.health]\nsend = 'ping'\nexpect = 'pong'";
-
-fn parse(text: &str) -> Listener {
-    let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    config.listeners.into_iter().next().expect("one listener")
-}
-
-fn error(text: &str) -> String {
-    match Config::parse(text) {
-        Ok(_) => panic!("accepted:\n{text}"),
-        Err(e) => e.to_string(),
-    }
-}
 
 #[test]
 fn udp_defaults() {

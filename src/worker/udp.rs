@@ -259,30 +259,46 @@ impl Worker {
         self.close_flow(idx);
     }
 
+    /// The flow a completion names; None when its slot was freed (and maybe reused) since.
+    fn flow_of(&mut self, c: &Completion) -> Option<&mut Flow> {
+        let slot = self.flows.slots.get_mut(c.token.index() as usize)?;
+        if !c.token.gen_matches(slot.generation) {
+            return None;
+        }
+        slot.flow.as_mut()
+    }
+
+    /// Counts off one of flow `idx`'s operations in flight if `ended`. Returns whether the flow
+    /// is closing (its completions then need nothing more); a closing flow is freed once no
+    /// operation names its socket.
+    fn flow_op_ended(&mut self, idx: u32, ended: bool) -> bool {
+        let Some(f) = self.flows.slots[idx as usize].flow.as_mut() else {
+            return true;
+        };
+        if ended {
+            f.inflight = f.inflight.saturating_sub(1);
+        }
+        if f.closing && f.inflight == 0 {
+            self.free_flow(idx);
+            return true;
+        }
+        f.closing
+    }
+
     /// A datagram sent through the ring on a flow's upstream socket completed.
     fn on_flow_sent(&mut self, c: Completion) {
-        let idx = c.token.index();
-        let Some(slot) = self.flows.slots.get_mut(idx as usize) else {
+        let (idx, id) = (c.token.index(), self.id);
+        let Some(f) = self.flow_of(&c) else {
             return;
         };
-        if !c.token.gen_matches(slot.generation) {
-            return;
-        }
-        let Some(f) = slot.flow.as_mut() else {
-            return;
-        };
-        f.inflight = f.inflight.saturating_sub(1);
         let li = f.listener as usize;
         if c.result >= 0 {
-            bump(&f.member.worker(self.id).datagrams_up, 1);
+            bump(&f.member.worker(id).datagrams_up, 1);
         }
-        if f.closing {
+        if self.flow_op_ended(idx, true) {
             // A send the flow's close cancelled is a dropped datagram.
             if c.result < 0 {
-                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
-            }
-            if f.inflight == 0 {
-                self.free_flow(idx);
+                bump(&self.listeners[li].stats.worker(id).udp_dropped, 1);
             }
             return;
         }
@@ -376,26 +392,11 @@ impl Worker {
     /// A flow's upstream socket is readable (replies), or its poll/cancel ended.
     fn on_flow_event(&mut self, op: Op, c: Completion) {
         let idx = c.token.index();
-        let Some(slot) = self.flows.slots.get_mut(idx as usize) else {
-            return;
-        };
-        if !c.token.gen_matches(slot.generation) {
+        if self.flow_of(&c).is_none() {
             return;
         }
-        let Some(f) = slot.flow.as_mut() else {
-            return;
-        };
         let ended = op == Op::UdpCancel || !c.more();
-        if ended {
-            f.inflight = f.inflight.saturating_sub(1);
-        }
-        if f.closing {
-            if f.inflight == 0 {
-                self.free_flow(idx);
-            }
-            return;
-        }
-        if op == Op::UdpCancel {
+        if self.flow_op_ended(idx, ended) || op == Op::UdpCancel {
             return;
         }
         if c.result >= 0 {

@@ -173,6 +173,22 @@ pub fn metric_sum(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     found.into_iter().map(sample_value).sum()
 }
 
+/// Metric `name` of each backend of `listener`, in the order given (None: no sample).
+pub fn per_backend(
+    scrape: &Scrape,
+    name: &str,
+    listener: &str,
+    backends: &[std::net::SocketAddr],
+) -> Vec<Option<f64>> {
+    backends
+        .iter()
+        .map(|b| {
+            let b = b.to_string();
+            metric(scrape, name, &[("listener", listener), ("backend", &b)])
+        })
+        .collect()
+}
+
 /// `ringlb_connections_total` of each backend of `listener`, in the order given (0 when a
 /// backend has no sample yet).
 pub fn connections_per_backend(
@@ -180,16 +196,8 @@ pub fn connections_per_backend(
     listener: &str,
     backends: &[std::net::SocketAddr],
 ) -> Vec<f64> {
-    backends
-        .iter()
-        .map(|b| {
-            let b = b.to_string();
-            metric(
-                scrape,
-                "ringlb_connections_total",
-                &[("listener", listener), ("backend", &b)],
-            )
-            .unwrap_or(0.0)
-        })
+    per_backend(scrape, "ringlb_connections_total", listener, backends)
+        .into_iter()
+        .map(|v| v.unwrap_or(0.0))
         .collect()
 }

@@ -127,17 +127,7 @@ pub fn digest_of(bytes: &[u8]) -> Digest {
 
 /// Digest of the first `len` bytes of the pattern for `seed`, computed without a socket.
 pub fn pattern_digest(len: u64, seed: u64) -> Digest {
-    let mut p = Pattern::new(seed);
-    let mut h = Hasher::default();
-    let mut buf = vec![0; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        p.fill(&mut buf[..n]);
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    h.digest()
+    send_pattern(&mut io::sink(), len, seed).expect("writing to io::sink cannot fail")
 }
 
 /// Writes `len` bytes of the pattern for `seed`; returns what was written.
