@@ -39,3 +39,10 @@ pub mod sys;
 #[allow(unsafe_code)]
 pub mod uring;
 pub mod worker;
+
+/// The git commit this binary was built from (`RINGLB_COMMIT` at build time, or "unknown").
+pub const BUILD_COMMIT: &str = env!("RINGLB_COMMIT");
+/// The build date (UTC, `YYYY-MM-DD`; `SOURCE_DATE_EPOCH` is honoured).
+pub const BUILD_DATE: &str = env!("RINGLB_BUILD_DATE");
+/// The target triple the binary was built for.
+pub const BUILD_TARGET: &str = env!("RINGLB_TARGET");
