@@ -527,3 +527,64 @@ fn maglev_reload_without_one_backend_moves_only_its_clients() {
         "ringlb_maglev_slots_moved_total is {metric}, the log said {moved} slots moved"
     );
 }
+
+/// A port on 127.0.0.1 with nothing listening (connects are refused).
+fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local_addr")
+}
+
+/// Round robin over `live` (weights given) plus one backend that is down (active checks fail),
+/// with `weight_down`: `total` new connections through the real binary (2 workers) must split
+/// over the live backends in proportion to their weights, within ±10%.
+fn round_robin_spreads_the_down_share(weights_live: &[u32], weight_down: u32, total: usize) {
+    let servers = named_backends(weights_live.len());
+    let down = dead_port();
+    let mut l = listener("rr")
+        .set(
+            "health",
+            "{ interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }",
+        )
+        .set("passive", "{ consecutive_failures = 0 }");
+    // The down backend first: the old code gave its share to the next backend in the sequence.
+    l = l.weighted(down, weight_down);
+    for (s, &w) in servers.iter().zip(weights_live) {
+        l = l.weighted(s.addr(), w);
+    }
+    let lb = Lb::start(&ringlb_config([l]));
+    let admin = lb.admin_addr().expect("admin");
+    let a = down.to_string();
+    assert!(
+        wait_until(SETTLE, || metric(
+            &scrape(admin),
+            "ringlb_backend_up",
+            &[("backend", &a)]
+        ) == Some(0.0)),
+        "backend {down} was never marked down"
+    );
+    let addr = lb.addr("rr");
+    let names: Vec<String> = (0..total).map(|_| ask(addr)).collect();
+    let got = counts(&names);
+    let sum: u32 = weights_live.iter().sum();
+    for (s, &w) in servers.iter().zip(weights_live) {
+        let want = total as f64 * f64::from(w) / f64::from(sum);
+        let have = *got.get(s.name()).unwrap_or(&0) as f64;
+        assert!(
+            (have - want).abs() <= want * 0.10,
+            "weights live {weights_live:?}, down weight {weight_down}: {} got {have}, want {want} \
+             ±10%; all: {got:?}",
+            s.name()
+        );
+    }
+}
+
+#[test]
+fn round_robin_spreads_a_down_backends_share_evenly() {
+    round_robin_spreads_the_down_share(&[1, 1], 1, 300);
+}
+
+#[test]
+fn round_robin_spreads_a_heavy_down_backends_share_by_weight() {
+    round_robin_spreads_the_down_share(&[1, 1], 5, 300);
+    round_robin_spreads_the_down_share(&[1, 3], 2, 400);
+}

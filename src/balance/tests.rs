@@ -105,15 +105,52 @@ fn round_robin_exact_shares_over_a_period() {
     }
 }
 
-#[test]
-fn round_robin_skips_ineligible() {
-    let t = tables(Policy::RoundRobin, &[1, 1, 1]);
+/// Picks as production makes them: every pick positions the cursor from one shared ticket
+/// counter (as `Snapshot::pick` does with the listener's ticket) before picking.
+fn shared_ticket_counts(weights: &[u32], eligible: impl Fn(usize) -> bool, n: usize) -> Vec<usize> {
+    let t = tables(Policy::RoundRobin, weights);
     let mut st = PickState::new(SEED);
-    let got: Vec<usize> = (0..6)
-        .map(|_| t.pick(&mut st, 0, |i| i != 1, idle).unwrap())
-        .collect();
-    assert!(!got.contains(&1));
-    assert_eq!(got.iter().filter(|&&i| i == 0).count(), 3, "{got:?}");
+    let mut counts = vec![0; weights.len()];
+    for ticket in 0..n as u64 {
+        st.set_rr_cursor(ticket);
+        counts[t.pick(&mut st, 0, &eligible, idle).unwrap()] += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_spreads_an_ineligible_share_by_weight() {
+    // 1:1:1 with the middle one full: the others get half each, not 2/3 and 1/3.
+    let c = shared_ticket_counts(&[1, 1, 1], |i| i != 1, 3000);
+    assert_eq!(c[1], 0);
+    for i in [0, 2] {
+        assert!((1350..=1650).contains(&c[i]), "seed {SEED}: {c:?}");
+    }
+    // 5:1:1 with the heavy one ineligible: 1:1 between the other two (not 5:2).
+    let c = shared_ticket_counts(&[5, 1, 1], |i| i != 0, 7000);
+    for i in [1, 2] {
+        assert!((3150..=3850).contains(&c[i]), "seed {SEED}: {c:?}");
+    }
+    // 1:2:4 with the 2 ineligible: 1:4 between the others.
+    let c = shared_ticket_counts(&[1, 2, 4], |i| i != 1, 7000);
+    assert!((1260..=1540).contains(&c[0]), "seed {SEED}: {c:?}");
+    assert!((5040..=6160).contains(&c[2]), "seed {SEED}: {c:?}");
+}
+
+#[test]
+fn round_robin_many_backends_builds_fast_and_exact() {
+    // 100,000 equal backends: plain rotation, one entry each.
+    let seq = super::rr::sequence(&vec![1; 100_000]);
+    assert_eq!(seq.len(), 100_000);
+    assert!(seq.iter().enumerate().all(|(i, &x)| x as usize == i));
+    // Uneven weights over many backends take the stride construction: exact shares per period.
+    let weights: Vec<u32> = (0..20_000).map(|i| 1 + (i % 3)).collect();
+    let seq = super::rr::sequence(&weights);
+    let mut c = vec![0u32; weights.len()];
+    for &x in &seq {
+        c[x as usize] += 1;
+    }
+    assert_eq!(c, weights);
 }
 
 #[test]

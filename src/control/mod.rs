@@ -400,14 +400,26 @@ fn build_snapshot(
             stats: registry.get(&l.name, b.address),
         })
         .collect();
-    let pairs: Vec<(SocketAddr, u32)> = members.iter().map(|m| (m.address, m.weight)).collect();
+    // Round robin builds its sequence over the backends that are up, so a down backend's share
+    // spreads over the others by weight (smooth WRR over the live set, as NGINX does); a health
+    // flip rebuilds it. Maglev keeps its table across flips (it probes past a down backend) and
+    // the other policies skip down backends at pick time.
+    let table_weight = |m: &Member| match l.balance {
+        Policy::RoundRobin if !m.up => 0,
+        _ => m.weight,
+    };
+    let pairs: Vec<(SocketAddr, u32)> = members
+        .iter()
+        .map(|m| (m.address, table_weight(m)))
+        .collect();
     let reuse = old.filter(|o| {
         o.tables.policy() == l.balance
-            && o.members.len() == pairs.len()
+            && o.tables.len() == pairs.len()
             && o.members
                 .iter()
                 .zip(&pairs)
-                .all(|(m, p)| (m.address, m.weight) == *p)
+                .zip(o.tables.weights())
+                .all(|((m, p), &w)| (m.address, w) == *p)
             && o.tables
                 .maglev()
                 .is_none_or(|m| m.size() == l.maglev_table_size)
