@@ -144,7 +144,13 @@ pub(super) fn validate_listener(
     };
 
     let backends = validate_backends(scope, raw.backends)?;
-    let maglev_table_size = validate_table_size(scope, raw.maglev_table_size, backends.len())?;
+    // Only a Maglev listener has a table, so only it needs more slots than backends; a size
+    // written for another policy is still checked (a prime in range), then unused.
+    let maglev_table_size = validate_table_size(
+        scope,
+        raw.maglev_table_size,
+        (balance == Policy::Maglev).then_some(backends.len()),
+    )?;
 
     let access_log = raw.access_log.unwrap_or(false);
     let drain_timeout = raw
@@ -375,6 +381,8 @@ fn validate_backends(
             Some(raw) => raw,
         };
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    // Address → first index: duplicate detection stays linear for 100,000 backends.
+    let mut seen: HashMap<std::net::SocketAddr, usize> = HashMap::with_capacity(raw.len());
     for (i, b) in raw.into_iter().enumerate() {
         let field = format!("backends[{i}].address");
         let Some(text) = b.address else {
@@ -401,7 +409,7 @@ fn validate_backends(
                 ),
             ));
         }
-        if let Some(first) = backends.iter().position(|o| o.address == address) {
+        if let Some(first) = seen.insert(address, i) {
             return Err(invalid(
                 scope,
                 &field,
@@ -457,10 +465,12 @@ fn prime_at_or_above(n: u64) -> Option<u64> {
     (n..=u64::from(balance::MAX_MAGLEV_TABLE_SIZE)).find(|&p| balance::is_prime(p))
 }
 
+/// The Maglev table size: a prime in range and, for a Maglev listener (`backend_count` given),
+/// greater than its number of backends.
 fn validate_table_size(
     scope: &str,
     raw: Option<i64>,
-    backend_count: usize,
+    backend_count: Option<usize>,
 ) -> Result<u32, ConfigError> {
     const FIELD: &str = "maglev_table_size";
     let max = balance::MAX_MAGLEV_TABLE_SIZE;
@@ -477,8 +487,9 @@ fn validate_table_size(
         Some(p) => format!(" (try {p})"),
         None => String::new(),
     };
-    let backends = u64::try_from(backend_count).unwrap_or(u64::MAX);
+    let backends = backend_count.map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX));
     if u64::from(size) <= backends {
+        let backend_count = backends;
         let default_note = if explicit { "" } else { " (the default)" };
         // The Maglev paper keeps every backend's share within about 1% of its weight when the
         // table has at least 100 slots per backend: suggest that, within the maximum.

@@ -377,7 +377,7 @@ fn bad_configs_name_listener_field_and_value() {
         (
             "table size not above backend count",
             web(&format!(
-                "{BIND}\nmaglev_table_size = 3\nbackends = [ {{ address = \"127.0.0.1:1\" }}, {{ address = \"127.0.0.1:2\" }}, {{ address = \"127.0.0.1:3\" }} ]"
+                "{BIND}\nbalance = \"maglev\"\nmaglev_table_size = 3\nbackends = [ {{ address = \"127.0.0.1:1\" }}, {{ address = \"127.0.0.1:2\" }}, {{ address = \"127.0.0.1:3\" }} ]"
             )),
             vec!["listener \"web\": field \"maglev_table_size\": 3 must be greater than the number of backends (3) (try 307)"],
         ),
@@ -524,4 +524,73 @@ fn toml_errors_inside_a_listener_name_it() {
             .starts_with("listeners[0]: TOML parse error"),
         "{err}"
     );
+}
+
+/// A round-robin listener with `n` backends (10.x.y.z:80), plus `tail` appended to the list.
+fn many_backends(n: usize, balance: &str, tail: &str) -> String {
+    let mut text = format!(
+        "[[listeners]]\nname = \"big\"\nbind = \"127.0.0.1:80\"\nbalance = \"{balance}\"\nbackends = [\n"
+    );
+    for i in 0..n {
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!(
+                "  {{ address = \"10.{}.{}.{}:80\" }},\n",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            ),
+        );
+    }
+    text.push_str(tail);
+    text.push_str("]\n");
+    text
+}
+
+#[test]
+fn maglev_table_rules_apply_only_to_maglev_listeners() {
+    // More backends than the default table size: fine for round robin, which has no table.
+    let l = parse(&many_backends(70_000, "round_robin", ""));
+    assert_eq!(l.backends.len(), 70_000);
+    // A table size written for another policy must still be a prime in range, but need not
+    // exceed the backend count.
+    parse(&one_listener_with(
+        "balance = \"least_connections\"\nmaglev_table_size = 3",
+    ));
+    let e = error(&one_listener_with(
+        "balance = \"least_connections\"\nmaglev_table_size = 100",
+    ));
+    assert!(e.contains("100 is not prime (try 101)"), "{e}");
+    // Maglev still checks both.
+    let e = error(&many_backends(70_000, "maglev", ""));
+    assert!(
+        e.contains("maglev_table_size") && e.contains("greater than the number of backends"),
+        "{e}"
+    );
+    let e = error(&one_listener_with(
+        "balance = \"maglev\"\nmaglev_table_size = 100",
+    ));
+    assert!(e.contains("100 is not prime (try 101)"), "{e}");
+}
+
+#[test]
+fn duplicate_backends_found_among_100_000() {
+    // Validation is near-linear (a hash set, not a pairwise scan): 100,000 backends, the last a
+    // duplicate of the first, is refused naming both indices.
+    let e = error(&many_backends(
+        100_000,
+        "round_robin",
+        "  { address = \"10.0.0.0:80\" },\n",
+    ));
+    assert!(
+        e.contains("backends[100000].address") && e.contains("duplicates backends[0].address"),
+        "{e}"
+    );
+}
+
+/// One listener on 127.0.0.1:80 with two backends and `extra` lines.
+fn one_listener_with(extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:80\"\n{extra}\nbackends = [ {{ address = \"10.0.0.1:80\" }}, {{ address = \"10.0.0.2:80\" }} ]\n"
+    )
 }
