@@ -289,9 +289,6 @@ impl Control {
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
         l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
         let (generation, up, total) = (snap.generation, snap.up_count(), snap.members.len());
-        for m in &snap.members {
-            m.stats.set_up(m.up);
-        }
         // Publish first, then say so: a log reader may act on the line at once.
         l.published.store(Arc::new(snap));
         info!(
@@ -388,16 +385,25 @@ fn build_snapshot(
     let members: Vec<Member> = l
         .backends
         .iter()
-        .map(|b| Member {
-            address: b.address,
-            weight: if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
-                0
-            } else {
-                b.weight
-            },
-            up: health.is_up(&l.name, b.address),
-            max_connections: b.max_connections,
-            stats: registry.get(&l.name, b.address),
+        .map(|b| {
+            let up = health.is_up(&l.name, b.address);
+            let stats = registry.get(&l.name, b.address);
+            // The registry keeps a backend's counters by (listener name, address) across
+            // reloads, so a listener re-created under the same name finds the flags an earlier
+            // generation left: set both from this config and this health, every build.
+            stats.set_removed(None);
+            stats.set_up(up);
+            Member {
+                address: b.address,
+                weight: if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
+                    0
+                } else {
+                    b.weight
+                },
+                up,
+                max_connections: b.max_connections,
+                stats,
+            }
         })
         .collect();
     // Round robin builds its sequence over the backends that are up, so a down backend's share

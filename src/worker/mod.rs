@@ -204,7 +204,10 @@ impl Listener {
 
     /// A removed listener with nothing left: its slot can take a new listener.
     fn is_tombstone(&self, worker: usize) -> bool {
-        self.removed_at_ms.is_some() && self.socket.is_none() && self.open_here(worker) == 0
+        self.removed_at_ms.is_some()
+            && self.socket.is_none()
+            && self.open_here(worker) == 0
+            && self.udp.as_ref().is_none_or(|u| u.flows == 0)
     }
 
     /// Connections of this listener open on this worker (the per-worker counter only this

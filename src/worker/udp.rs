@@ -35,6 +35,9 @@ pub(super) struct UdpListener {
     pub set: RecvSetId,
     /// recvmsg operations in flight.
     pub inflight: u32,
+    /// Flows of this listener in the worker's table, closing ones included (a removed listener's
+    /// slot is not reused until this is 0, so no flow outlives its listener).
+    pub flows: u32,
     /// Least recently used list of this listener's flows (head = most recent).
     head: u32,
     tail: u32,
@@ -45,6 +48,7 @@ impl UdpListener {
         UdpListener {
             set,
             inflight: 0,
+            flows: 0,
             head: NIL,
             tail: NIL,
         }
@@ -200,6 +204,12 @@ impl Worker {
         }
         let idx = match self.flows.map.get(&key) {
             Some(&i) => i,
+            // A stopping listener (removed, or draining) forwards for the flows it has and opens
+            // no new one: a flow opened now would outlive the listener's slot.
+            None if rearm_on.is_none() => {
+                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+                return false;
+            }
             None => match self.open_flow(li, client, local) {
                 Some(i) => i,
                 None => {
@@ -381,6 +391,9 @@ impl Worker {
             }
         };
         self.flows.map.insert((li as u32, client), idx);
+        if let Some(u) = self.listeners[li].udp.as_mut() {
+            u.flows += 1;
+        }
         self.link_front(idx);
         let slot = &self.flows.slots[idx as usize];
         let fd = slot.flow.as_ref().expect("just stored").socket.as_raw_fd();
@@ -532,6 +545,13 @@ impl Worker {
         let slot = &mut self.flows.slots[idx as usize];
         if let Some(f) = slot.flow.take() {
             f.member.dec_active();
+            if let Some(u) = self
+                .listeners
+                .get_mut(f.listener as usize)
+                .and_then(|l| l.udp.as_mut())
+            {
+                u.flows = u.flows.saturating_sub(1);
+            }
         } // drops the socket: nothing in flight names it any more
         slot.generation = slot.generation.wrapping_add(1);
         self.flows.free.push(idx);

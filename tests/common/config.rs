@@ -35,6 +35,12 @@ impl Listener {
         self
     }
 
+    /// Listens on `addr` (`IP:PORT`) instead of `127.0.0.1:0`.
+    pub fn bind(mut self, addr: &str) -> Self {
+        self.bind = addr.to_string();
+        self
+    }
+
     pub fn backend(mut self, addr: SocketAddr) -> Self {
         self.backends.push((addr.to_string(), None));
         self
