@@ -104,9 +104,49 @@ struct RecvMem {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecvSetId(usize);
 
+/// A debug knob for tests (`RINGLB_IO_FAULT="enter=EAGAIN/7"`): every 7th wait on the ring fails
+/// with that errno instead of entering the kernel, as a transient io_uring_enter failure would.
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    errno: i32,
+    every: u32,
+    count: u32,
+}
+
+impl Fault {
+    fn from_env() -> Option<Fault> {
+        let v = std::env::var("RINGLB_IO_FAULT").ok()?;
+        let spec = v.strip_prefix("enter=")?;
+        let (name, every) = spec.split_once('/')?;
+        let errno = match name {
+            "EAGAIN" => libc::EAGAIN,
+            "ENOMEM" => libc::ENOMEM,
+            "EBUSY" => libc::EBUSY,
+            "EBADR" => libc::EBADR,
+            "EINTR" => libc::EINTR,
+            "EBADF" => libc::EBADF,
+            "EINVAL" => libc::EINVAL,
+            _ => return None,
+        };
+        Some(Fault {
+            errno,
+            every: every.parse().ok().filter(|&n| n > 0)?,
+            count: 0,
+        })
+    }
+
+    fn fire(&mut self) -> Option<io::Error> {
+        self.count += 1;
+        (self.count % self.every == 0).then(|| io::Error::from_raw_os_error(self.errno))
+    }
+}
+
 /// One io_uring with a backlog for entries that did not fit in the submission queue.
 pub struct Ring {
     ring: IoUring,
+    fault: Option<Fault>,
+    /// io_uring_enter calls made (submits and waits), for tests of the batching.
+    enters: u64,
     /// Groups of SQEs (a single entry, or a linked pair that must enter the SQ together).
     backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
     addrs: AddrTable,
@@ -147,6 +187,8 @@ impl Ring {
             })?;
         Ok(Ring {
             ring,
+            fault: Fault::from_env(),
+            enters: 0,
             backlog: VecDeque::new(),
             addrs: AddrTable { chunks: Vec::new() },
             timespecs: Vec::new(),
@@ -177,11 +219,51 @@ impl Ring {
     }
 
     fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
-        if !self.backlog.is_empty() || !self.try_push(&first, second.as_ref()) {
-            // Make room by submitting what is queued, then try again before falling back.
-            let _ = self.ring.submit();
-            if !self.backlog.is_empty() || !self.try_push(&first, second.as_ref()) {
+        if !self.backlog.is_empty() {
+            // Order is kept behind what already waits, and no syscall is made per push: the
+            // backlog moves into the ring before the next wait.
+            self.backlog.push_back((first, second));
+            return;
+        }
+        if !self.try_push(&first, second.as_ref()) {
+            // The queue just filled: hand it to the kernel once, then try again.
+            let _ = self.enter(None);
+            if !self.try_push(&first, second.as_ref()) {
                 self.backlog.push_back((first, second));
+            }
+        }
+    }
+
+    /// One io_uring_enter: submit, and wait for `want` completions if given. The debug fault
+    /// knob (tests) fails it instead.
+    fn enter(&mut self, want: Option<usize>) -> io::Result<usize> {
+        self.enters += 1;
+        if let Some(e) = self.fault.as_mut().and_then(Fault::fire) {
+            return Err(e);
+        }
+        match want {
+            Some(n) => self.ring.submit_and_wait(n),
+            None => self.ring.submit(),
+        }
+    }
+
+    /// Moves backlogged entries into the submission queue, submitting (without waiting) while
+    /// the queue fills, so nothing waits for a later wake-up. Bounded: a kernel that takes
+    /// nothing (CQ overflow) leaves the rest for the next round.
+    fn flush_backlog(&mut self) {
+        for _ in 0..64 {
+            while let Some((first, second)) = self.backlog.pop_front() {
+                if !self.try_push(&first, second.as_ref()) {
+                    self.backlog.push_front((first, second));
+                    break;
+                }
+            }
+            if self.backlog.is_empty() {
+                return;
+            }
+            match self.enter(None) {
+                Ok(n) if n > 0 => {}
+                _ => return,
             }
         }
     }
@@ -434,24 +516,35 @@ impl Ring {
         )
     }
 
-    /// Submits everything queued and waits for at least `want` completions.
-    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+    /// Submits everything queued (the backlog included) and waits for at least `want`
+    /// completions. `Ok(None)`: done. `Ok(Some(e))`: a transient failure (EAGAIN, ENOMEM:
+    /// the kernel is short of memory for requests; EBUSY: the completion queue overflows;
+    /// EBADR: completions were lost to an overflow; or anything unexpected) — the caller reaps
+    /// what is there, backs off and comes back. `Err`: a programming error (EBADF, EFAULT,
+    /// EINVAL, ENXIO: the ring itself is unusable).
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<Option<io::Error>> {
+        self.flush_backlog();
         loop {
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => break,
+            return match self.enter(Some(want)) {
+                Ok(_) => Ok(None),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // EBUSY: the CQ is overflowing; reap first, the caller will come back.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
-                Err(e) => return Err(e),
-            }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::EBADF
+                                | libc::EFAULT
+                                | libc::EINVAL
+                                | libc::ENXIO
+                                | libc::EOPNOTSUPP
+                        )
+                    ) =>
+                {
+                    Err(e)
+                }
+                Err(e) => Ok(Some(e)),
+            };
         }
-        while let Some((first, second)) = self.backlog.pop_front() {
-            if !self.try_push(&first, second.as_ref()) {
-                self.backlog.push_front((first, second));
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// Moves every available completion into `out` (which the caller reuses).
@@ -463,5 +556,47 @@ impl Ring {
                 flags: cqe.flags(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Real ring, real pipe: with the kernel refusing entries (the fault knob fails every
+    /// enter), 100 polls pushed into an 8-entry ring enter once, when the queue first fills;
+    /// the other 92 wait in the backlog with no syscall each. Once the kernel takes entries
+    /// again, every one of them reaches it before the first wait, not after a later wake-up.
+    #[test]
+    fn a_backlog_costs_no_syscall_per_push_and_is_flushed_before_waiting() {
+        let mut ring = Ring::new(8).expect("io_uring");
+        ring.fault = Some(Fault {
+            errno: libc::EAGAIN,
+            every: 1,
+            count: 0,
+        });
+        let pipe = crate::sys::Pipe::new(4096).expect("pipe");
+        let fd = pipe.read.as_raw_fd();
+        for i in 0..100 {
+            ring.poll(fd, libc::POLLIN as u32, Token::new(Op::PollIn0, i, 0));
+        }
+        assert_eq!(ring.enters, 1, "pushes behind a backlog entered the kernel");
+        assert_eq!(ring.backlog.len(), 92);
+        ring.fault = None;
+        // Make the polls fire, then wait: all 100 complete, none left behind.
+        assert_eq!(crate::sys::write_nb(pipe.write.as_raw_fd(), b"x"), 1);
+        // (The completion queue holds 32: the rest are reaped over a few rounds.)
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let transient = ring.submit_and_wait(1).expect("enter");
+            assert!(transient.is_none(), "{transient:?}");
+            ring.reap(&mut got);
+            if got.len() == 100 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 100, "completions after the first waits");
+        assert!(ring.backlog.is_empty());
     }
 }

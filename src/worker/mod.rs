@@ -299,7 +299,7 @@ struct Worker {
     draining: bool,
     hard_stop_at_ms: Option<u64>,
     /// When each kind of resource warning was last logged (index: [`Shortage`]).
-    last_warn_ms: [u64; 3],
+    last_warn_ms: [u64; 4],
 }
 
 /// The step that ran short of descriptors or memory (each is warned about on its own clock, so
@@ -309,6 +309,8 @@ pub(super) enum Shortage {
     Accept = 0,
     Socket = 1,
     Pipe = 2,
+    /// Entering the ring failed transiently.
+    Ring = 3,
 }
 
 /// Runs a worker until it has drained (or was hard-stopped). Errors only on ring failure.
@@ -343,7 +345,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         next_scan_ms: SCAN_MS,
         draining: false,
         hard_stop_at_ms: None,
-        last_warn_ms: [0; 3],
+        last_warn_ms: [0; 4],
     };
     let tick = w.timespec_for(TICK);
     w.ring.timer(tick, Token::new(Op::Tick, 0, 0));
@@ -357,8 +359,27 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
     }
     w.check_stop();
     let mut completions: Vec<Completion> = Vec::with_capacity(1024);
+    let mut transient = 0u32;
     loop {
-        w.ring.submit_and_wait(1)?;
+        match w.ring.submit_and_wait(1) {
+            Ok(None) => transient = 0,
+            Ok(Some(e)) => {
+                // Reap what is there, then back off before entering again: 0, 1, 2, 4 ... 64 ms
+                // for repeats (a kernel short of memory recovers; a busy loop would not help).
+                transient += 1;
+                w.warn_ring(&e, transient);
+                if transient > 1 {
+                    std::thread::sleep(Duration::from_millis(1 << (transient - 2).min(6)));
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "worker {}: io_uring_enter failed: {e}; the worker stops",
+                    w.id
+                );
+                return Err(io::Error::new(e.kind(), format!("io_uring_enter: {e}")));
+            }
+        }
         w.now_ms = w.start.elapsed().as_millis() as u64;
         completions.clear();
         w.ring.reap(&mut completions);
@@ -489,6 +510,26 @@ impl Worker {
                 self.free_recv_sets.push(u.set);
             }
         }
+    }
+
+    /// Warns (at most once a second) that entering the ring failed transiently, and why.
+    fn warn_ring(&mut self, e: &io::Error, repeats: u32) {
+        let now = self.start.elapsed().as_millis() as u64;
+        let last = &mut self.last_warn_ms[Shortage::Ring as usize];
+        if *last != 0 && now < *last + 1000 {
+            return;
+        }
+        *last = now.max(1);
+        let what = match e.raw_os_error() {
+            Some(libc::EBUSY) => "the completion queue is full; reaping first",
+            Some(libc::EBADR) => "completions were lost to a queue overflow; some connections may stall until their timeout",
+            Some(libc::EAGAIN | libc::ENOMEM) => "the kernel is short of memory for requests",
+            _ => "unexpected error",
+        };
+        warn!(
+            "worker {}: io_uring_enter: {e} ({what}); retrying ({repeats} in a row)",
+            self.id
+        );
     }
 
     /// Warns that the worker ran short of a resource (descriptors, memory) at step `kind`, at
