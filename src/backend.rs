@@ -186,7 +186,7 @@ pub struct ListenerWorkerCounters {
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
 /// `CloseReason` to an index with `close_index`).
-pub const CLOSE_REASONS: [&str; 14] = [
+pub const CLOSE_REASONS: [&str; 17] = [
     "client_eof",
     "backend_eof",
     "client_reset",
@@ -201,6 +201,9 @@ pub const CLOSE_REASONS: [&str; 14] = [
     "queue_timeout",
     "bad_proxy_header",
     "backend_down",
+    "client_aborted",
+    "over_limit",
+    "untrusted_proxy",
 ];
 
 /// Per-listener counters, outside snapshots, per worker.

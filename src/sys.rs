@@ -110,6 +110,33 @@ pub fn set_linger_zero(fd: BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// `poll(2)` with a zero timeout over `fds`: fills each `revents` (POLLERR, POLLHUP, POLLRDHUP,
+/// ...) without blocking. One syscall for any number of sockets.
+pub fn poll_now(fds: &mut [libc::pollfd]) -> io::Result<usize> {
+    if fds.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the whole call, and
+    // its length is passed with it; timeout 0 never blocks.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Bytes waiting to be read on a socket (`FIONREAD`); 0 on error.
+pub fn readable_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at a local.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
 /// `shutdown(SHUT_WR)`: propagates a half-close (FIN) to the peer.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write)

@@ -55,3 +55,229 @@ fn a_programming_error_from_the_ring_stops_with_the_errno() {
         "{log}"
     );
 }
+
+// ---- closes that drop bytes or cut a live stream reset; clean ends are FINs ----------------
+
+use common::admin::{metric, scrape};
+use common::ops::reload_ok;
+use common::stall::{reset, Sink, Stall};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+/// Writes to `s` (non-blocking) until its buffers are full for `quiet`, bounded by 64 MiB and
+/// 10 s; returns the bytes written.
+#[allow(dead_code)]
+fn fill(s: &TcpStream, quiet: Duration) -> usize {
+    s.set_nonblocking(true).expect("nonblocking");
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let (mut total, t0) = (0, Instant::now());
+    let mut blocked_since: Option<Instant> = None;
+    let mut w = s;
+    while total < 64 << 20 && t0.elapsed() < Duration::from_secs(10) {
+        match w.write(&chunk) {
+            Ok(n) => {
+                total += n;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= quiet {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("fill: {e} after {total} bytes"),
+        }
+    }
+    s.set_nonblocking(false).expect("blocking");
+    total
+}
+
+/// How the stream ends, skipping whatever data is still queued; panics after `timeout`.
+fn end_of(s: &mut TcpStream, timeout: Duration, what: &str) -> StreamEnd {
+    match wait_stream_end(s, timeout) {
+        Ok(end) => end,
+        Err(e) => panic!("{what}: {e} (still open after {timeout:?}?)"),
+    }
+}
+
+#[test]
+fn idle_timeout_resets_when_bytes_were_parked_and_fins_when_not() {
+    let streamer = Stall::streaming();
+    let echo = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([
+        listener("stuck")
+            .backend(streamer.addr())
+            .idle_timeout("1s"),
+        listener("quiet").backend(echo.addr()).idle_timeout("1s"),
+    ]));
+    // A download the client stops reading: the backend's bytes pile up in the LB's pipe. When
+    // the idle timeout fires they are dropped, so after what it already has the client must see
+    // a reset, not an end of stream that looks complete.
+    let mut stuck = connect(lb.addr("stuck"));
+    assert!(wait_until(Duration::from_secs(5), || streamer.accepted() == 1));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        end_of(
+            &mut stuck,
+            Duration::from_secs(5),
+            "client of a stalled download"
+        ),
+        StreamEnd::Reset
+    );
+    // Nothing parked: the idle timeout is a clean close.
+    let mut quiet = connect(lb.addr("quiet"));
+    ping(&mut quiet, 64, 7);
+    assert_eq!(
+        end_of(&mut quiet, Duration::from_secs(5), "quiet client"),
+        StreamEnd::Eof
+    );
+}
+
+#[test]
+fn drain_timeout_and_backend_down_cut_streams_with_a_reset() {
+    let echo = EchoServer::start();
+    let mut holder = Stall::holding();
+    let drained = listener("drained")
+        .backend(echo.addr())
+        .set("drain_timeout", "\"300ms\"");
+    let downed = listener("downed")
+        .backend(holder.addr())
+        .set("on_backend_down", "\"close\"")
+        .set(
+            "health",
+            "{ interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }",
+        )
+        .set("passive", "{ consecutive_failures = 0 }");
+    let lb = Lb::start(&ringlb_config([drained, downed.clone()]));
+    // A listener removed by a reload: its open connection is cut after drain_timeout.
+    let mut d = connect(lb.addr("drained"));
+    ping(&mut d, 64, 1);
+    // A backend marked down with on_backend_down = "close": its open connection is cut.
+    let mut h = connect(lb.addr("downed"));
+    h.write_all(b"in flight").expect("write");
+    assert!(wait_until(Duration::from_secs(5), || holder.accepted() == 1));
+    reload_ok(&lb, &ringlb_config([downed]));
+    assert_eq!(
+        end_of(
+            &mut d,
+            Duration::from_secs(3),
+            "client of the removed listener"
+        ),
+        StreamEnd::Reset
+    );
+    holder.stop_listening();
+    assert_eq!(
+        end_of(
+            &mut h,
+            Duration::from_secs(3),
+            "client of the backend marked down"
+        ),
+        StreamEnd::Reset
+    );
+}
+
+// ---- a peer that dies while the other direction is blocked ----------------------------------
+
+/// `ringlb_listener_active_connections` of listener `name`.
+fn active(lb: &Lb, name: &str) -> f64 {
+    let admin = lb.admin_addr().expect("admin");
+    metric(
+        &scrape(admin),
+        "ringlb_listener_active_connections",
+        &[("listener", name)],
+    )
+    .unwrap_or(-1.0)
+}
+
+/// Waits up to `timeout` for listener `name` to have `n` open connections; panics otherwise.
+fn await_active(lb: &Lb, name: &str, n: f64, timeout: Duration, what: &str) {
+    let t0 = Instant::now();
+    let mut now = -1.0;
+    let ok = wait_until(timeout, || {
+        now = active(lb, name);
+        now == n
+    });
+    assert!(
+        ok,
+        "{what}: listener {name:?} has {now} open connections after {:?}, expected {n}; \
+         stderr:\n{}",
+        t0.elapsed(),
+        lb.stderr_tail(20)
+    );
+}
+
+#[test]
+fn backend_reset_during_a_stalled_download_is_noticed() {
+    let streamer = Stall::streaming();
+    let lb = Lb::start(&ringlb_config([listener("dl").backend(streamer.addr())]));
+    // 50 downloads whose clients stop reading: every buffer on the way fills up.
+    let clients: Vec<TcpStream> = (0..50).map(|_| connect(lb.addr("dl"))).collect();
+    assert!(wait_until(Duration::from_secs(5), || streamer.accepted() == 50));
+    std::thread::sleep(Duration::from_millis(1000));
+    await_active(&lb, "dl", 50.0, Duration::from_secs(1), "before the resets");
+    // The backend resets half of them: the LB is blocked writing to those clients and not
+    // reading from the backend, yet must see the reset and pass it on.
+    assert_eq!(streamer.reset(25), 25);
+    await_active(
+        &lb,
+        "dl",
+        25.0,
+        Duration::from_secs(1),
+        "after 25 backend resets",
+    );
+    let mut resets = 0;
+    for mut c in clients {
+        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        // What a reset one has buffered drains in milliseconds; the others stream forever.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(1) {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    resets += 1;
+                    break;
+                }
+                Err(_) => break, // still streaming: one of the 25 the backend kept
+            }
+        }
+    }
+    assert_eq!(resets, 25, "clients that saw the backend's reset");
+}
+
+#[test]
+fn client_reset_during_a_stalled_upload_is_noticed() {
+    let sink = Sink::start();
+    let lb = Lb::start(&ringlb_config([listener("ul").backend(sink.addr())]));
+    let (baseline, _) = lb.fd_counts();
+    // 20 uploads into a backend that never reads, until every buffer on the way is full.
+    let clients: Vec<TcpStream> = (0..20).map(|_| connect(lb.addr("ul"))).collect();
+    for c in &clients {
+        fill(c, Duration::from_millis(200));
+    }
+    await_active(&lb, "ul", 20.0, Duration::from_secs(1), "before the resets");
+    // Then the clients reset: the LB, blocked writing to the backend, must free both sockets,
+    // the pipe and the backend slot.
+    clients.into_iter().for_each(reset);
+    await_active(
+        &lb,
+        "ul",
+        0.0,
+        Duration::from_secs(1),
+        "after 20 client resets",
+    );
+    lb.assert_fds_return(baseline, Duration::from_secs(1));
+    let admin = lb.admin_addr().expect("admin");
+    let b = sink.addr().to_string();
+    assert_eq!(
+        metric(
+            &scrape(admin),
+            "ringlb_active_connections",
+            &[("backend", b.as_str())]
+        ),
+        Some(0.0)
+    );
+}

@@ -24,7 +24,16 @@ impl Worker {
     }
 
     /// Lets held connections of listener `li` in, oldest first, while places are free.
+    ///
+    /// Iterative, never recursive: starting a held connection can close it at once (no backend),
+    /// whose `finalize` would release the next one from inside this loop, one stack frame per
+    /// held connection (thousands held with every backend down overflowed the worker's stack).
+    /// A nested call returns at once; this loop goes on with the next.
     pub(super) fn release_held(&mut self, li: usize) {
+        if self.listeners[li].releasing {
+            return;
+        }
+        self.listeners[li].releasing = true;
         while let Some(&(idx, generation)) = self.listeners[li].held.front() {
             let waiting = self.still_waiting(idx, generation, Stage::Held);
             if !waiting {
@@ -35,14 +44,36 @@ impl Worker {
             let limit = u64::from(l.reader.load().settings.max_connections);
             if l.stats.opened() > limit {
                 l.stats.closed();
-                return;
+                break;
             }
             l.held.pop_front();
+            l.held_live = l.held_live.saturating_sub(1);
             let conn = self.slots[idx as usize].conn.as_mut().expect("checked");
             conn.counted = true;
             conn.stage = Stage::Connecting;
             self.start_conn(li, idx);
         }
+        self.listeners[li].releasing = false;
+    }
+
+    /// Puts an accepted connection over `max_connections` on listener `li`'s hold list, with
+    /// `queue_timeout` as its deadline; closes it (counted as `over_limit`) when the list is
+    /// full: held connections hold descriptors, and the kernel's own accept queue is where the
+    /// rest belong.
+    pub(super) fn hold(&mut self, li: usize, idx: u32) {
+        let generation = self.slots[idx as usize].generation;
+        let qt = self.listeners[li].reader.load().settings.queue_timeout;
+        let deadline = self.now_ms + qt.as_millis() as u64;
+        if self.listeners[li].held_live as usize >= self.held_max {
+            self.close_conn(idx, CloseReason::OverLimit);
+            return;
+        }
+        let conn = self.slots[idx as usize].conn.as_mut().expect("stored");
+        conn.stage = Stage::Held;
+        conn.deadline_ms = deadline;
+        let l = &mut self.listeners[li];
+        l.held_live += 1;
+        l.held.push_back((idx, generation));
     }
 
     /// Starts serving an admitted connection: PROXY header, queue, or connect.
@@ -186,8 +217,13 @@ impl Worker {
         self.listeners[li].queue.push_back((idx, generation));
     }
 
-    /// Gives every queued connection of listener `li`, oldest first, another try.
+    /// Gives every queued connection of listener `li`, oldest first, another try. Iterative
+    /// like [`Worker::release_held`]: a nested call (a retry that closed at once) returns.
     pub(super) fn retry_queue(&mut self, li: usize) {
+        if self.listeners[li].retrying {
+            return;
+        }
+        self.listeners[li].retrying = true;
         let n = self.listeners[li].queue.len();
         for _ in 0..n {
             let Some((idx, generation)) = self.listeners[li].queue.pop_front() else {
@@ -198,5 +234,6 @@ impl Worker {
                 self.connect_next(idx);
             }
         }
+        self.listeners[li].retrying = false;
     }
 }

@@ -247,6 +247,13 @@ pub enum CloseReason {
     BadProxyHeader,
     /// `on_backend_down = "close"`: the backend was marked down.
     BackendDown,
+    /// The client closed or reset while it waited (held, queued, connecting): nothing was
+    /// forwarded for it.
+    ClientAborted,
+    /// Accepted over `max_connections` with the hold list full.
+    OverLimit,
+    /// `accept_proxy_protocol_from`: the peer is not a trusted proxy.
+    UntrustedProxy,
 }
 
 impl CloseReason {
@@ -266,6 +273,9 @@ impl CloseReason {
             CloseReason::QueueTimeout => "queue timeout",
             CloseReason::BadProxyHeader => "bad PROXY header",
             CloseReason::BackendDown => "backend marked down",
+            CloseReason::ClientAborted => "client gave up while waiting",
+            CloseReason::OverLimit => "over max_connections (hold list full)",
+            CloseReason::UntrustedProxy => "PROXY header from an untrusted peer",
         }
     }
 
@@ -277,10 +287,20 @@ impl CloseReason {
     /// Which side, if any, should see a reset (RST) rather than a FIN when we close.
     pub fn reset_other_side(self) -> Option<Side> {
         match self {
-            CloseReason::ClientReset => Some(Side::Backend),
+            CloseReason::ClientReset | CloseReason::ClientAborted => Some(Side::Backend),
             CloseReason::BackendReset => Some(Side::Client),
             _ => None,
         }
+    }
+
+    /// Whether closing for this reason cuts a live stream, so both sides must see a reset (a
+    /// FIN would tell an EOF-framed protocol that the stream was complete). An idle timeout
+    /// only cuts one when bytes were still parked (the worker checks that).
+    pub fn cuts_stream(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Resource | CloseReason::Draining | CloseReason::BackendDown
+        )
     }
 
     /// Reason for a flow failure: the failing side is the source or the destination of `dir`.
@@ -452,6 +472,9 @@ mod tests {
             (CloseReason::QueueTimeout, "queue_timeout"),
             (CloseReason::BadProxyHeader, "bad_proxy_header"),
             (CloseReason::BackendDown, "backend_down"),
+            (CloseReason::ClientAborted, "client_aborted"),
+            (CloseReason::OverLimit, "over_limit"),
+            (CloseReason::UntrustedProxy, "untrusted_proxy"),
         ];
         assert_eq!(all.len(), CLOSE_REASONS.len());
         for (r, label) in all {

@@ -18,6 +18,7 @@ mod pipes;
 mod tcp;
 mod timers;
 mod udp;
+mod watch;
 
 pub use tcp::keepalive_params;
 
@@ -51,8 +52,12 @@ pub const MAX_CONNECT_ATTEMPTS: u8 = 3;
 const RING_ENTRIES: u32 = 4096;
 /// Period of the worker's tick (heartbeat, accept re-arm, queue retry, stop flag).
 const TICK: Duration = Duration::from_millis(100);
-/// How often the timeout scan (idle, PROXY header, queue, drain) runs.
-const SCAN_MS: u64 = 250;
+/// How often the timeout scan (idle, PROXY header, queue, drain) and the peer watch run: every
+/// second tick, so a dead peer is noticed within 200 ms.
+const SCAN_MS: u64 = 200;
+/// Connections accepted over `max_connections` a worker keeps waiting per listener (the
+/// kernel's default accept queue, `net.core.somaxconn`); beyond it they are closed.
+const HELD_MAX: usize = 4096;
 /// Back-off before re-arming accept after EMFILE/ENFILE/ENOMEM.
 const ACCEPT_BACKOFF_MS: u64 = 100;
 /// Size of the worker's copy buffer for small TCP messages: a read that fills it marks a stream,
@@ -166,6 +171,12 @@ struct Listener {
     queue: VecDeque<(u32, u32)>,
     /// Connections accepted over max_connections, oldest first, as (slot, generation).
     held: VecDeque<(u32, u32)>,
+    /// Connections in `held` still waiting (the list may also hold entries of closed ones).
+    held_live: u32,
+    /// `release_held` / `retry_queue` is running for this listener (their nested calls,
+    /// through a connection that closed at once, return instead of recursing).
+    releasing: bool,
+    retrying: bool,
     /// UDP listeners: receive buffers and flow-list heads.
     udp: Option<udp::UdpListener>,
 }
@@ -199,6 +210,9 @@ impl Listener {
             removed_at_ms: None,
             queue: VecDeque::new(),
             held: VecDeque::new(),
+            held_live: 0,
+            releasing: false,
+            retrying: false,
         }
     }
 
@@ -225,7 +239,8 @@ enum Stage {
     /// Waiting for a backend slot (deadline = queue timeout).
     Queued,
     /// Accepted over the listener-wide `max_connections` (another worker took the last
-    /// place): waits, unserved, for a place.
+    /// place, or one multishot accept took the whole backlog): waits, unserved, for a place,
+    /// at most `queue_timeout` (deadline).
     Held,
     /// A connect is in flight.
     Connecting,
@@ -292,6 +307,11 @@ struct Worker {
     /// Per-listener (drain timeout, removed at, close on backend down) for the timeout scan,
     /// reused.
     scan_buf: Vec<(Option<u64>, Option<u64>, bool)>,
+    /// The peer watch's poll set and what each entry names (slot, generation, side), reused.
+    watch_fds: Vec<libc::pollfd>,
+    watch_who: Vec<(u32, u32, conn::Side)>,
+    /// Held connections kept per listener (`RINGLB_HELD_MAX`, a debug knob; default 4096).
+    held_max: usize,
     workers: usize,
     start: Instant,
     now_ms: u64,
@@ -339,6 +359,12 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         flows: udp::Flows::default(),
         free_recv_sets: Vec::new(),
         scan_buf: Vec::new(),
+        watch_fds: Vec::new(),
+        watch_who: Vec::new(),
+        held_max: std::env::var("RINGLB_HELD_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(HELD_MAX),
         workers: spec.workers.max(1),
         start: Instant::now(),
         now_ms: 0,

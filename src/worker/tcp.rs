@@ -96,13 +96,7 @@ impl Worker {
             }
         };
         if over {
-            let generation = self.slots[idx as usize].generation;
-            self.slots[idx as usize]
-                .conn
-                .as_mut()
-                .expect("stored")
-                .stage = Stage::Held;
-            self.listeners[li].held.push_back((idx, generation));
+            self.hold(li, idx);
             return;
         }
         self.start_conn(li, idx);
@@ -461,14 +455,18 @@ impl Worker {
         }
         conn.closing = true;
         conn.reason = Some(reason);
-        match reason.reset_other_side() {
-            Some(Side::Client) => sys::set_linger_zero(conn.client.as_fd()),
-            Some(Side::Backend) => {
-                if let Some(b) = &conn.backend {
-                    sys::set_linger_zero(b.as_fd());
-                }
-            }
-            None => {}
+        // A close that drops bytes or cuts a live stream resets both legs: a FIN would tell an
+        // EOF-framed protocol that the stream ended where it was cut.
+        let parked = conn.flows.iter().any(|f| f.pending > 0);
+        let cut = conn.stage == Stage::Proxying
+            && (reason.cuts_stream() || (reason == CloseReason::IdleTimeout && parked));
+        let reset_client = cut || reason.reset_other_side() == Some(Side::Client);
+        let reset_backend = cut || reason.reset_other_side() == Some(Side::Backend);
+        if reset_client {
+            sys::set_linger_zero(conn.client.as_fd());
+        }
+        if let (true, Some(b)) = (reset_backend, &conn.backend) {
+            sys::set_linger_zero(b.as_fd());
         }
         if conn.inflight == 0 {
             self.finalize(idx);
@@ -491,6 +489,10 @@ impl Worker {
         debug_assert_eq!(conn.inflight, 0);
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(idx);
+        if conn.stage == Stage::Held {
+            let l = &mut self.listeners[conn.listener as usize];
+            l.held_live = l.held_live.saturating_sub(1);
+        }
         if let Some(m) = &conn.member {
             m.dec_active();
         }

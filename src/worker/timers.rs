@@ -54,6 +54,7 @@ impl Worker {
         if self.now_ms >= self.next_scan_ms {
             self.next_scan_ms = self.now_ms + SCAN_MS;
             self.scan_timeouts();
+            self.watch_peers();
             self.expire_flows();
         }
     }
@@ -80,7 +81,9 @@ impl Worker {
             let (drain, listener_removed, close_on_down) = per_listener[c.listener as usize];
             let reason = match c.stage {
                 Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
-                Stage::Queued if self.now_ms >= c.deadline_ms => Some(CloseReason::QueueTimeout),
+                Stage::Queued | Stage::Held if self.now_ms >= c.deadline_ms => {
+                    Some(CloseReason::QueueTimeout)
+                }
                 Stage::Proxying => {
                     let idle = self.now_ms.saturating_sub(c.last_active_ms) >= c.idle_ms;
                     let listener_drained = matches!((drain, listener_removed), (Some(d), Some(t)) if self.now_ms >= t + d);
