@@ -281,3 +281,92 @@ fn client_reset_during_a_stalled_upload_is_noticed() {
         Some(0.0)
     );
 }
+
+// ---- small pipes ------------------------------------------------------------------------
+
+#[test]
+fn small_pipes_move_every_byte() {
+    // As when the user's pipe budget is spent: 8 KiB pipes, which a 16 KiB copy read used to
+    // overflow (the stream was cut behind a clean FIN).
+    let echo = EchoServer::start();
+    let toml = ringlb_config([listener("web").backend(echo.addr())]);
+    let lb = Lb::start_with_env(&toml, &[("RINGLB_PIPE_SIZE", "8192")]);
+    let addr = lb.addr("web");
+    // Streams both ways at once: destinations take less than offered all the time.
+    let streams: Vec<_> = (0..4)
+        .map(|i| std::thread::spawn(move || try_echo(addr, 8 << 20, 0x51_0000 + i)))
+        .collect();
+    for (i, t) in streams.into_iter().enumerate() {
+        t.join()
+            .expect("echo thread")
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    // Messages of every size around the copy/splice boundary, on one connection.
+    let mut s = connect(addr);
+    for (i, len) in (1..=40).map(|k| k * 997).enumerate() {
+        try_ping(&mut s, len, i as u64).unwrap_or_else(|e| panic!("ping of {len} bytes: {e}"));
+    }
+    // Downloads to clients that do not read yet: small messages, each copied, fill the
+    // client's socket until little room is left, then a burst arrives while the flow is still
+    // copying. Its first read must not exceed what the pipe can park (it used to read 16 KiB,
+    // send the little that fit and overflow an 8 KiB pipe: the stream was cut).
+    let script = |seed: u64| -> Vec<u8> {
+        let mut p = Pattern::new(seed);
+        let size = 3000 + (seed % 7) as usize * 100;
+        let mut v = vec![0u8; 600 * size + (64 << 10) + 100 * size];
+        p.fill(&mut v);
+        v
+    };
+    let bursts = Server::start("bursts", move |s| {
+        let mut seed = [0u8; 8];
+        s.read_exact(&mut seed)?;
+        let seed = u64::from_le_bytes(seed);
+        let v = script(seed);
+        let size = 3000 + (seed % 7) as usize * 100;
+        let (small, rest) = v.split_at(600 * size);
+        let (burst, tail) = rest.split_at(64 << 10);
+        for m in small.chunks(size) {
+            s.write_all(m)?;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        s.write_all(burst)?;
+        for m in tail.chunks(size) {
+            s.write_all(m)?;
+        }
+        s.shutdown(std::net::Shutdown::Write)
+    });
+    let toml = ringlb_config([listener("slow").backend(bursts.addr())]);
+    let lb2 = Lb::start_with_env(&toml, &[("RINGLB_PIPE_SIZE", "8192")]);
+    let clients: Vec<_> = (0..14u64)
+        .map(|seed| {
+            let addr = lb2.addr("slow");
+            std::thread::spawn(move || {
+                let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                c.set_recv_buffer_size(4096).unwrap();
+                c.connect(&addr.into()).unwrap();
+                let mut c = std::net::TcpStream::from(c);
+                c.write_all(&seed.to_le_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(1500));
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).map(|_| (seed, got))
+            })
+        })
+        .collect();
+    for t in clients {
+        let (seed, got) = t.join().expect("client").expect("client read");
+        let want = script(seed);
+        assert_eq!(got.len(), want.len(), "client {seed}: bytes received");
+        assert!(got == want, "client {seed}: bytes differ");
+    }
+    for (lb, name) in [(&lb, "web"), (&lb2, "slow")] {
+        let admin = lb.admin_addr().expect("admin");
+        let closed_resource = metric(
+            &scrape(admin),
+            "ringlb_closes_total",
+            &[("listener", name), ("reason", "resource")],
+        );
+        assert_eq!(closed_resource, Some(0.0), "{name}");
+    }
+}

@@ -292,7 +292,7 @@ struct Worker {
     listeners: Vec<Listener>,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    pool: Vec<Pipe>,
+    pool: pipes::PipePool,
     timeouts: Vec<(Duration, TimespecId)>,
     /// Scratch space for peeking at PROXY headers (never held across completions).
     scratch: Box<[u8; MAX_INBOUND]>,
@@ -351,7 +351,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         listeners,
         slots: Vec::new(),
         free: Vec::new(),
-        pool: Vec::new(),
+        pool: pipes::PipePool::new(),
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
         copy_buf: vec![0u8; COPY_BUF].into_boxed_slice(),

@@ -6,7 +6,6 @@
 //! when enabled by the operator, is the one info line per closed connection).
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
-use super::pipes::{release_pipe, take_pipe};
 use super::{Conn, Shortage, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::{bump, BackendStats};
 use crate::proxy_protocol::{self, MAX_ENCODED};
@@ -337,7 +336,14 @@ impl Worker {
             match step {
                 Step::SpliceIn if budget > 0 && conn.flows[di].wants_copy() => {
                     budget -= 1;
-                    let read = sys::recv_nb(src, &mut copy_buf[..]);
+                    // Never read more than a pipe could park should the destination take
+                    // nothing (a small pipe: the user's pipe budget is spent). Without a pipe
+                    // at all (out of descriptors) read as usual: a leftover then closes.
+                    let limit = match pool.room(&mut conn.pipes[di]) {
+                        Ok(room) => copy_buf.len().min(room as usize),
+                        Err(_) => copy_buf.len(),
+                    };
+                    let read = sys::recv_nb(src, &mut copy_buf[..limit]);
                     let sent = if read > 0 {
                         sys::send_nb(dst, &copy_buf[..read as usize])
                     } else {
@@ -350,7 +356,7 @@ impl Worker {
                         if sent_ok < read && (sent >= 0 || sent == -libc::EAGAIN) {
                             // The destination took less: the rest waits in a pipe, as a
                             // splice-in would have left it.
-                            let pipe = match take_pipe(pool, &mut conn.pipes[di]) {
+                            let pipe = match pool.take(&mut conn.pipes[di]) {
                                 Ok(p) => p,
                                 Err(e) => {
                                     no_pipe = Some(e);
@@ -363,12 +369,12 @@ impl Worker {
                             }
                         }
                     }
-                    let full = read as usize == copy_buf.len();
+                    let full = read as usize == limit;
                     step = conn.flows[di].on_copied(read, sent, full);
                 }
                 Step::SpliceIn if budget > 0 => {
                     budget -= 1;
-                    let pipe = match take_pipe(pool, &mut conn.pipes[di]) {
+                    let pipe = match pool.take(&mut conn.pipes[di]) {
                         Ok(p) => p,
                         Err(e) => {
                             no_pipe = Some(e);
@@ -397,7 +403,7 @@ impl Worker {
                     step = conn.flows[di].yield_to_ring(step);
                 }
                 Step::PollIn => {
-                    release_pipe(pool, &mut conn.pipes[di]);
+                    pool.release(&mut conn.pipes[di]);
                     conn.inflight += 1;
                     self.ring
                         .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
@@ -410,7 +416,7 @@ impl Worker {
                     break None;
                 }
                 Step::ShutdownDest => {
-                    release_pipe(pool, &mut conn.pipes[di]);
+                    pool.release(&mut conn.pipes[di]);
                     let dst_fd = if d == Dir::Up { backend } else { &conn.client };
                     let _ = sys::shutdown_write(dst_fd.as_fd());
                     conn.first_eof.get_or_insert(d);
