@@ -14,6 +14,7 @@ pub mod ops;
 pub mod payload;
 pub mod procs;
 pub mod servers;
+pub mod tls;
 pub mod udp;
 
 pub use config::{listener, ringlb_config, LbConfig, Listener, WORKERS};
