@@ -18,6 +18,7 @@
 //! - [`backend`]: backend identity and the per-backend counters kept outside snapshots.
 //! - [`snapshot`]: the immutable per-listener pool snapshot and its publisher/reader.
 //! - [`control`]: owns the config, builds and publishes snapshots.
+//! - [`tls`]: pure ClientHello reader (SNI, ALPN, ECH) and route table for TLS passthrough.
 //! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
 //! - [`worker`]: the per-core io_uring loop and the pure connection state machine.
 //! - [`uring`] and [`sys`]: the only places with `unsafe`.
@@ -36,6 +37,7 @@ pub mod runtime;
 pub mod snapshot;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tls;
 #[allow(unsafe_code)]
 pub mod uring;
 pub mod worker;

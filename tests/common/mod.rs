@@ -15,6 +15,7 @@ pub mod payload;
 pub mod procs;
 pub mod servers;
 pub mod stall;
+pub mod tls;
 pub mod udp;
 
 pub use config::{listener, ringlb_config, LbConfig, Listener, WORKERS};
