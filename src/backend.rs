@@ -182,6 +182,9 @@ pub struct ListenerWorkerCounters {
     pub udp_evicted: AtomicU64,
     /// UDP datagrams dropped (no backend, socket errors).
     pub udp_dropped: AtomicU64,
+    /// New UDP flows refused: the table was full of flows active in the last second, or UDP
+    /// reached its share of the descriptor limit.
+    pub udp_refused: AtomicU64,
 }
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its

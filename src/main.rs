@@ -23,6 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // check and run print the same warnings (the limit run will raise its soft limit to).
+    for w in config.warnings(ringlb::sys::nofile_limit().1) {
+        log::warn!("{w}");
+    }
     if let Command::Check { .. } = cli.command {
         println!("{}", config.summary());
         println!("configuration OK");

@@ -58,6 +58,19 @@ impl Pipe {
     }
 }
 
+/// `RLIMIT_NOFILE` as (soft, hard); (0, 0) if it cannot be read.
+pub fn nofile_limit() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit the kernel writes into; it lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return (0, 0);
+    }
+    (lim.rlim_cur, lim.rlim_max)
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit. Returns (old soft, new soft).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {

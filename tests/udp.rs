@@ -225,81 +225,79 @@ fn idle_flows_expire_and_busy_ones_stay() {
 
 #[test]
 fn max_flows_evicts_the_least_recently_used() {
-    const CLIENTS: usize = 40;
+    // One worker, so the whole table is one worker's share and every count is exact.
     const MAX: usize = 10;
     let (a, b) = (UdpEcho::start("a"), UdpEcho::start("b"));
     let l = udp_listener("u")
         .set("max_flows", &MAX.to_string())
         .backend(a.addr())
         .backend(b.addr());
-    let lb = Lb::start(&ringlb_config([l]));
+    let lb = Lb::start(&LbConfig::default().workers(1).listener(l).to_toml());
     let (admin, lb_addr) = (admin(&lb), lb.addr("u"));
     let backends = [&a, &b];
-
-    let clients: Vec<UdpClient> = (0..CLIENTS)
+    let clients: Vec<UdpClient> = (0..3 * MAX / 2 + MAX / 2)
         .map(|i| UdpClient::bind(client_ip(20, i)))
         .collect();
     let first = |i: usize| format!("first {i}").into_bytes();
-    // New flows are never refused: every client gets its reply.
-    let names: Vec<String> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| c.exchange(lb_addr, &first(i), REPLY))
-        .collect();
-    let s = scrape(admin);
-    let open = metric(&s, "ringlb_udp_flows", &[("listener", "u")]).expect("flows");
-    let evicted =
-        metric(&s, "ringlb_udp_flows_evicted_total", &[("listener", "u")]).expect("evicted");
-    assert!(
-        open <= MAX as f64,
-        "ringlb_udp_flows {open} > max_flows {MAX}"
-    );
-    assert!(
-        evicted >= (CLIENTS - MAX) as f64,
-        "ringlb_udp_flows_evicted_total {evicted}, expected at least {CLIENTS} - {MAX}"
-    );
-    assert_eq!(
-        open + evicted,
-        CLIENTS as f64,
-        "flows open {open} + evicted {evicted} != flows opened {CLIENTS}"
-    );
-    assert_eq!(
-        metric(&s, "ringlb_udp_dropped_total", &[("listener", "u")]),
-        Some(0.0)
-    );
-
-    // Each worker keeps its 5 most recent flows, so the 5 newest clients are certainly still in
-    // the table: their next datagram uses the same upstream socket and evicts nothing.
     let upstream_of =
-        |i: usize, p: &[u8]| -> Vec<SocketAddr> { which(&backends, &names[i]).senders_of(p) };
-    for i in CLIENTS - MAX / 2..CLIENTS {
-        let p = format!("again {i}").into_bytes();
-        let name = clients[i].exchange(lb_addr, &p, REPLY);
-        assert_eq!(name, names[i], "newest client {i} changed backend");
-        assert_eq!(
-            upstream_of(i, &p),
-            upstream_of(i, &first(i)),
-            "newest client {i}: its flow was not kept (another upstream socket)"
+        |name: &str, p: &[u8]| -> Vec<SocketAddr> { which(&backends, name).senders_of(p) };
+
+    // 1. The table fills.
+    let names: Vec<String> = (0..MAX)
+        .map(|i| clients[i].exchange(lb_addr, &first(i), REPLY))
+        .collect();
+    assert_eq!(flows(admin, "u"), MAX as f64);
+    // 2. New sources while every flow carried a datagram within the last second: refused (no
+    //    reply, nothing evicted), so a flood of new sources cannot push real flows out.
+    // (Each waits 100 ms for a reply: all five well within the second.)
+    for c in &clients[MAX..MAX + MAX / 2] {
+        let r = c.request(lb_addr, b"new", Duration::from_millis(100));
+        assert!(
+            r.is_err(),
+            "a new source was answered with the table full: {r:?}"
         );
     }
-    let evicted_now = listener_metric(admin, "ringlb_udp_flows_evicted_total", "u");
     assert_eq!(
-        evicted_now, evicted,
-        "the newest flows' datagrams evicted flows"
+        listener_metric(admin, "ringlb_udp_flows_refused_total", "u"),
+        (MAX / 2) as f64
     );
-    // The rest of the last 10 get replies too (from their flow, or a new one evicting the LRU).
-    for (i, c) in clients
-        .iter()
-        .enumerate()
-        .take(CLIENTS - MAX / 2)
-        .skip(CLIENTS - MAX)
-    {
-        c.exchange(lb_addr, format!("again {i}").as_bytes(), REPLY);
+    assert_eq!(
+        listener_metric(admin, "ringlb_udp_flows_evicted_total", "u"),
+        0.0
+    );
+    // 3. A second later the first half is idle, the second half is refreshed: new sources now
+    //    evict exactly the idle, least recently used ones.
+    std::thread::sleep(Duration::from_millis(1100));
+    for i in MAX / 2..MAX {
+        let p = format!("again {i}").into_bytes();
+        assert_eq!(clients[i].exchange(lb_addr, &p, REPLY), names[i]);
     }
-    let open = flows(admin, "u");
-    assert!(
-        open <= MAX as f64,
-        "ringlb_udp_flows {open} > max_flows {MAX}"
+    for c in &clients[MAX + MAX / 2..] {
+        c.exchange(lb_addr, b"newer", REPLY);
+    }
+    assert_eq!(
+        listener_metric(admin, "ringlb_udp_flows_evicted_total", "u"),
+        (MAX / 2) as f64
+    );
+    assert!(flows(admin, "u") <= MAX as f64);
+    // The refreshed flows were kept: their next datagram leaves from the same upstream socket.
+    for i in MAX / 2..MAX {
+        let p = format!("third {i}").into_bytes();
+        assert_eq!(clients[i].exchange(lb_addr, &p, REPLY), names[i]);
+        assert_eq!(
+            upstream_of(&names[i], &p),
+            upstream_of(&names[i], &first(i)),
+            "client {i}: its flow was not kept (another upstream socket)"
+        );
+    }
+    assert_eq!(
+        listener_metric(admin, "ringlb_udp_flows_evicted_total", "u"),
+        (MAX / 2) as f64
+    );
+    assert_eq!(
+        listener_metric(admin, "ringlb_udp_dropped_total", "u"),
+        (MAX / 2) as f64,
+        "the refused sources' datagrams are the only drops"
     );
 }
 

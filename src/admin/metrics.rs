@@ -237,6 +237,19 @@ pub fn metrics(state: &AdminState) -> String {
         );
     }
     f.head(
+        "ringlb_udp_flows_refused_total",
+        "counter",
+        "New UDP flows refused (table full of flows active in the last second, or UDP at its share of the fd limit).",
+    );
+    for lv in listeners.iter().filter(|l| l.protocol == "udp") {
+        let v = lv.stats.sum(|w| &w.udp_refused);
+        f.line(
+            "ringlb_udp_flows_refused_total",
+            &[("listener", &lv.name)],
+            v,
+        );
+    }
+    f.head(
         "ringlb_udp_dropped_total",
         "counter",
         "UDP datagrams dropped (no eligible backend, upstream socket error).",

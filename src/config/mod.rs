@@ -23,6 +23,7 @@ mod raw;
 mod tests;
 #[cfg(test)]
 mod udp_tests;
+mod warnings;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

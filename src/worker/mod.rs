@@ -312,6 +312,8 @@ struct Worker {
     watch_who: Vec<(u32, u32, conn::Side)>,
     /// Held connections kept per listener (`RINGLB_HELD_MAX`, a debug knob; default 4096).
     held_max: usize,
+    /// The process's RLIMIT_NOFILE (soft, as raised at start): UDP flows take at most a share.
+    nofile: u64,
     workers: usize,
     start: Instant,
     now_ms: u64,
@@ -365,6 +367,10 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(HELD_MAX),
+        nofile: match sys::nofile_limit().0 {
+            0 => 1024,
+            n => n.min(1 << 40),
+        },
         workers: spec.workers.max(1),
         start: Instant::now(),
         now_ms: 0,

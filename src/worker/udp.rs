@@ -29,6 +29,8 @@ const REPLY_BATCH: usize = 8;
 /// Replies held for one batched send (each in a 64 KiB slot of the outbox).
 const OUTBOX_SLOTS: usize = crate::sys::SEND_BATCH_MAX;
 const NIL: u32 = u32::MAX;
+/// A flow that carried a datagram within this long is never evicted for a new one.
+const EVICT_IDLE_MS: u64 = 1000;
 
 /// A UDP listener's receive side on one worker.
 pub(super) struct UdpListener {
@@ -325,8 +327,10 @@ impl Worker {
             let snap = l.reader.load();
             (snap.settings.max_flows as usize).div_ceil(self.workers) as u32
         };
-        // Full table: evict the least recently used flow of this listener. (The per-worker
-        // flow gauge is written only by this worker.)
+        // Full table: evict the least recently used flow of this listener, unless even that one
+        // carried a datagram within the last second — then the new source is refused (a flood of
+        // spoofed sources must not evict the real flows). The per-worker flow gauge is written
+        // only by this worker.
         let open = self.listeners[li]
             .stats
             .worker(id)
@@ -334,10 +338,35 @@ impl Worker {
             .load(Ordering::Relaxed);
         if open >= u64::from(limit) {
             let tail = self.listeners[li].udp.as_ref().map_or(NIL, |u| u.tail);
-            if tail != NIL {
-                bump(&self.listeners[li].stats.worker(id).udp_evicted, 1);
-                self.close_flow(tail);
+            let tail_active = self
+                .flows
+                .slots
+                .get(tail as usize)
+                .and_then(|s| s.flow.as_ref());
+            match tail_active {
+                Some(f) if self.now_ms.saturating_sub(f.last_active_ms) < EVICT_IDLE_MS => {
+                    bump(&self.listeners[li].stats.worker(id).udp_refused, 1);
+                    return None;
+                }
+                Some(_) => {
+                    bump(&self.listeners[li].stats.worker(id).udp_evicted, 1);
+                    self.close_flow(tail);
+                }
+                None => {}
             }
+        }
+        // UDP flows never take the descriptors TCP connections need: past their share of
+        // RLIMIT_NOFILE new flows are refused.
+        if self.flows.map.len() as u64 >= self.udp_fd_share() {
+            bump(&self.listeners[li].stats.worker(id).udp_refused, 1);
+            self.warn_resource(
+                li,
+                super::Shortage::Socket,
+                "UDP flows reached their share of RLIMIT_NOFILE",
+                std::io::Error::from_raw_os_error(libc::EMFILE),
+                format_args!("refusing new flows (TCP keeps a reserve; raise LimitNOFILE)"),
+            );
+            return None;
         }
         let l = &mut self.listeners[li];
         let snap = l.reader.load();
@@ -358,6 +387,13 @@ impl Worker {
                 debug!(
                     "udp flow {client}: upstream socket to {}: {e}",
                     member.address
+                );
+                self.warn_resource(
+                    li,
+                    super::Shortage::Socket,
+                    "socket() for a UDP flow failed",
+                    e,
+                    format_args!("dropping the datagram (open flows keep being served)"),
                 );
                 return None;
             }
@@ -400,6 +436,21 @@ impl Worker {
         let tok = Token::new(Op::UdpPoll, idx, slot.generation);
         self.ring.poll_multi(fd, libc::POLLIN as u32, tok);
         Some(idx)
+    }
+
+    /// Upstream sockets UDP flows may hold on this worker: its share of half the descriptor
+    /// limit while a TCP listener runs (the other half is TCP's reserve), of 90% otherwise.
+    fn udp_fd_share(&self) -> u64 {
+        let tcp = self
+            .listeners
+            .iter()
+            .any(|l| l.udp.is_none() && l.removed_at_ms.is_none());
+        let usable = if tcp {
+            self.nofile / 2
+        } else {
+            self.nofile / 10 * 9
+        };
+        (usable / self.workers as u64).max(1)
     }
 
     /// A flow's upstream socket is readable (replies), or its poll/cancel ended.
