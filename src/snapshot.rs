@@ -34,6 +34,9 @@ pub struct Settings {
     pub send_proxy: Option<ProxyVersion>,
     /// Expect a PROXY header from the client, within this long.
     pub accept_proxy: Option<Duration>,
+    /// Only these peers may send that header (others are closed before it is read); None:
+    /// every peer.
+    pub proxy_trusted: Option<Arc<[crate::proxy_protocol::Cidr]>>,
     /// Connections to a removed backend (or of a removed listener) are closed this long after
     /// the removal; None: they run until they end.
     pub drain_timeout: Option<Duration>,

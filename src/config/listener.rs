@@ -186,6 +186,33 @@ pub(super) fn validate_listener(
         })
         .transpose()?;
     let accept_proxy_protocol = raw.accept_proxy_protocol.unwrap_or(false);
+    let accept_proxy_protocol_from = match raw.accept_proxy_protocol_from {
+        None => None,
+        Some(_) if !accept_proxy_protocol => {
+            return Err(invalid(
+                scope,
+                "accept_proxy_protocol_from",
+                "is set but accept_proxy_protocol is not true (the list says who may send a PROXY header)".to_string(),
+            ))
+        }
+        Some(list) if list.is_empty() => {
+            return Err(invalid(
+                scope,
+                "accept_proxy_protocol_from",
+                "[] trusts nobody: every connection would be refused (list the upstream balancers' networks)".to_string(),
+            ))
+        }
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    proxy_protocol::Cidr::parse(s).map_err(|e| {
+                        invalid(scope, &format!("accept_proxy_protocol_from[{i}]"), e)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     let proxy_protocol_timeout = positive_duration(
         scope,
         "proxy_protocol_timeout",
@@ -216,6 +243,7 @@ pub(super) fn validate_listener(
         queue_timeout,
         proxy_protocol,
         accept_proxy_protocol,
+        accept_proxy_protocol_from,
         proxy_protocol_timeout,
         health,
         passive,
@@ -250,6 +278,12 @@ fn check_transport_fields(
                 (
                     "accept_proxy_protocol".into(),
                     raw.accept_proxy_protocol.map(|b| b.to_string()),
+                ),
+                (
+                    "accept_proxy_protocol_from".into(),
+                    raw.accept_proxy_protocol_from
+                        .as_ref()
+                        .map(|l| format!("{l:?}")),
                 ),
                 (
                     "proxy_protocol_timeout".into(),

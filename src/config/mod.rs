@@ -183,6 +183,9 @@ pub struct Listener {
     /// `queue_timeout` and `proxy_protocol_timeout`: on a udp listener these keep their defaults
     /// and setting any of them in the file is an error.
     pub accept_proxy_protocol: bool,
+    /// The peers allowed to send that header (`accept_proxy_protocol_from`); `None`: every
+    /// peer (warned about by `check` and `run`). Requires `accept_proxy_protocol = true`.
+    pub accept_proxy_protocol_from: Option<Vec<crate::proxy_protocol::Cidr>>,
     /// How long to wait for that header; > 0. Validated always, used only with
     /// `accept_proxy_protocol`. Default [`DEFAULT_PROXY_PROTOCOL_TIMEOUT`].
     pub proxy_protocol_timeout: Duration,

@@ -249,3 +249,46 @@ fn bad_values_name_listener_field_and_value() {
         );
     }
 }
+
+#[test]
+fn accept_proxy_protocol_from_lists_trusted_networks() {
+    let l = parse(&web_with(
+        "accept_proxy_protocol = true\naccept_proxy_protocol_from = [\"10.0.0.0/8\", \"::1\"]",
+    ));
+    let nets = l.accept_proxy_protocol_from.expect("a list");
+    assert_eq!(nets.len(), 2);
+    assert!(nets[0].contains("10.9.8.7".parse().unwrap()));
+    assert!(nets[1].contains("::1".parse().unwrap()));
+    let c = Config::parse(&web_with("accept_proxy_protocol = true")).unwrap();
+    let w = c.warnings(1 << 20);
+    assert!(
+        w.iter().any(|w| w.contains("listener \"web\": accept_proxy_protocol = true trusts every peer")),
+        "{w:?}"
+    );
+    let c = Config::parse(&web_with(
+        "accept_proxy_protocol = true\naccept_proxy_protocol_from = [\"127.0.0.1\"]",
+    ))
+    .unwrap();
+    assert!(c.warnings(1 << 20).is_empty());
+    for (lines, want) in [
+        (
+            "accept_proxy_protocol_from = [\"10.0.0.0/8\"]",
+            "listener \"web\": field \"accept_proxy_protocol_from\": is set but accept_proxy_protocol is not true",
+        ),
+        (
+            "accept_proxy_protocol = true\naccept_proxy_protocol_from = []",
+            "field \"accept_proxy_protocol_from\": [] trusts nobody",
+        ),
+        (
+            "accept_proxy_protocol = true\naccept_proxy_protocol_from = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+            "field \"accept_proxy_protocol_from[1]\": \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)",
+        ),
+        (
+            "accept_proxy_protocol = true\naccept_proxy_protocol_from = [\"lb.internal\"]",
+            "field \"accept_proxy_protocol_from[0]\": \"lb.internal\" is not an IP network",
+        ),
+    ] {
+        let e = error(&web_with(lines));
+        assert!(e.contains(want), "{lines}: {e}");
+    }
+}

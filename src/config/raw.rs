@@ -54,6 +54,7 @@ pub struct RawListener {
     pub queue_timeout: Option<String>,
     pub proxy_protocol: Option<String>,
     pub accept_proxy_protocol: Option<bool>,
+    pub accept_proxy_protocol_from: Option<Vec<String>>,
     pub proxy_protocol_timeout: Option<String>,
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,

@@ -67,6 +67,7 @@ fn every_field_appears_in_some_example() {
         "queue_timeout =",
         "proxy_protocol =",
         "accept_proxy_protocol =",
+        "accept_proxy_protocol_from =",
         "proxy_protocol_timeout =",
         "backends =",
         "[[listeners.backends]]",
@@ -137,6 +138,7 @@ fn defaults_applied() {
         queue_timeout: Duration::from_secs(5),
         proxy_protocol: None,
         accept_proxy_protocol: false,
+        accept_proxy_protocol_from: None,
         proxy_protocol_timeout: Duration::from_secs(3),
         health: None,
         passive: PassiveConfig {

@@ -18,6 +18,16 @@ impl Config {
                 Protocol::Udp => udp += u64::from(l.max_flows),
             }
         }
+        for l in &self.listeners {
+            if l.accept_proxy_protocol && l.accept_proxy_protocol_from.is_none() {
+                out.push(format!(
+                    "listener {:?}: accept_proxy_protocol = true trusts every peer: any client \
+                     that reaches {} chooses the source address ringlb hashes, logs and sends \
+                     on; list the upstream balancers in accept_proxy_protocol_from",
+                    l.name, l.bind
+                ));
+            }
+        }
         let need = 2 * tcp + udp + sockets;
         if nofile > 0 && need > nofile {
             out.push(format!(

@@ -447,6 +447,7 @@ fn build_snapshot(
             queue_timeout: l.queue_timeout,
             send_proxy: l.proxy_protocol,
             accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
+            proxy_trusted: l.accept_proxy_protocol_from.as_deref().map(Arc::from),
             drain_timeout: l.drain_timeout,
             close_on_backend_down: l.close_on_backend_down,
             max_flows: l.max_flows,

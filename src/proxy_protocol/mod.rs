@@ -8,14 +8,17 @@
 //! a valid header, so a caller that reads until it gets an answer holds at most `MAX_INBOUND`
 //! bytes and refuses a peer that speaks something else after its first bytes, not at a timeout.
 //!
-//! Files: `v1.rs` the text line; `v2.rs` the binary header; `tests.rs` round trips, golden bytes,
+//! Files: `trust.rs` which peers may send a header; `v1.rs` the text line; `v2.rs` the binary header; `tests.rs` round trips, golden bytes,
 //! near misses and a seeded property test.
 
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
+mod trust;
 mod v1;
 mod v2;
+
+pub use trust::{trusted, Cidr};
 
 #[cfg(test)]
 mod tests;

@@ -78,7 +78,21 @@ impl Worker {
 
     /// Starts serving an admitted connection: PROXY header, queue, or connect.
     pub(super) fn start_conn(&mut self, li: usize, idx: u32) {
-        let accept_proxy = self.listeners[li].reader.load().settings.accept_proxy;
+        let settings = &self.listeners[li].reader.load().settings;
+        let accept_proxy = settings.accept_proxy;
+        if let (Some(_), Some(nets)) = (accept_proxy, settings.proxy_trusted.as_deref()) {
+            // Only a trusted upstream balancer may say where a connection comes from: anyone
+            // else is closed before a byte of theirs is read.
+            let peer = self.slots[idx as usize]
+                .conn
+                .as_ref()
+                .and_then(|c| c.client_addr);
+            if !peer.is_some_and(|p| proxy_protocol::trusted(nets, p.ip())) {
+                debug!("conn {idx}: PROXY header from untrusted {peer:?} refused");
+                self.close_conn(idx, CloseReason::UntrustedProxy);
+                return;
+            }
+        }
         if let Some(t) = accept_proxy {
             let tok = self.token(Op::HeaderIn, idx);
             let conn = self.slots[idx as usize].conn.as_mut().expect("just stored");
