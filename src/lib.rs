@@ -20,8 +20,9 @@
 //! - [`control`]: owns the config, builds and publishes snapshots.
 //! - [`tls`]: pure ClientHello reader (SNI, ALPN, ECH) and route table for TLS passthrough.
 //! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
-//! - [`worker`]: the per-core io_uring loop and the pure connection state machine.
-//! - [`uring`] and [`sys`]: the only places with `unsafe`.
+//! - [`worker`]: the per-core loop and the pure connection state machine.
+//! - [`io`]: the I/O drivers behind one interface (io_uring, epoll), chosen once at start.
+//! - [`io`] and [`sys`]: the only places with `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -32,14 +33,15 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod health;
+#[allow(unsafe_code)]
+pub mod io;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod snapshot;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
-#[allow(unsafe_code)]
-pub mod uring;
+
 pub mod worker;
 
 /// The git commit this binary was built from (`RINGLB_COMMIT` at build time, or "unknown").

@@ -29,6 +29,11 @@ fn main() -> ExitCode {
     }
     if let Command::Check { .. } = cli.command {
         println!("{}", config.summary());
+        // What `run` would use on this host (the same probe).
+        match ringlb::io::choose(config.runtime.io) {
+            Ok(c) => println!("{}", c.line),
+            Err(e) => println!("io: unavailable: {e}"),
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }

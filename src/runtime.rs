@@ -14,7 +14,6 @@ use crate::config::{Config, Listener, Protocol};
 use crate::control::{self, Bound, Control, ListenerHost, Request};
 use crate::snapshot::Published;
 use crate::sys;
-use crate::uring::{self, Ring};
 use crate::worker::{self, Command, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
@@ -207,7 +206,9 @@ impl ListenerHost for Host {
 
 /// Runs ringlb until a stop signal has been handled and every worker has exited.
 pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
-    Ring::probe().map_err(|e| RuntimeError::IoUring(uring::unavailable_reason(&e)))?;
+    // One decision for every worker, said in one line.
+    let io = crate::io::choose(config.runtime.io).map_err(RuntimeError::IoUring)?;
+    info!("{}", io.line);
     let _ = process_ms(); // fixes the process's time origin
     match sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => info!("raised RLIMIT_NOFILE soft limit {old} -> {new}"),
@@ -250,6 +251,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         let sh = Arc::new(sh);
         let spec = WorkerSpec {
             shared: sh.clone(),
+            io: io.clone(),
             commands,
             listeners,
             workers,

@@ -22,7 +22,11 @@ fn transient_ring_enter_errors_are_ridden_out() {
     let toml = ringlb_config([listener("web").backend(echo.addr())]);
     for errno in ["EAGAIN", "ENOMEM", "EBUSY", "EBADR", "EINTR"] {
         let fault = format!("enter={errno}/3");
-        let mut lb = Lb::start_with_env(&toml, &[("RINGLB_IO_FAULT", &fault)]);
+        // The fault knob is the io_uring driver's: run it whatever RINGLB_IO the suite uses.
+        let mut lb = Lb::start_with_env(
+            &toml,
+            &[("RINGLB_IO_FAULT", &fault), ("RINGLB_IO", "io_uring")],
+        );
         echo_many(lb.addr("web"), 200);
         assert!(
             lb.wait_exit(Duration::from_millis(10)).is_none(),
@@ -36,7 +40,13 @@ fn transient_ring_enter_errors_are_ridden_out() {
 fn a_programming_error_from_the_ring_stops_with_the_errno() {
     let echo = EchoServer::start();
     let toml = ringlb_config([listener("web").backend(echo.addr())]);
-    let mut lb = Lb::start_with_env(&toml, &[("RINGLB_IO_FAULT", "enter=EBADF/50")]);
+    let mut lb = Lb::start_with_env(
+        &toml,
+        &[
+            ("RINGLB_IO_FAULT", "enter=EBADF/50"),
+            ("RINGLB_IO", "io_uring"),
+        ],
+    );
     let _ = std::thread::spawn({
         let addr = lb.addr("web");
         move || (0..200).for_each(|i| drop(try_echo(addr, 64, i)))

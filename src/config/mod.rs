@@ -89,6 +89,9 @@ pub struct Runtime {
     pub workers: usize,
     /// How long shutdown waits for open connections before closing them. Default 30s; 0 allowed.
     pub drain_timeout: Duration,
+    /// The I/O backend: `auto` (io_uring where it can be used, else epoll), `io_uring` or
+    /// `epoll`. The environment variable `RINGLB_IO` overrides it. Default `auto`.
+    pub io: crate::io::IoSetting,
 }
 
 /// `[admin]`: the HTTP admin endpoint.
@@ -244,8 +247,9 @@ impl Config {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "workers {}, drain_timeout {}, admin {}",
+            "workers {}, io {}, drain_timeout {}, admin {}",
             self.runtime.workers,
+            self.runtime.io.name(),
             format_duration(self.runtime.drain_timeout),
             self.admin.bind
         );
@@ -454,9 +458,22 @@ fn validate_runtime(raw: RawRuntime) -> Result<Runtime, ConfigError> {
         None => DEFAULT_DRAIN_TIMEOUT,
         Some(s) => parse_duration(&s).map_err(|e| invalid("runtime", "drain_timeout", e))?,
     };
+    let io = match raw.io.as_deref() {
+        None => crate::io::IoSetting::Auto,
+        Some(v) => crate::io::IoSetting::from_name(v).ok_or_else(|| {
+            invalid(
+                "runtime",
+                "io",
+                format!(
+                    "{v:?} is not an I/O backend (expected \"auto\", \"io_uring\" or \"epoll\")"
+                ),
+            )
+        })?,
+    };
     Ok(Runtime {
         workers,
         drain_timeout,
+        io,
     })
 }
 

@@ -24,6 +24,7 @@ pub struct RawConfig {
 pub struct RawRuntime {
     pub workers: Option<i64>,
     pub drain_timeout: Option<String>,
+    pub io: Option<String>,
 }
 
 /// `[admin]`

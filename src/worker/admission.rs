@@ -6,8 +6,8 @@
 
 use super::conn::CloseReason;
 use super::{Stage, Worker};
+use crate::io::{Driver, Op};
 use crate::proxy_protocol::{self, Parsed};
-use crate::uring::Op;
 use log::debug;
 use std::os::fd::AsRawFd;
 
@@ -99,7 +99,7 @@ impl Worker {
             conn.stage = Stage::Header;
             conn.deadline_ms = self.now_ms + t.as_millis() as u64;
             conn.inflight += 1;
-            self.ring
+            self.io
                 .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
             return;
         }
@@ -171,7 +171,7 @@ impl Worker {
                 let tok = self.token(Op::HeaderIn, idx);
                 let conn = self.slots[idx as usize].conn.as_mut().expect("live");
                 conn.inflight += 1;
-                self.ring
+                self.io
                     .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
             }
             Ok(Parsed::Header {

@@ -24,10 +24,10 @@ pub use tcp::keepalive_params;
 
 use crate::backend::{process_ms, ListenerStats};
 use crate::balance::PickState;
+use crate::io::{Completion, Driver, Io, Op, TimespecId, Token};
 use crate::proxy_protocol::MAX_INBOUND;
 use crate::snapshot::{Published, Reader};
 use crate::sys::{self, Pipe};
-use crate::uring::{Completion, Op, Ring, TimespecId, Token};
 use conn::{CloseReason, Flow};
 use log::{debug, warn};
 use std::collections::VecDeque;
@@ -143,6 +143,8 @@ pub struct ListenerSpec {
 /// Everything a worker needs to run.
 pub struct WorkerSpec {
     pub shared: Arc<Shared>,
+    /// The I/O backend every worker of the process runs (decided once at start).
+    pub io: crate::io::Choice,
     pub commands: Receiver<Command>,
     pub listeners: Vec<ListenerSpec>,
     /// Worker count, to split each listener's max_connections.
@@ -186,13 +188,13 @@ impl Listener {
         spec: ListenerSpec,
         worker: usize,
         index: usize,
-        ring: &mut Ring,
-        free_sets: &mut Vec<crate::uring::RecvSetId>,
+        io: &mut Io,
+        free_sets: &mut Vec<crate::io::RecvSetId>,
     ) -> Listener {
         let udp = spec.udp.then(|| {
             let set = free_sets
                 .pop()
-                .unwrap_or_else(|| ring.recv_slots(UDP_RECV_SLOTS, udp::MAX_DATAGRAM));
+                .unwrap_or_else(|| io.recv_slots(UDP_RECV_SLOTS, udp::MAX_DATAGRAM));
             udp::UdpListener::new(set)
         });
         Listener {
@@ -288,7 +290,7 @@ struct Worker {
     id: usize,
     shared: Arc<Shared>,
     commands: Receiver<Command>,
-    ring: Ring,
+    io: Io,
     listeners: Vec<Listener>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -303,7 +305,7 @@ struct Worker {
     outbox: udp::Outbox,
     flows: udp::Flows,
     /// Receive buffer sets of closed UDP listeners, reused by the next one.
-    free_recv_sets: Vec<crate::uring::RecvSetId>,
+    free_recv_sets: Vec<crate::io::RecvSetId>,
     /// Per-listener (drain timeout, removed at, close on backend down) for the timeout scan,
     /// reused.
     scan_buf: Vec<(Option<u64>, Option<u64>, bool)>,
@@ -314,6 +316,8 @@ struct Worker {
     held_max: usize,
     /// The process's RLIMIT_NOFILE (soft, as raised at start): UDP flows take at most a share.
     nofile: u64,
+    /// Tick completions that failed in a row.
+    tick_failures: u32,
     workers: usize,
     start: Instant,
     now_ms: u64,
@@ -337,19 +341,19 @@ pub(super) enum Shortage {
 
 /// Runs a worker until it has drained (or was hard-stopped). Errors only on ring failure.
 pub fn run(spec: WorkerSpec) -> io::Result<()> {
-    let mut ring = Ring::new(RING_ENTRIES)?;
+    let mut io = Io::new(&spec.io, RING_ENTRIES)?;
     let shared = spec.shared;
     let listeners = spec
         .listeners
         .into_iter()
         .enumerate()
-        .map(|(i, l)| Listener::new(l, shared.id, i, &mut ring, &mut Vec::new()))
+        .map(|(i, l)| Listener::new(l, shared.id, i, &mut io, &mut Vec::new()))
         .collect();
     let mut w = Worker {
         id: shared.id,
         shared,
         commands: spec.commands,
-        ring,
+        io,
         listeners,
         slots: Vec::new(),
         free: Vec::new(),
@@ -367,6 +371,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(HELD_MAX),
+        tick_failures: 0,
         nofile: match sys::nofile_limit().0 {
             0 => 1024,
             n => n.min(1 << 40),
@@ -380,8 +385,8 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         last_warn_ms: [0; 4],
     };
     let tick = w.timespec_for(TICK);
-    w.ring.timer(tick, Token::new(Op::Tick, 0, 0));
-    w.ring.poll_multi(
+    w.io.timer(tick, Token::new(Op::Tick, 0, 0));
+    w.io.poll_multi(
         w.shared.wake.as_raw_fd(),
         libc::POLLIN as u32,
         Token::new(Op::Wake, 0, 0),
@@ -393,7 +398,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
     let mut completions: Vec<Completion> = Vec::with_capacity(1024);
     let mut transient = 0u32;
     loop {
-        match w.ring.submit_and_wait(1) {
+        match w.io.submit_and_wait(1) {
             Ok(None) => transient = 0,
             Ok(Some(e)) => {
                 // Reap what is there, then back off before entering again: 0, 1, 2, 4 ... 64 ms
@@ -405,16 +410,14 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
                 }
             }
             Err(e) => {
-                log::error!(
-                    "worker {}: io_uring_enter failed: {e}; the worker stops",
-                    w.id
-                );
-                return Err(io::Error::new(e.kind(), format!("io_uring_enter: {e}")));
+                let call = w.wait_call();
+                log::error!("worker {}: {call} failed: {e}; the worker stops", w.id);
+                return Err(io::Error::new(e.kind(), format!("{call}: {e}")));
             }
         }
         w.now_ms = w.start.elapsed().as_millis() as u64;
         completions.clear();
-        w.ring.reap(&mut completions);
+        w.io.reap(&mut completions);
         for c in &completions {
             w.dispatch(*c);
         }
@@ -454,7 +457,7 @@ impl Worker {
             Some(Op::Wake) => {
                 sys::eventfd_drain(self.shared.wake.as_fd());
                 if !c.more() {
-                    self.ring.poll_multi(
+                    self.io.poll_multi(
                         self.shared.wake.as_raw_fd(),
                         libc::POLLIN as u32,
                         Token::new(Op::Wake, 0, 0),
@@ -482,7 +485,7 @@ impl Worker {
         if let Some((_, id)) = self.timeouts.iter().find(|(x, _)| *x == d) {
             return *id;
         }
-        let id = self.ring.timespec(d);
+        let id = self.io.timespec(d);
         self.timeouts.push((d, id));
         id
     }
@@ -499,7 +502,7 @@ impl Worker {
         }
         if let Some(sock) = &l.socket {
             if !l.accepting && !l.paused && !self.draining && l.removed_at_ms.is_none() {
-                self.ring
+                self.io
                     .accept_multi(sock.as_raw_fd(), Token::new(Op::Accept, li as u32, 0));
                 l.accepting = true;
             }
@@ -511,7 +514,7 @@ impl Worker {
         let l = &mut self.listeners[li];
         if let Some(sock) = &l.socket {
             l.cancels += 1;
-            self.ring
+            self.io
                 .cancel_fd(sock.as_raw_fd(), Token::new(Op::AcceptCancel, li as u32, 0));
         }
     }
@@ -537,10 +540,20 @@ impl Worker {
         // A draining UDP listener keeps its socket to send replies until the worker exits.
         let keep_for_replies = l.udp.is_some() && l.removed_at_ms.is_none();
         if stopping && idle && !keep_for_replies && l.socket.is_some() {
-            l.socket = None;
+            if let Some(sock) = l.socket.take() {
+                self.io.release_fd(sock.as_raw_fd());
+            }
             if let Some(u) = &l.udp {
                 self.free_recv_sets.push(u.set);
             }
+        }
+    }
+
+    /// The syscall the worker waits in (for messages).
+    fn wait_call(&self) -> &'static str {
+        match self.io {
+            Io::Uring(_) => "io_uring_enter",
+            Io::Epoll(_) => "epoll_wait",
         }
     }
 
@@ -638,7 +651,7 @@ impl Worker {
                                 spec,
                                 self.id,
                                 i,
-                                &mut self.ring,
+                                &mut self.io,
                                 &mut self.free_recv_sets,
                             );
                             i
@@ -649,7 +662,7 @@ impl Worker {
                                 spec,
                                 self.id,
                                 i,
-                                &mut self.ring,
+                                &mut self.io,
                                 &mut self.free_recv_sets,
                             );
                             self.listeners.push(l);

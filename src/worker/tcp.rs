@@ -8,10 +8,10 @@
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
 use super::{Conn, Shortage, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::{bump, BackendStats};
+use crate::io::{Completion, Driver, Op, Token};
 use crate::proxy_protocol::{self, MAX_ENCODED};
 use crate::snapshot::Pick;
 use crate::sys;
-use crate::uring::{Completion, Op, Token};
 use log::{debug, info};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -190,7 +190,7 @@ impl Worker {
         conn.attempts += 1;
         conn.member = Some(stats);
         conn.backend_addr = Some(addr);
-        self.ring.connect(fd.as_raw_fd(), idx, &addr, ts, ct, tt);
+        self.io.connect(fd.as_raw_fd(), idx, &addr, ts, ct, tt);
         conn.backend = Some(fd);
         conn.inflight += 2;
     }
@@ -295,7 +295,9 @@ impl Worker {
             conn.attempts
         );
         // No operation names the backend fd any more (the linked timeout names no fd): close it.
-        conn.backend = None;
+        if let Some(b) = conn.backend.take() {
+            self.io.release_fd(b.as_raw_fd());
+        }
         conn.reason = Some(reason);
         if conn.attempts < MAX_CONNECT_ATTEMPTS {
             self.connect_next(idx);
@@ -405,13 +407,13 @@ impl Worker {
                 Step::PollIn => {
                     pool.release(&mut conn.pipes[di]);
                     conn.inflight += 1;
-                    self.ring
+                    self.io
                         .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
                     break None;
                 }
                 Step::PollOut => {
                     conn.inflight += 1;
-                    self.ring
+                    self.io
                         .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
                     break None;
                 }
@@ -478,10 +480,10 @@ impl Worker {
             self.finalize(idx);
             return;
         }
-        self.ring.cancel_fd(conn.client.as_raw_fd(), cancel);
+        self.io.cancel_fd(conn.client.as_raw_fd(), cancel);
         conn.inflight += 1;
         if let Some(b) = &conn.backend {
-            self.ring.cancel_fd(b.as_raw_fd(), cancel);
+            self.io.cancel_fd(b.as_raw_fd(), cancel);
             conn.inflight += 1;
         }
     }
@@ -533,6 +535,10 @@ impl Worker {
         let counted = conn.counted;
         // Pipes still held here may hold bytes that were never forwarded: close them, do not
         // return them to the pool. fds close as `conn` drops.
+        self.io.release_fd(conn.client.as_raw_fd());
+        if let Some(b) = &conn.backend {
+            self.io.release_fd(b.as_raw_fd());
+        }
         drop(conn);
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
         l.stats

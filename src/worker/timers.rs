@@ -6,15 +6,33 @@
 use super::conn::CloseReason;
 use super::{Stage, Worker, DRAIN, HARD_STOP, SCAN_MS, TICK};
 use crate::backend::process_ms;
-use crate::uring::{Completion, Op, Token};
+use crate::io::{Completion, Driver, Op, Token};
 use log::debug;
 use std::sync::atomic::Ordering;
 
 impl Worker {
     pub(super) fn on_tick(&mut self, c: Completion) {
+        // A tick that failed (a kernel refusing the multishot flag answers -EINVAL at once) must
+        // not be re-armed the same way in a hot loop: the driver falls back to one-shot
+        // timeouts, and a timer that keeps failing is re-armed no faster than every 10 ms.
+        if c.result < 0 && c.result != -libc::ETIME && c.result != -libc::ECANCELED {
+            self.tick_failures += 1;
+            self.io.timer_failed();
+            if self.tick_failures == 1 {
+                log::warn!(
+                    "worker {}: the tick timer failed ({}); using one-shot timeouts",
+                    self.id,
+                    std::io::Error::from_raw_os_error(-c.result)
+                );
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        } else {
+            self.tick_failures = 0;
+        }
         if !c.more() {
             let tick = self.timespec_for(TICK);
-            self.ring.timer(tick, Token::new(Op::Tick, 0, 0));
+            self.io.timer(tick, Token::new(Op::Tick, 0, 0));
         }
         self.shared.heartbeat.store(process_ms(), Ordering::Relaxed);
         self.take_commands();

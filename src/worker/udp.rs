@@ -11,8 +11,8 @@
 
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
+use crate::io::{recv_slot_of, recv_token, Completion, Driver, Op, RecvSetId, Token};
 use crate::snapshot::Pick;
-use crate::uring::{Completion, Op, RecvSetId, Ring, Token};
 use hashbrown::HashMap;
 use log::debug;
 use std::net::{IpAddr, SocketAddr};
@@ -121,8 +121,8 @@ impl Worker {
             return;
         }
         for k in 0..UDP_RECV_SLOTS {
-            let tok = Ring::recv_token(u.set, k);
-            self.ring.recvmsg(sock.as_raw_fd(), u.set, k, tok);
+            let tok = recv_token(u.set, k);
+            self.io.recvmsg(sock.as_raw_fd(), u.set, k, tok);
         }
         u.inflight = UDP_RECV_SLOTS as u32;
     }
@@ -138,8 +138,8 @@ impl Worker {
 
     /// A datagram from a client (or the end of a cancelled recvmsg).
     fn on_udp_recv(&mut self, c: Completion) {
-        let (set, k) = Ring::recv_slot_of(c.token);
-        let (client, local) = self.ring.recv_done(set, k);
+        let (set, k) = recv_slot_of(c.token);
+        let (client, local) = self.io.recv_done(set, k);
         // The set identifies the listener (a set is reused only once nothing is in flight).
         let Some(li) = self
             .listeners
@@ -175,8 +175,8 @@ impl Worker {
             u.inflight += 1;
         } else if let Some(sock) = &l.socket {
             u.inflight += 1;
-            self.ring
-                .recvmsg(sock.as_raw_fd(), set, k, Ring::recv_token(set, k));
+            self.io
+                .recvmsg(sock.as_raw_fd(), set, k, recv_token(set, k));
         }
     }
 
@@ -226,10 +226,10 @@ impl Worker {
         let f = slot.flow.as_mut().expect("mapped flow");
         if let Some(listener_fd) = rearm_on {
             let tok = Token::new(Op::UdpSend, idx, generation);
-            let recv_tok = Ring::recv_token(set, k);
+            let recv_tok = recv_token(set, k);
             let fd = f.socket.as_raw_fd();
             if self
-                .ring
+                .io
                 .send_then_recvmsg(fd, tok, listener_fd, set, k, len, recv_tok)
             {
                 // Counted in the flow's in-flight operations: its socket stays open until the
@@ -239,7 +239,7 @@ impl Worker {
             }
         }
         let sock = socket2::SockRef::from(&f.socket);
-        match sock.send(self.ring.recv_data(set, k, len)) {
+        match sock.send(self.io.recv_data(set, k, len)) {
             Ok(_) => bump(&f.member.worker(self.id).datagrams_up, 1),
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
@@ -434,7 +434,7 @@ impl Worker {
         let slot = &self.flows.slots[idx as usize];
         let fd = slot.flow.as_ref().expect("just stored").socket.as_raw_fd();
         let tok = Token::new(Op::UdpPoll, idx, slot.generation);
-        self.ring.poll_multi(fd, libc::POLLIN as u32, tok);
+        self.io.poll_multi(fd, libc::POLLIN as u32, tok);
         Some(idx)
     }
 
@@ -476,7 +476,7 @@ impl Worker {
             f.inflight += 1;
             let tok = Token::new(Op::UdpPoll, idx, generation);
             let fd = f.socket.as_raw_fd();
-            self.ring.poll_multi(fd, libc::POLLIN as u32, tok);
+            self.io.poll_multi(fd, libc::POLLIN as u32, tok);
         }
     }
 
@@ -577,7 +577,7 @@ impl Worker {
         let inflight = f.inflight;
         if inflight > 0 {
             f.inflight += 1;
-            self.ring
+            self.io
                 .cancel_fd(fd, Token::new(Op::UdpCancel, idx, generation));
         }
         self.flows.map.remove(&key);
@@ -595,6 +595,7 @@ impl Worker {
     fn free_flow(&mut self, idx: u32) {
         let slot = &mut self.flows.slots[idx as usize];
         if let Some(f) = slot.flow.take() {
+            self.io.release_fd(f.socket.as_raw_fd());
             f.member.dec_active();
             if let Some(u) = self
                 .listeners

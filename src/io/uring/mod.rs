@@ -1,9 +1,11 @@
 //! The per-worker io_uring driver: a safe `Ring` over the `io-uring` crate, SQE builders for the
-//! handful of operations ringlb uses, a submission backlog, and `user_data` tokens.
+//! handful of operations ringlb uses, a submission backlog, and the fallbacks for kernels that
+//! lack an optional feature (one-shot timeout, accept or poll re-armed by the worker, chosen by
+//! the start-up probe: see `io/probe.rs`).
 //!
 //! Ownership promise (what every `// SAFETY:` below rests on): memory an SQE points to is owned by
 //! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`, UDP receive
-//! slots in `recv_sets`, which are also the buffers UDP sends read from), lives as long as
+//! slots in `recv`, which are also the buffers UDP sends read from), lives as long as
 //! the ring, and never moves; file descriptors named by an SQE belong to the caller's connection
 //! entry, which the worker does not free or close until every operation it submitted for that
 //! entry has completed. This module never logs and never allocates per operation (the backlog
@@ -11,61 +13,14 @@
 //!
 //! Must not: know about connections, listeners or backends. It moves SQEs and CQEs, nothing else.
 
-mod token;
-
-pub use token::{Op, Token};
-
+use super::recv::RecvSets;
+use super::{Completion, Driver, Features, RecvSetId, TimespecId, Token};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
-
-/// One completion, copied out of the CQ so the ring can be borrowed again while handling it.
-#[derive(Clone, Copy, Debug)]
-pub struct Completion {
-    pub token: Token,
-    pub result: i32,
-    pub flags: u32,
-}
-
-impl Completion {
-    /// The socket an accept completion installed, owned from here on. None for any other
-    /// completion or a failed accept.
-    pub fn accepted_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        if self.token.op() != Some(Op::Accept) || self.result < 0 {
-            return None;
-        }
-        // SAFETY: a successful accept completion's result is an fd the kernel just installed in
-        // our table for this completion alone; nothing else in the process refers to it yet, and
-        // each completion is handled (and this called) once.
-        Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(self.result) })
-    }
-
-    /// True when a multishot operation will post more completions.
-    pub fn more(&self) -> bool {
-        io_uring::cqueue::more(self.flags)
-    }
-}
-
-/// Identifies a timespec registered with [`Ring::timespec`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimespecId(usize);
-
-/// Why io_uring cannot be used here, phrased for the one line the binary prints.
-pub fn unavailable_reason(err: &io::Error) -> String {
-    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    match err.raw_os_error() {
-        Some(libc::ENOSYS) => "io_uring is not available: this kernel has no io_uring support (ENOSYS); ringlb needs Linux ≥ 6.0 with io_uring".into(),
-        Some(libc::EPERM) if disabled == "2" => "io_uring is disabled on this host (kernel.io_uring_disabled = 2); set it to 0 to run ringlb".into(),
-        Some(libc::EPERM) if disabled == "1" => "io_uring is restricted on this host (kernel.io_uring_disabled = 1, only the io_uring_group may use it); run ringlb in that group or set it to 0".into(),
-        Some(libc::EPERM) => "io_uring is blocked (EPERM): probably a container seccomp profile (Docker's and containerd's default block io_uring); run with a profile that allows io_uring_setup/io_uring_enter/io_uring_register".into(),
-        _ => format!("io_uring setup failed: {err}"),
-    }
-}
 
 /// Socket addresses for in-flight connects, one slot per connection index, in fixed chunks so
 /// that a slot's address never moves while the table grows.
@@ -86,23 +41,6 @@ impl AddrTable {
         &mut self.chunks[c][i]
     }
 }
-
-/// Buffers for one in-flight `recvmsg`: the header, its iovec and name point into the same boxed
-/// struct, so they never move while the operation runs.
-struct RecvMem {
-    hdr: libc::msghdr,
-    iov: libc::iovec,
-    name: libc::sockaddr_storage,
-    /// Control messages (the PKTINFO destination address).
-    control: [u64; 8],
-    buf: Box<[u8]>,
-    /// A recvmsg naming this memory is in flight.
-    busy: bool,
-}
-
-/// Identifies a set of receive buffers created by [`Ring::recv_slots`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecvSetId(usize);
 
 /// A debug knob for tests (`RINGLB_IO_FAULT="enter=EAGAIN/7"`): every 7th wait on the ring fails
 /// with that errno instead of entering the kernel, as a transient io_uring_enter failure would.
@@ -153,9 +91,10 @@ pub struct Ring {
     /// Boxed on purpose: SQEs point into these, so they must not move when the Vec grows.
     #[allow(clippy::vec_box)]
     timespecs: Vec<Box<types::Timespec>>,
-    /// Receive buffer sets (UDP listeners), boxed per slot for stable addresses.
-    #[allow(clippy::vec_box)]
-    recv_sets: Vec<Vec<Box<RecvMem>>>,
+    /// Receive slots (UDP listeners).
+    recv: RecvSets,
+    /// What this kernel supports (or the operator disabled) of the optional features.
+    features: Features,
 }
 
 impl Drop for Ring {
@@ -163,16 +102,22 @@ impl Drop for Ring {
         // A recvmsg still in flight may be written to by the kernel until its cancellation
         // completes, which closing the ring does asynchronously: leak such buffers rather than
         // free memory the kernel may still write.
-        if self.recv_sets.iter().flatten().any(|m| m.busy) {
-            std::mem::forget(std::mem::take(&mut self.recv_sets));
+        if self.recv.any_busy() {
+            self.recv.leak();
         }
     }
 }
 
 impl Ring {
     /// Creates a ring with `entries` SQ entries and 4× as many CQ entries, single issuer and
-    /// cooperative task running (falling back without them on kernels that refuse the flags).
+    /// cooperative task running (falling back without them on kernels that refuse the flags),
+    /// every optional feature used.
     pub fn new(entries: u32) -> io::Result<Ring> {
+        Ring::with_features(entries, Features::ALL)
+    }
+
+    /// Like [`Ring::new`], using only the optional `features` given.
+    pub fn with_features(entries: u32, features: Features) -> io::Result<Ring> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
@@ -192,17 +137,13 @@ impl Ring {
             backlog: VecDeque::new(),
             addrs: AddrTable { chunks: Vec::new() },
             timespecs: Vec::new(),
-            recv_sets: Vec::new(),
+            recv: RecvSets::default(),
+            features,
         })
     }
 
-    /// Checks once, at start, that io_uring can be set up at all.
-    pub fn probe() -> io::Result<()> {
-        IoUring::new(8).map(|_| ())
-    }
-
     /// Registers a duration for use by timeouts; the timespec lives as long as the ring.
-    pub fn timespec(&mut self, d: Duration) -> TimespecId {
+    fn timespec_of(&mut self, d: Duration) -> TimespecId {
         let ts = types::Timespec::new()
             .sec(d.as_secs())
             .nsec(d.subsec_nanos());
@@ -287,37 +228,68 @@ impl Ring {
         true
     }
 
-    /// Multishot accept on a listening socket; accepted sockets are non-blocking and cloexec.
-    pub fn accept_multi(&mut self, listen_fd: RawFd, token: Token) {
-        let e = opcode::AcceptMulti::new(types::Fd(listen_fd))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(token.0);
-        self.push(e);
+    /// The SQE of a `recvmsg` on `fd` into slot `k` of `set`, marking the slot busy; None if it
+    /// already is.
+    fn recvmsg_entry(
+        &mut self,
+        fd: RawFd,
+        set: RecvSetId,
+        k: usize,
+        token: Token,
+    ) -> Option<squeue::Entry> {
+        let hdr = self.recv.prepare(set, k)?;
+        Some(
+            opcode::RecvMsg::new(types::Fd(fd), hdr)
+                .build()
+                .user_data(token.0),
+        )
     }
 
-    /// One-shot poll for `events` (`libc::POLLIN`, `POLLOUT`, ...).
-    pub fn poll(&mut self, fd: RawFd, events: u32, token: Token) {
-        let e = opcode::PollAdd::new(types::Fd(fd), events)
+    /// One-shot or multishot poll.
+    fn poll_entry(fd: RawFd, events: u32, token: Token, multi: bool) -> squeue::Entry {
+        opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(multi)
             .build()
-            .user_data(token.0);
-        self.push(e);
+            .user_data(token.0)
+    }
+}
+
+impl Driver for Ring {
+    fn timespec(&mut self, d: Duration) -> TimespecId {
+        self.timespec_of(d)
     }
 
-    /// Multishot poll (used for a worker's wake-up eventfd).
-    pub fn poll_multi(&mut self, fd: RawFd, events: u32, token: Token) {
-        let e = opcode::PollAdd::new(types::Fd(fd), events)
-            .multi(true)
+    /// Multishot accept, or a single accept where the kernel has no multishot accept (< 5.19):
+    /// its completion then comes without `more()` and the worker re-arms.
+    fn accept_multi(&mut self, listen_fd: RawFd, token: Token) {
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let e = if self.features.multishot_accept {
+            opcode::AcceptMulti::new(types::Fd(listen_fd))
+                .flags(flags)
+                .build()
+        } else {
+            opcode::Accept::new(
+                types::Fd(listen_fd),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(flags)
             .build()
-            .user_data(token.0);
-        self.push(e);
+        };
+        self.push(e.user_data(token.0));
     }
 
-    /// Connect `fd` to `addr`, linked to a timeout. `slot` is the caller's connection index:
-    /// the address is copied into the ring's table under that slot, and the caller promises not
-    /// to issue another connect for the same slot before this one completes. Two completions
-    /// follow: `connect_token` (0 or -errno, -ECANCELED on timeout) and `timeout_token`.
-    pub fn connect(
+    fn poll(&mut self, fd: RawFd, events: u32, token: Token) {
+        self.push(Ring::poll_entry(fd, events, token, false));
+    }
+
+    /// Multishot poll, or one-shot where the kernel has none (< 5.13): the worker re-arms.
+    fn poll_multi(&mut self, fd: RawFd, events: u32, token: Token) {
+        let multi = self.features.multishot_poll;
+        self.push(Ring::poll_entry(fd, events, token, multi));
+    }
+
+    fn connect(
         &mut self,
         fd: RawFd,
         slot: u32,
@@ -349,62 +321,41 @@ impl Ring {
         self.push_group(c, Some(t));
     }
 
-    /// A repeating timer: one completion per period until cancelled.
-    pub fn timer(&mut self, period: TimespecId, token: Token) {
-        let e = opcode::Timeout::new(self.ts_ptr(period))
-            .flags(types::TimeoutFlags::MULTISHOT)
-            .build()
-            .user_data(token.0);
-        self.push(e);
+    /// A multishot timeout, or a one-shot one where the kernel has none (< 6.4): its completion
+    /// comes without `more()` and the worker re-arms.
+    fn timer(&mut self, period: TimespecId, token: Token) {
+        let mut t = opcode::Timeout::new(self.ts_ptr(period));
+        if self.features.multishot_timeout {
+            t = t.flags(types::TimeoutFlags::MULTISHOT);
+        }
+        self.push(t.build().user_data(token.0));
     }
 
-    /// Cancels every in-flight operation on `fd` (polls, connects, accepts).
-    pub fn cancel_fd(&mut self, fd: RawFd, token: Token) {
+    fn timer_failed(&mut self) {
+        self.features.multishot_timeout = false;
+    }
+
+    fn cancel_fd(&mut self, fd: RawFd, token: Token) {
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
             .user_data(token.0);
         self.push(e);
     }
 
-    /// Creates `count` receive buffers of `size` bytes each, owned by the ring for its lifetime.
-    pub fn recv_slots(&mut self, count: usize, size: usize) -> RecvSetId {
-        let set = (0..count)
-            .map(|_| {
-                // SAFETY: msghdr, iovec and sockaddr_storage are plain C structs for which all-zero
-                // bytes are a valid (empty) value; the pointers are filled in by `recvmsg`.
-                let (hdr, iov, name) =
-                    unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
-                Box::new(RecvMem {
-                    hdr,
-                    iov,
-                    name,
-                    control: [0; 8],
-                    buf: vec![0u8; size].into_boxed_slice(),
-                    busy: false,
-                })
-            })
-            .collect();
-        self.recv_sets.push(set);
-        RecvSetId(self.recv_sets.len() - 1)
+    fn recv_slots(&mut self, count: usize, size: usize) -> RecvSetId {
+        self.recv.create(count, size)
     }
 
-    /// Starts a `recvmsg` on `fd` into slot `k` of `set`. Ignored if that slot is busy.
-    pub fn recvmsg(&mut self, fd: RawFd, set: RecvSetId, k: usize, token: Token) {
+    fn recvmsg(&mut self, fd: RawFd, set: RecvSetId, k: usize, token: Token) {
         if let Some(e) = self.recvmsg_entry(fd, set, k, token) {
             self.push(e);
         }
     }
 
-    /// Sends the `len` bytes slot `k` of `set` received last (see [`Ring::recv_data`]) on the
-    /// connected socket `send_fd`, and starts the slot's next `recvmsg` on `recv_fd` linked
-    /// behind the send, so the buffer is not written again before the send has read it. Two
-    /// completions: `send_token` (bytes sent or -errno) and `recv_token` (the recvmsg's; it is
-    /// -ECANCELED when the send failed). The send goes out with the next submission, together
-    /// with everything else queued: one `io_uring_enter` for a batch of datagrams. Returns
-    /// false, and queues nothing, if the slot already has a recvmsg in flight (its buffer is
-    /// not the caller's to send from).
-    #[allow(clippy::too_many_arguments)]
-    pub fn send_then_recvmsg(
+    /// The send goes out with the next submission, together with everything else queued (one
+    /// `io_uring_enter` for a batch of datagrams), and the slot's next `recvmsg` is linked
+    /// behind it, so the buffer is not written again before the send has read it.
+    fn send_then_recvmsg(
         &mut self,
         send_fd: RawFd,
         send_token: Token,
@@ -414,12 +365,11 @@ impl Ring {
         len: usize,
         recv_token: Token,
     ) -> bool {
+        let (ptr, len) = self.recv.send_buf(set, k, len);
         let Some(recv) = self.recvmsg_entry(recv_fd, set, k, recv_token) else {
             return false;
         };
-        let m = &self.recv_sets[set.0][k];
-        let len = len.min(m.buf.len());
-        let send = opcode::Send::new(types::Fd(send_fd), m.buf.as_ptr(), len as u32)
+        let send = opcode::Send::new(types::Fd(send_fd), ptr, len as u32)
             // MSG_DONTWAIT: a full send buffer (a backend whose address does not resolve, say)
             // fails the send at once with -EAGAIN instead of parking it, and with it this
             // receive slot; the linked recvmsg is then cancelled and the caller re-arms it.
@@ -431,98 +381,24 @@ impl Ring {
         true
     }
 
-    /// The SQE of a `recvmsg` on `fd` into slot `k` of `set`, marking the slot busy; None if it
-    /// already is.
-    fn recvmsg_entry(
-        &mut self,
-        fd: RawFd,
-        set: RecvSetId,
-        k: usize,
-        token: Token,
-    ) -> Option<squeue::Entry> {
-        let m = &mut self.recv_sets[set.0][k];
-        if m.busy {
-            return None;
-        }
-        m.busy = true;
-        m.iov.iov_base = m.buf.as_mut_ptr().cast();
-        m.iov.iov_len = m.buf.len();
-        m.hdr.msg_name = (&mut m.name as *mut libc::sockaddr_storage).cast();
-        m.hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        m.hdr.msg_iov = &mut m.iov;
-        m.hdr.msg_iovlen = 1;
-        m.hdr.msg_control = m.control.as_mut_ptr().cast();
-        m.hdr.msg_controllen = std::mem::size_of_val(&m.control) as _;
-        m.hdr.msg_flags = 0;
-        let hdr: *mut libc::msghdr = &mut m.hdr;
-        Some(
-            opcode::RecvMsg::new(types::Fd(fd), hdr)
-                .build()
-                .user_data(token.0),
-        )
+    fn recv_done(&mut self, set: RecvSetId, k: usize) -> (Option<SocketAddr>, Option<IpAddr>) {
+        self.recv.done(set, k)
     }
 
-    /// The sender of the datagram a completed `recvmsg` left in slot `k`, and the local address
-    /// it was sent to (when the socket reports PKTINFO). Marks the slot free for the next
-    /// [`Ring::recvmsg`]; its bytes stay readable through [`Ring::recv_data`] until then. Call
-    /// it once per recvmsg completion, with that completion's set and slot (the token of
-    /// [`Ring::recv_token`] carries both).
-    pub fn recv_done(
-        &mut self,
-        set: RecvSetId,
-        k: usize,
-    ) -> (Option<SocketAddr>, Option<std::net::IpAddr>) {
-        let m = &mut self.recv_sets[set.0][k];
-        debug_assert!(m.busy, "recv_done on a slot with no recvmsg in flight");
-        m.busy = false;
-        let local = crate::sys::pktinfo_dst(&m.control, m.hdr.msg_controllen);
-        let namelen = m.hdr.msg_namelen;
-        // SAFETY: `name` is a sockaddr_storage the kernel filled for this completed recvmsg (or
-        // left zeroed), `namelen` ≤ its size; SockAddr copies it.
-        let addr = unsafe {
-            socket2::SockAddr::try_init(|storage, len| {
-                std::ptr::copy_nonoverlapping(
-                    (&m.name as *const libc::sockaddr_storage).cast::<u8>(),
-                    storage.cast::<u8>(),
-                    namelen as usize,
-                );
-                *len = namelen;
-                Ok(())
-            })
-        }
-        .ok()
-        .and_then(|((), a)| a.as_socket());
-        (addr, local)
+    fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8] {
+        self.recv.data(set, k, len)
     }
 
-    /// The first `len` bytes slot `k` of `set` received (valid after [`Ring::recv_done`] and
-    /// before the slot's next [`Ring::recvmsg`]).
-    pub fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8] {
-        let m = &self.recv_sets[set.0][k];
-        &m.buf[..len.min(m.buf.len())]
-    }
-
-    /// The token of slot `k` of `set`'s recvmsg: the set and slot travel in the index, so a
-    /// completion always finds the buffer it filled.
-    pub fn recv_token(set: RecvSetId, k: usize) -> Token {
-        Token::new(Op::UdpRecv, ((set.0 as u32) << 8) | k as u32, 0)
-    }
-
-    /// The (set, slot) a recvmsg token names.
-    pub fn recv_slot_of(token: Token) -> (RecvSetId, usize) {
-        (
-            RecvSetId((token.index() >> 8) as usize),
-            (token.index() & 0xff) as usize,
-        )
-    }
+    /// Nothing to forget: the kernel holds its own reference to a file until every operation
+    /// that names it has completed.
+    fn release_fd(&mut self, _fd: RawFd) {}
 
     /// Submits everything queued (the backlog included) and waits for at least `want`
-    /// completions. `Ok(None)`: done. `Ok(Some(e))`: a transient failure (EAGAIN, ENOMEM:
-    /// the kernel is short of memory for requests; EBUSY: the completion queue overflows;
-    /// EBADR: completions were lost to an overflow; or anything unexpected) — the caller reaps
-    /// what is there, backs off and comes back. `Err`: a programming error (EBADF, EFAULT,
-    /// EINVAL, ENXIO: the ring itself is unusable).
-    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<Option<io::Error>> {
+    /// completions. Transient failures: EAGAIN, ENOMEM (the kernel is short of memory for
+    /// requests), EBUSY (the completion queue overflows), EBADR (completions were lost to an
+    /// overflow) and anything unexpected; programming errors (EBADF, EFAULT, EINVAL, ENXIO,
+    /// EOPNOTSUPP: the ring itself is unusable) are errors.
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<Option<io::Error>> {
         self.flush_backlog();
         loop {
             return match self.enter(Some(want)) {
@@ -547,8 +423,7 @@ impl Ring {
         }
     }
 
-    /// Moves every available completion into `out` (which the caller reuses).
-    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+    fn reap(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             out.push(Completion {
                 token: Token(cqe.user_data()),
@@ -562,6 +437,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::Op;
     use std::os::fd::AsRawFd;
 
     /// Real ring, real pipe: with the kernel refusing entries (the fault knob fails every
