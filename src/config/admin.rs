@@ -150,3 +150,124 @@ fn read_token(path: &str) -> Result<AdminToken, ConfigError> {
     }
     Ok(AdminToken(token.to_vec()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError};
+    use super::*;
+
+    fn with_admin(admin: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[admin]\n{admin}\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\
+             backends = [ {{ address = \"127.0.0.1:9001\" }} ]\n"
+        ))
+    }
+
+    fn err(admin: &str) -> String {
+        with_admin(admin).expect_err(admin).to_string()
+    }
+
+    /// A token file of its own under the temp dir, removed on drop.
+    struct TokenFile(PathBuf);
+
+    impl TokenFile {
+        fn new(name: &str, contents: &[u8]) -> TokenFile {
+            let p = std::env::temp_dir().join(format!("ringlb-{name}-{}", std::process::id()));
+            std::fs::write(&p, contents).unwrap();
+            TokenFile(p)
+        }
+        fn line(&self) -> String {
+            format!("token_file = \"{}\"", self.0.display())
+        }
+    }
+
+    impl Drop for TokenFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn binds_parse() {
+        let b = |line: &str| {
+            with_admin(line)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .admin
+                .bind
+        };
+        assert_eq!(b("bind = \"none\""), AdminBind::None);
+        assert_eq!(
+            b("bind = \"unix:/run/ringlb/admin.sock\""),
+            AdminBind::Unix("/run/ringlb/admin.sock".into())
+        );
+        assert_eq!(
+            b("bind = \"[::1]:9901\""),
+            AdminBind::Tcp("[::1]:9901".parse().unwrap())
+        );
+        assert_eq!(b(""), AdminBind::Tcp(DEFAULT_ADMIN_BIND));
+        assert_eq!(
+            AdminBind::Unix("/a.sock".into()).to_string(),
+            "unix:/a.sock"
+        );
+        assert_eq!(AdminBind::None.to_string(), "none");
+    }
+
+    #[test]
+    fn bad_binds_are_named() {
+        for (line, want) in [
+            (
+                "bind = \"unix:\"",
+                "admin: field \"bind\": \"unix:\" has no path",
+            ),
+            ("bind = \"unix:/run/ringlb/\"", "names a directory"),
+            (
+                "bind = \"localhost:9900\"",
+                "\"unix:/path/to/socket\" or \"none\"",
+            ),
+            (
+                "bind = \"None\"",
+                "admin: field \"bind\": \"None\" is not a socket address",
+            ),
+        ] {
+            let e = err(line);
+            assert!(e.contains(want), "{line}: {e}");
+        }
+        let long = format!("bind = \"unix:/{}\"", "a".repeat(MAX_UNIX_PATH));
+        assert!(err(&long).contains("at most 107"), "{}", err(&long));
+    }
+
+    #[test]
+    fn the_token_is_read_without_its_line_ending() {
+        let f = TokenFile::new("token-ok", b"s3cret-0123\r\n\n");
+        let c = with_admin(&f.line()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.admin.token.as_ref().unwrap().as_bytes(), b"s3cret-0123");
+        assert_eq!(c.admin.token_file.as_deref(), Some(f.0.as_path()));
+        let shown = format!("{:?}", c.admin);
+        assert!(!shown.contains("s3cret"), "Debug shows the token: {shown}");
+        assert!(c.summary().contains("token_file"), "{}", c.summary());
+    }
+
+    #[test]
+    fn missing_empty_or_unsendable_tokens_are_config_errors() {
+        let missing = std::env::temp_dir().join("ringlb-no-such-token-file");
+        let e = err(&format!("token_file = \"{}\"", missing.display()));
+        assert!(
+            e.starts_with(&format!(
+                "admin: field \"token_file\": \"{}\" cannot be read: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        let empty = TokenFile::new("token-empty", b"\n");
+        let e = err(&empty.line());
+        assert!(e.ends_with("is empty: it must hold the admin token"), "{e}");
+        assert!(e.contains(&empty.0.display().to_string()), "{e}");
+        let spaced = TokenFile::new("token-space", b"two words\n");
+        let e = err(&spaced.line());
+        assert!(
+            e.contains("cannot be sent in an Authorization header (byte 4"),
+            "{e}"
+        );
+        assert!(err("token_file = \"\"").contains("is empty (expected the path"));
+    }
+}
