@@ -52,6 +52,7 @@ fn every_field_appears_in_some_example() {
         "drain_timeout =",
         "[admin]",
         "bind =",
+        "token_file =",
         "[[listeners]]",
         "name =",
         "protocol =",
