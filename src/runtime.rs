@@ -43,13 +43,23 @@ pub enum RuntimeError {
     Worker { id: usize, source: std::io::Error },
     #[error("worker {id} failed: {reason}")]
     WorkerFailed { id: usize, reason: String },
-    #[error("admin: cannot serve on {addr}: {source}")]
+    #[error("admin: cannot serve on {bind}: {source}{}", admin_hint(.source))]
     Admin {
-        addr: SocketAddr,
+        bind: crate::config::AdminBind,
         source: std::io::Error,
     },
     #[error("signal setup failed: {0}")]
     Signals(nix::Error),
+}
+
+/// What to do about an admin socket someone else holds.
+fn admin_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another ringlb may hold it: set [admin] bind to a free address (or \"none\")"
+        }
+        _ => "",
+    }
 }
 
 /// Binds one listening socket with the listener's socket options (inherited by accepted sockets).
@@ -215,6 +225,12 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         Ok(_) => {}
         Err(e) => warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
+    // The admin socket first: a second ringlb on the same host fails here, before it binds
+    // (or logs) any listener.
+    let admin_listener = admin::bind(&config.admin.bind).map_err(|source| RuntimeError::Admin {
+        bind: config.admin.bind.clone(),
+        source,
+    })?;
     let workers = config.runtime.workers;
     let control = Control::new(&config);
     let mut views: Vec<ListenerView> = Vec::new();
@@ -275,17 +291,23 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         registry: control.registry.clone(),
         worker_heartbeats: shared.iter().map(|s| s.heartbeat.clone()).collect(),
         control_heartbeat: control_hb.clone(),
+        report: control.report.clone(),
         requests: Mutex::new(req_tx.clone()),
+        server: admin::ServerStats::default(),
     });
-    let admin_bind = config.admin.bind;
-    let admin_addr = admin::start(admin_bind, admin_state).map_err(|source| {
-        shared.iter().for_each(|w| w.request_stop(HARD_STOP));
-        RuntimeError::Admin {
-            addr: admin_bind,
-            source,
-        }
-    })?;
-    admin::log_started(admin_addr);
+    let admin_at = admin_listener.as_ref().map(|l| l.local());
+    // Held until `run` returns: dropping it removes the admin unix socket.
+    let _admin = match admin_listener {
+        None => None,
+        Some(l) => Some(admin::serve(l, admin_state).map_err(|source| {
+            shared.iter().for_each(|w| w.request_stop(HARD_STOP));
+            RuntimeError::Admin {
+                bind: config.admin.bind.clone(),
+                source,
+            }
+        })?),
+    };
+    admin::log_started(admin_at.as_ref(), &config.admin);
     let n_listeners = control.listeners.len();
     let drain_timeout = config.runtime.drain_timeout;
     let control_stop = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,7 @@
 //! The admin endpoint end to end through the real binary (2 workers): `/metrics` parsed as
 //! Prometheus text and checked against traffic counted on the client side, `/status` JSON,
-//! `/livez`, `/readyz`, 404s, `POST /reload` with a good and a broken file, and the access log.
+//! `/livez`, `/readyz`, 404s, `POST /reload` with a good and a broken file, the access log, the
+//! build, reload and process metrics, and `/status` saying why a backend is down or at weight 0.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::admin::{http_get, http_post, metric, metric_sum, samples, scrape};
+use common::dead_addr;
 use common::*;
 use prometheus_parse::{Scrape, Value};
 
@@ -20,7 +22,7 @@ fn admin(lb: &Lb) -> SocketAddr {
 }
 
 /// Every metric family ringlb exports, with its Prometheus type.
-const FAMILIES: [(&str, &str); 15] = [
+const FAMILIES: [(&str, &str); 26] = [
     ("ringlb_connections_total", "counter"),
     ("ringlb_active_connections", "gauge"),
     ("ringlb_bytes_total", "counter"),
@@ -36,6 +38,20 @@ const FAMILIES: [(&str, &str); 15] = [
     ("ringlb_maglev_slots_moved_total", "counter"),
     ("ringlb_snapshot_generation", "gauge"),
     ("ringlb_worker_heartbeat_age_milliseconds", "gauge"),
+    ("ringlb_build_info", "gauge"),
+    ("ringlb_reloads_total", "counter"),
+    ("ringlb_config_last_reload_successful", "gauge"),
+    (
+        "ringlb_config_last_reload_success_timestamp_seconds",
+        "gauge",
+    ),
+    ("ringlb_admin_connections", "gauge"),
+    ("ringlb_admin_connections_refused_total", "counter"),
+    ("process_cpu_seconds_total", "counter"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_start_time_seconds", "gauge"),
 ];
 
 fn kind(v: &Value) -> &'static str {
@@ -301,4 +317,206 @@ fn readyz_is_503_while_draining() {
     assert_eq!(http_get(admin, "/livez").0, 200);
     drop(held);
     assert!(lb.wait_exit(Duration::from_secs(5)).is_some());
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// One unlabelled sample that must be there.
+fn single(s: &Scrape, name: &str) -> f64 {
+    metric(s, name, &[]).unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn build_reload_and_process_metrics() {
+    let e = EchoServer::start();
+    let config = ringlb_config([listener("web").backend(e.addr())]);
+    let lb = Lb::start(&config);
+    let admin = admin(&lb);
+    let s = scrape(admin);
+    assert_families(&s);
+    let build: Vec<_> = samples(&s, "ringlb_build_info", &[]).collect();
+    assert_eq!(build.len(), 1);
+    assert_eq!(common::admin::sample_value(build[0]), 1.0);
+    assert_eq!(
+        build[0].labels.get("version"),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    let commit = build[0].labels.get("commit").unwrap_or_default();
+    assert!(!commit.is_empty(), "no commit label");
+    let reloads = |s: &Scrape| {
+        (
+            metric(s, "ringlb_reloads_total", &[("result", "ok")]),
+            metric(s, "ringlb_reloads_total", &[("result", "error")]),
+        )
+    };
+    assert_eq!(reloads(&s), (Some(0.0), Some(0.0)));
+    let started = single(&s, "ringlb_config_last_reload_success_timestamp_seconds");
+    assert!(
+        (unix_now() - started).abs() < 60.0,
+        "loaded at {started}, now {}",
+        unix_now()
+    );
+    assert_eq!(single(&s, "ringlb_config_last_reload_successful"), 1.0);
+
+    // Process metrics, against what /proc says from outside.
+    let pid = lb.pid();
+    let rss = single(&s, "process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 4e9, "RSS {rss}");
+    let fds = single(&s, "process_open_fds");
+    let seen = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    assert!(
+        (fds - seen).abs() <= 3.0,
+        "process_open_fds {fds}, /proc shows {seen}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("Max open files");
+    assert_eq!(single(&s, "process_max_fds"), soft);
+    let start = single(&s, "process_start_time_seconds");
+    assert!(
+        start <= unix_now() + 1.0 && start > unix_now() - 120.0,
+        "start {start}"
+    );
+    let cpu = single(&s, "process_cpu_seconds_total");
+    assert!((0.0..1000.0).contains(&cpu), "cpu {cpu}");
+    assert!(
+        single(&s, "ringlb_admin_connections") >= 1.0,
+        "this scrape's own connection"
+    );
+
+    // A good reload moves the ok counter and the timestamp, a bad one only the error counter.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(http_post(admin, "/reload").0, 200);
+    let s = scrape(admin);
+    assert_eq!(reloads(&s), (Some(1.0), Some(0.0)));
+    let after_ok = single(&s, "ringlb_config_last_reload_success_timestamp_seconds");
+    assert!(after_ok >= started + 1.0, "{started} -> {after_ok}");
+    std::fs::write(
+        lb.config_path(),
+        config.replace("backends = [", "backends = 7 #"),
+    )
+    .unwrap();
+    assert_eq!(http_post(admin, "/reload").0, 400);
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    let mut s = scrape(admin);
+    assert!(
+        wait_until(SETTLE, || {
+            s = scrape(admin);
+            reloads(&s) == (Some(1.0), Some(2.0))
+        }),
+        "reloads after one bad POST and one bad SIGHUP: {:?}",
+        reloads(&s)
+    );
+    assert_eq!(single(&s, "ringlb_config_last_reload_successful"), 0.0);
+    assert_eq!(
+        single(&s, "ringlb_config_last_reload_success_timestamp_seconds"),
+        after_ok
+    );
+}
+
+/// /status tells a probe failure from a passive ejection, and a drain from a configured 0.
+#[test]
+fn status_says_why_a_backend_is_down_or_at_weight_zero() {
+    let (live, spare) = (EchoServer::start(), EchoServer::start());
+    let (dead_checked, dead_passive) = (dead_addr(), dead_addr());
+    let config = LbConfig::default()
+        .listener(
+            listener("checked")
+                .backend(live.addr())
+                .backend(dead_checked)
+                .weighted(spare.addr(), 0)
+                .set(
+                    "health",
+                    "{ interval = \"100ms\", timeout = \"100ms\", fall = 1, rise = 1 }",
+                ),
+        )
+        .listener(
+            listener("passive")
+                .backend(dead_passive)
+                .backend(live.addr())
+                .set("passive", "{ consecutive_failures = 2 }"),
+        )
+        .to_toml();
+    let lb = Lb::start(&config);
+    let admin = admin(&lb);
+    let drain = format!("/backends/checked/{}/drain", live.addr());
+    assert_eq!(http_post(admin, &drain).0, 200);
+    // Round robin tries the dead backend first for some connections: two failures eject it.
+    for i in 0..4 {
+        echo(lb.addr("passive"), 100, 0xad_57a7 + i);
+    }
+    let backend = |st: &serde_json::Value, l: usize, addr: SocketAddr| -> serde_json::Value {
+        st["listeners"][l]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["address"] == addr.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend {addr} in {st:#}"))
+    };
+    let mut st = status(admin);
+    let settled = wait_until(Duration::from_secs(5), || {
+        st = status(admin);
+        backend(&st, 0, dead_checked)["up"] == false && backend(&st, 1, dead_passive)["up"] == false
+    });
+    assert!(settled, "the dead backends never went down:\n{st:#}");
+
+    let checked = backend(&st, 0, dead_checked);
+    assert_eq!(
+        checked["last_probe_error"], "connect refused",
+        "{checked:#}"
+    );
+    assert_eq!(
+        checked["down_reason"], "health check failing: connect refused",
+        "{checked:#}"
+    );
+    assert_eq!(checked["ejected_for_seconds"], serde_json::Value::Null);
+
+    let ejected = backend(&st, 1, dead_passive);
+    let why = ejected["down_reason"].as_str().unwrap_or_default();
+    assert!(why.starts_with("ejected by passive health"), "{ejected:#}");
+    let left = ejected["ejected_for_seconds"]
+        .as_f64()
+        .expect("ejected_for_seconds");
+    assert!(
+        left > 20.0 && left <= 30.0,
+        "default base_ejection_time 30s: {ejected:#}"
+    );
+    assert_eq!(ejected["last_probe_error"], serde_json::Value::Null);
+
+    let drained = backend(&st, 0, live.addr());
+    assert_eq!(
+        (
+            &drained["weight"],
+            &drained["configured_weight"],
+            &drained["weight_source"],
+            &drained["up"]
+        ),
+        (&0.into(), &1.into(), &"admin drain".into(), &true.into()),
+        "{drained:#}"
+    );
+    assert_eq!(drained["down_reason"], serde_json::Value::Null);
+    let zero = backend(&st, 0, spare.addr());
+    assert_eq!(
+        (
+            &zero["weight"],
+            &zero["configured_weight"],
+            &zero["weight_source"]
+        ),
+        (&0.into(), &0.into(), &"config".into()),
+        "{zero:#}"
+    );
+    let normal = backend(&st, 1, live.addr());
+    assert_eq!(normal["weight_source"], "config");
+    assert_eq!(normal["down_reason"], serde_json::Value::Null);
 }

@@ -1,5 +1,6 @@
 //! `/metrics`: the Prometheus text exposition (format 0.0.4) of the listeners, backends, health
-//! checks and workers. Per-worker counters are summed here, at scrape time.
+//! checks and workers, the build, reloads, the admin server and the process (the standard
+//! `process_*` families). Per-worker counters are summed here, at scrape time.
 //! Must not: write anything it reads.
 
 use super::{age_ms, AdminState};
@@ -28,6 +29,17 @@ impl Family<'_> {
             .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
             .collect();
         let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+    }
+    /// A sample without labels and with a fractional value (seconds, timestamps).
+    fn float(&mut self, name: &str, v: f64) {
+        let _ = writeln!(self.out, "{name} {v}");
+    }
+    /// A whole family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, v: Option<f64>) {
+        if let Some(v) = v {
+            self.head(name, kind, help);
+            self.float(name, v);
+        }
     }
 }
 
@@ -321,5 +333,86 @@ pub fn metrics(state: &AdminState) -> String {
             age_ms(state, hb),
         );
     }
+    control_and_process(state, &mut f);
     out
+}
+
+/// The build, reloads, the admin server itself and the process.
+fn control_and_process(state: &AdminState, f: &mut Family<'_>) {
+    f.head(
+        "ringlb_build_info",
+        "gauge",
+        "Always 1; the labels say which build is running.",
+    );
+    f.line(
+        "ringlb_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", crate::BUILD_COMMIT),
+        ],
+        1,
+    );
+    let (ok, failed) = state.report.reloads();
+    f.head(
+        "ringlb_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP or POST /reload), by result.",
+    );
+    f.line("ringlb_reloads_total", &[("result", "ok")], ok);
+    f.line("ringlb_reloads_total", &[("result", "error")], failed);
+    f.single(
+        "ringlb_config_last_reload_successful",
+        "gauge",
+        "1 if the last reload succeeded (or none was tried), 0 if it failed.",
+        Some(f64::from(u8::from(state.report.last_reload_ok()))),
+    );
+    f.single(
+        "ringlb_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "Unix time the running configuration was loaded (at start, then at each successful reload).",
+        Some(state.report.last_success_unix_seconds()),
+    );
+    f.single(
+        "ringlb_admin_connections",
+        "gauge",
+        "Admin endpoint connections open.",
+        Some(state.server.open.load(Ordering::Relaxed) as f64),
+    );
+    f.single(
+        "ringlb_admin_connections_refused_total",
+        "counter",
+        "Admin endpoint connections closed at once because the connection limit was reached.",
+        Some(state.server.refused.load(Ordering::Relaxed) as f64),
+    );
+    let p = super::process::read();
+    f.single(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
+    f.single(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        p.resident_bytes.map(|v| v as f64),
+    );
+    f.single(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        p.open_fds.map(|v| v as f64),
+    );
+    f.single(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        p.max_fds.map(|v| v as f64),
+    );
+    f.single(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_seconds,
+    );
 }

@@ -1,26 +1,44 @@
-//! The admin HTTP endpoint (tiny_http, one thread): `/livez`, `/readyz`, `/metrics` (Prometheus
-//! text), `/status` (JSON), and the control requests `POST /reload`.
+//! The admin HTTP endpoint: `/livez`, `/readyz`, `/metrics` (Prometheus text), `/status`
+//! (JSON), and the control requests `POST /reload` and `POST /backends/<l>/<addr>/drain|undrain`.
 //!
-//! It reads published snapshots, the backend registry and per-worker counters (summed at scrape
-//! time) and forwards control requests to the control thread over a channel.
+//! It reads published snapshots, the backend registry, per-worker counters (summed at scrape
+//! time) and the control thread's [`Report`], so the health endpoints never wait for the control
+//! thread; only mutations are forwarded to it, over a channel, and awaited. The HTTP server and
+//! its limits are in [`server`], who may mutate in [`auth`].
 //! Must not: touch rings or connections, or mutate anything but through the control channel.
 
+mod auth;
 mod metrics;
+mod process;
+mod server;
+mod status;
 
 pub use metrics::metrics;
+pub use server::{
+    bind, serve, AdminHandle, AdminListener, ServerStats, Where, HEAD_TIMEOUT, MAX_BODY,
+    MAX_CONNECTIONS, MAX_HEAD, WRITE_STALL,
+};
+pub use status::status_json;
 
 use crate::backend::{process_ms, ListenerStats, Registry};
-use crate::control::Request;
+use crate::config::Admin;
+use crate::control::{Reply, Report, Request};
 use crate::snapshot::Published;
-use log::{info, warn};
+use hyper::Method;
+use log::info;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A worker or the control thread is considered stuck when its heartbeat is older than this.
 pub const STUCK_AFTER: Duration = Duration::from_secs(3);
+/// The control thread cannot tick while it applies a reload (a big Maglev table takes a while):
+/// it counts as live for this long into one.
+pub const RELOAD_STUCK_AFTER: Duration = Duration::from_secs(60);
+/// How long a mutation waits for the control thread's answer.
+const CONTROL_WAIT: Duration = Duration::from_secs(30);
 
 /// One listener as the admin endpoint sees it.
 #[derive(Clone)]
@@ -43,72 +61,64 @@ pub struct AdminState {
     pub worker_heartbeats: Vec<Arc<AtomicU64>>,
     /// Control thread heartbeat (`process_ms()`).
     pub control_heartbeat: Arc<AtomicU64>,
+    /// Reload counters, the admin token, why backends are down (written by the control thread).
+    pub report: Arc<Report>,
     pub requests: Mutex<Sender<Request>>,
-}
-
-/// Starts the admin server on `bind`; returns the bound address.
-pub fn start(bind: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(bind).map_err(std::io::Error::other)?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("admin server has no IP address"))?;
-    std::thread::Builder::new()
-        .name("ringlb-admin".into())
-        .spawn(move || {
-            for req in server.incoming_requests() {
-                let (status, ctype, body) = route(&state, req.method(), req.url());
-                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
-                    .expect("static header is valid");
-                let resp = tiny_http::Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(header);
-                if let Err(e) = req.respond(resp) {
-                    warn!("admin: cannot answer: {e}");
-                }
-            }
-        })?;
-    Ok(addr)
+    /// The HTTP server's own counters.
+    pub server: ServerStats,
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
-fn route(state: &AdminState, method: &tiny_http::Method, url: &str) -> (u16, &'static str, String) {
-    use tiny_http::Method::{Get, Head, Post};
-    let path = url.split('?').next().unwrap_or("");
-    match (method, path) {
-        (Get | Head, "/livez") => {
+/// What a request gets: an answer now, or a request to the control thread whose reply is the
+/// answer.
+enum Answer {
+    Now(u16, &'static str, String),
+    Control(Box<dyn FnOnce(Reply) -> Request + Send>),
+}
+
+fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
+    let (get, post) = (
+        method == Method::GET || method == Method::HEAD,
+        method == Method::POST,
+    );
+    match path {
+        "/livez" if get => {
             let (ok, text) = liveness(state);
-            (if ok { 200 } else { 503 }, TEXT, text)
+            Answer::Now(if ok { 200 } else { 503 }, TEXT, text)
         }
-        (Get | Head, "/readyz") => {
+        "/readyz" if get => {
             let (ok, text) = readiness(state);
-            (if ok { 200 } else { 503 }, TEXT, text)
+            Answer::Now(if ok { 200 } else { 503 }, TEXT, text)
         }
-        (Get | Head, "/metrics") => (
+        "/metrics" if get => Answer::Now(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
             metrics(state),
         ),
-        (Get | Head, "/status") => (200, "application/json", status_json(state)),
-        (Post, "/reload") => control_request(state, |reply| Request::Reload { reply: Some(reply) }),
-        (Post, p) if p.starts_with("/backends/") => match parse_backend_action(p) {
-            Some((listener, backend, drain)) => control_request(state, |reply| Request::Drain {
-                listener,
-                backend,
-                drain,
-                reply,
-            }),
-            None => (
+        "/status" if get => Answer::Now(200, "application/json", status_json(state)),
+        "/reload" if post => Answer::Control(Box::new(|reply| Request::Reload {
+            reply: Some(reply),
+        })),
+        p if post && p.starts_with("/backends/") => match parse_backend_action(p) {
+            Some((listener, backend, drain)) => Answer::Control(Box::new(move |reply| {
+                Request::Drain {
+                    listener,
+                    backend,
+                    drain,
+                    reply,
+                }
+            })),
+            None => Answer::Now(
                 404,
                 TEXT,
                 "expected POST /backends/<listener>/<ip:port>/drain or .../undrain\n".into(),
             ),
         },
-        (_, "/livez" | "/readyz" | "/metrics" | "/status" | "/reload") => {
-            (405, TEXT, "method not allowed\n".into())
+        "/livez" | "/readyz" | "/metrics" | "/status" | "/reload" => {
+            Answer::Now(405, TEXT, "method not allowed\n".into())
         }
-        _ => (
+        _ => Answer::Now(
             404,
             TEXT,
             "not found; try /livez /readyz /metrics /status, POST /reload, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
@@ -134,23 +144,28 @@ fn parse_backend_action(path: &str) -> Option<(String, SocketAddr, bool)> {
     Some((listener.to_string(), addr.parse().ok()?, drain))
 }
 
-fn control_request(
+/// Sends a request to the control thread and awaits its reply (status, body).
+async fn control_request(
     state: &AdminState,
-    make: impl FnOnce(Sender<Result<String, String>>) -> Request,
-) -> (u16, &'static str, String) {
-    let (tx, rx) = mpsc::channel();
+    make: Box<dyn FnOnce(Reply) -> Request + Send>,
+) -> (u16, String) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let sent = state
         .requests
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .send(make(tx));
     if sent.is_err() {
-        return (503, TEXT, "control thread is not running\n".into());
+        return (503, "control thread is not running\n".into());
     }
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Ok(summary)) => (200, TEXT, format!("{summary}\n")),
-        Ok(Err(e)) => (400, TEXT, format!("{e}\n")),
-        Err(_) => (503, TEXT, "control thread did not answer in 30 s\n".into()),
+    match tokio::time::timeout(CONTROL_WAIT, rx).await {
+        Ok(Ok(Ok(summary))) => (200, format!("{summary}\n")),
+        Ok(Ok(Err(e))) => (400, format!("{e}\n")),
+        Ok(Err(_)) => (503, "control thread dropped the request\n".into()),
+        Err(_) => (
+            503,
+            format!("control thread did not answer in {CONTROL_WAIT:?} (it goes on)\n"),
+        ),
     }
 }
 
@@ -167,10 +182,16 @@ pub fn liveness(state: &AdminState) -> (bool, String) {
 fn liveness_at(state: &AdminState, now_ms: u64) -> (bool, String) {
     let age_ms = |_: &AdminState, hb: &AtomicU64| now_ms.saturating_sub(hb.load(Ordering::Relaxed));
     let mut problems = Vec::new();
+    let mut notes = String::new();
     let stuck = STUCK_AFTER.as_millis() as u64;
     let c = age_ms(state, &state.control_heartbeat);
     if c > stuck {
-        problems.push(format!("control thread heartbeat is {c} ms old"));
+        match state.report.reload_running_for(now_ms) {
+            Some(r) if r <= RELOAD_STUCK_AFTER.as_millis() as u64 => {
+                notes = format!(" (control thread busy with a reload for {r} ms)");
+            }
+            _ => problems.push(format!("control thread heartbeat is {c} ms old")),
+        }
     }
     for (i, hb) in state.worker_heartbeats.iter().enumerate() {
         let a = age_ms(state, hb);
@@ -179,7 +200,7 @@ fn liveness_at(state: &AdminState, now_ms: u64) -> (bool, String) {
         }
     }
     if problems.is_empty() {
-        (true, "ok\n".into())
+        (true, format!("ok{notes}\n"))
     } else {
         (false, problems.join("\n") + "\n")
     }
@@ -213,53 +234,25 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
     }
 }
 
-/// `/status`: listeners, backends, health, weights, active connections.
-pub fn status_json(state: &AdminState) -> String {
-    let listeners: Vec<serde_json::Value> = state
-        .listeners
-        .load()
-        .iter()
-        .map(|lv| {
-            let snap = lv.published.load();
-            let backends: Vec<serde_json::Value> = snap
-                .members
-                .iter()
-                .map(|m| {
-                    serde_json::json!({
-                        "address": m.address.to_string(),
-                        "weight": m.weight,
-                        "up": m.up,
-                        "active_connections": m.stats.active(),
-                        "connections_total": m.stats.sum(|w| &w.connections),
-                        "consecutive_connect_failures": m.stats.consecutive_failures(),
-                    })
-                })
-                .collect();
-            serde_json::json!({
-                "name": lv.name,
-                "protocol": lv.protocol,
-                "bind": lv.bound.map(|a| a.to_string()),
-                "balance": snap.tables.policy().name(),
-                "generation": snap.generation,
-                "active_connections": lv.stats.sum(|w| &w.active),
-                "backends_up": snap.up_count(),
-                "backends": backends,
-            })
-        })
-        .collect();
-    let v = serde_json::json!({
-        "uptime_seconds": process_ms() / 1000,
-        "workers": state.worker_heartbeats.len(),
-        "listeners": listeners,
-    });
-    let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
-    s.push('\n');
-    s
-}
-
-/// Logs where the admin endpoint listens (tests parse this line).
-pub fn log_started(addr: SocketAddr) {
-    info!("admin endpoint on http://{addr} (/livez /readyz /metrics /status)");
+/// Logs where the admin endpoint listens and who may change things (tests parse this line).
+pub fn log_started(at: Option<&Where>, config: &Admin) {
+    let who = match &config.token_file {
+        Some(f) => format!("changes need the bearer token of {}", f.display()),
+        None => match at {
+            Some(Where::Unix(_)) => "changes need access to the socket file".to_string(),
+            _ => "changes only from loopback peers".to_string(),
+        },
+    };
+    match at {
+        Some(Where::Tcp(addr)) => {
+            info!("admin endpoint on http://{addr} (/livez /readyz /metrics /status); {who}")
+        }
+        Some(Where::Unix(path)) => info!(
+            "admin endpoint on unix:{} (/livez /readyz /metrics /status); {who}",
+            path.display()
+        ),
+        None => info!("admin endpoint off (admin.bind = \"none\")"),
+    }
 }
 
 #[cfg(test)]
@@ -277,7 +270,9 @@ mod tests {
             registry: Arc::new(Registry::new(worker_ages_ms.len())),
             worker_heartbeats: worker_ages_ms.iter().map(|&a| hb(a)).collect(),
             control_heartbeat: hb(control_age_ms),
-            requests: Mutex::new(mpsc::channel().0),
+            report: Arc::new(Report::new(None)),
+            requests: Mutex::new(std::sync::mpsc::channel().0),
+            server: ServerStats::default(),
         }
     }
 
@@ -299,6 +294,18 @@ mod tests {
         let (ok, text) = liveness_at(&state(&[50], 60_000), NOW);
         assert!(!ok);
         assert!(text.contains("control thread"), "{text}");
+    }
+
+    #[test]
+    fn a_control_thread_busy_with_a_reload_is_live_for_a_while() {
+        let s = state(&[50], 10_000);
+        s.report.reload_started(NOW - 9_000);
+        let (ok, text) = liveness_at(&s, NOW);
+        assert!(ok, "{text}");
+        assert!(text.contains("busy with a reload for 9000 ms"), "{text}");
+        s.report.reload_started(NOW - 61_000);
+        let (ok, text) = liveness_at(&s, NOW);
+        assert!(!ok && text.contains("control thread heartbeat"), "{text}");
     }
 
     #[test]

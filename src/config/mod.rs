@@ -10,6 +10,7 @@
 //! Validation stops at the FIRST error: the message then names exactly one listener, field and
 //! value, and fixing errors one by one in file order is what an operator does anyway.
 
+mod admin;
 mod duration;
 mod error;
 mod health;
@@ -27,12 +28,13 @@ mod warnings;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::balance::{HashKey, Policy};
 
+pub use admin::{Admin, AdminBind, AdminToken, DEFAULT_ADMIN_BIND, MAX_UNIX_PATH};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use health::{
@@ -41,16 +43,13 @@ pub use health::{
     DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
 };
 use listener::{is_valid_name, validate_listener};
-use raw::{RawAdmin, RawConfig, RawRuntime};
+use raw::{RawConfig, RawRuntime};
 
 /// Upper bound for `runtime.workers`: far above any core count this runs on, low enough to catch
 /// a typo before it starts a thousand rings.
 pub const MAX_WORKERS: usize = 1024;
 /// Default `runtime.drain_timeout`.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `admin.bind`: loopback only, the admin endpoint is not for the outside world.
-pub const DEFAULT_ADMIN_BIND: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9900));
 /// Default `connect_timeout` (Envoy's default).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `idle_timeout` of a TCP listener.
@@ -92,13 +91,6 @@ pub struct Runtime {
     /// The I/O backend: `auto` (io_uring where it can be used, else epoll), `io_uring` or
     /// `epoll`. The environment variable `RINGLB_IO` overrides it. Default `auto`.
     pub io: crate::io::IoSetting,
-}
-
-/// `[admin]`: the HTTP admin endpoint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Admin {
-    /// Default [`DEFAULT_ADMIN_BIND`] (127.0.0.1:9900).
-    pub bind: SocketAddr,
 }
 
 /// Transport of a listener.
@@ -247,11 +239,15 @@ impl Config {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "workers {}, io {}, drain_timeout {}, admin {}",
+            "workers {}, io {}, drain_timeout {}, admin {}{}",
             self.runtime.workers,
             self.runtime.io.name(),
             format_duration(self.runtime.drain_timeout),
-            self.admin.bind
+            self.admin.bind,
+            self.admin
+                .token_file
+                .as_ref()
+                .map_or(String::new(), |p| format!(" (token_file {})", p.display()))
         );
         for l in &self.listeners {
             let _ = write!(
@@ -387,7 +383,7 @@ fn invalid(scope: &str, field: &str, problem: String) -> ConfigError {
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let runtime = validate_runtime(raw.runtime.unwrap_or_default())?;
-    let admin = validate_admin(raw.admin.unwrap_or_default())?;
+    let admin = admin::validate_admin(raw.admin.unwrap_or_default())?;
     let raw_listeners = raw.listeners.unwrap_or_default();
     if raw_listeners.is_empty() {
         return Err(invalid(
@@ -475,14 +471,6 @@ fn validate_runtime(raw: RawRuntime) -> Result<Runtime, ConfigError> {
         drain_timeout,
         io,
     })
-}
-
-fn validate_admin(raw: RawAdmin) -> Result<Admin, ConfigError> {
-    let bind = match raw.bind {
-        None => DEFAULT_ADMIN_BIND,
-        Some(s) => parse_address("admin", "bind", &s)?,
-    };
-    Ok(Admin { bind })
 }
 
 fn parse_address(scope: &str, field: &str, s: &str) -> Result<SocketAddr, ConfigError> {

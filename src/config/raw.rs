@@ -32,6 +32,7 @@ pub struct RawRuntime {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub bind: Option<String>,
+    pub token_file: Option<String>,
 }
 
 /// One `[[listeners]]` table.

@@ -52,6 +52,7 @@ fn every_field_appears_in_some_example() {
         "drain_timeout =",
         "[admin]",
         "bind =",
+        "token_file =",
         "[[listeners]]",
         "name =",
         "protocol =",
@@ -119,7 +120,10 @@ fn defaults_applied() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(config.runtime.workers, cpus.min(MAX_WORKERS));
     assert_eq!(config.runtime.drain_timeout, Duration::from_secs(30));
-    assert_eq!(config.admin.bind, "127.0.0.1:9900".parse().unwrap());
+    assert_eq!(
+        config.admin.bind,
+        AdminBind::Tcp("127.0.0.1:9900".parse().unwrap())
+    );
     let expected = Listener {
         name: "web".to_string(),
         bind: "127.0.0.1:0".parse().unwrap(),
@@ -186,7 +190,10 @@ fn explicit_values_and_both_backend_forms() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.runtime.workers, 3);
     assert_eq!(config.runtime.drain_timeout, Duration::from_millis(1500));
-    assert_eq!(config.admin.bind, "[::1]:9901".parse().unwrap());
+    assert_eq!(
+        config.admin.bind,
+        AdminBind::Tcp("[::1]:9901".parse().unwrap())
+    );
     let a = &config.listeners[0];
     assert_eq!(a.balance, Policy::Maglev);
     assert_eq!(a.hash_key, HashKey::SourceIpPort);

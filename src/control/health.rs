@@ -5,7 +5,7 @@
 
 use crate::backend::{bump, Registry};
 use crate::config::{Listener, PassiveConfig};
-use crate::control::ControlListener;
+use crate::control::{BackendNote, ControlListener};
 use crate::health::{self, Outcome, Passive, ProbeSpec, Prober, Scheduler};
 use log::{info, warn};
 use std::collections::HashMap;
@@ -30,6 +30,9 @@ pub(crate) struct HealthDriver {
     epoch: Instant,
     due: Vec<(u64, ProbeSpec)>,
     done: Vec<(u64, Outcome)>,
+    /// Something [`HealthDriver::note`] reports changed since the last
+    /// [`HealthDriver::take_notes_stale`] (a probe error, a flip, an ejection).
+    notes_stale: bool,
 }
 
 impl HealthDriver {
@@ -42,6 +45,7 @@ impl HealthDriver {
             epoch: now,
             due: Vec::new(),
             done: Vec::new(),
+            notes_stale: true,
         };
         d.set_listeners(listeners, now);
         d
@@ -74,6 +78,31 @@ impl HealthDriver {
             .get(&(listener.to_string(), addr))
             .is_some_and(|p| p.state.is_ejected(now_ms));
         active && !ejected
+    }
+
+    /// What health knows of a backend for `/status` (weight and drain are the caller's).
+    pub(crate) fn note(&self, listener: &str, addr: SocketAddr) -> BackendNote {
+        let now_ms = self.now_ms(Instant::now());
+        let passive = self.passive.get(&(listener.to_string(), addr));
+        // The ejection's end on the clock the admin side reads (`process_ms`).
+        let ejected_until_ms = passive
+            .and_then(|p| p.state.ejected_until(now_ms))
+            .map(|end| crate::backend::process_ms() + (end - now_ms));
+        BackendNote {
+            check_down: self.scheduler.is_up(listener, addr) == Some(false),
+            last_probe_error: self
+                .scheduler
+                .last_error(listener, addr)
+                .map(str::to_string),
+            ejected_until_ms,
+            times_ejected: passive.map_or(0, |p| p.state.times_ejected()),
+            ..BackendNote::default()
+        }
+    }
+
+    /// True once after anything [`HealthDriver::note`] reports changed.
+    pub(crate) fn take_notes_stale(&mut self) -> bool {
+        std::mem::take(&mut self.notes_stale)
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -111,6 +140,7 @@ impl HealthDriver {
                 &stats.control.checks_failed
             };
             bump(counter, 1);
+            self.notes_stale |= self.scheduler.last_error_changes(*id, outcome);
             if let Some(flip) = self.scheduler.complete(*id, outcome) {
                 bump(&stats.control.flips, 1);
                 if flip.up {
@@ -149,6 +179,7 @@ impl HealthDriver {
         }
         self.done = done;
         self.passive_step(listeners, &mut changed);
+        self.notes_stale |= !changed.is_empty();
         changed
     }
 

@@ -6,6 +6,9 @@
 //! what must happen on worker threads (binding new listeners) goes through [`ListenerHost`].
 
 mod health;
+mod report;
+
+pub use report::{BackendNote, Notes, Report};
 
 use crate::backend::{ListenerStats, Registry};
 use crate::balance::{Maglev, Policy, Tables};
@@ -17,23 +20,25 @@ use log::{error, info};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How the control thread answers a request: the summary or the error. A oneshot, so that the
+/// admin endpoint can await it on its runtime; sending never blocks the control thread.
+pub type Reply = tokio::sync::oneshot::Sender<Result<String, String>>;
 
 /// What other threads (signal handler loop, admin endpoint) ask of the control thread.
 pub enum Request {
     /// Re-read the config file and apply it; the reply carries the summary or the error.
-    Reload {
-        reply: Option<Sender<Result<String, String>>>,
-    },
+    Reload { reply: Option<Reply> },
     /// Stop (or resume, `drain = false`) sending new connections to a backend, without a reload.
     /// Existing connections stay. Kept across reloads while the backend stays configured.
     Drain {
         listener: String,
         backend: SocketAddr,
         drain: bool,
-        reply: Sender<Result<String, String>>,
+        reply: Reply,
     },
 }
 
@@ -79,6 +84,8 @@ pub struct Control {
     /// Backends drained through the admin endpoint (weight 0 until undrained).
     drained: Vec<(String, SocketAddr)>,
     workers: usize,
+    /// Read by the admin endpoint: reload counters, the admin token, why backends are down.
+    pub report: Arc<Report>,
 }
 
 impl Control {
@@ -92,12 +99,30 @@ impl Control {
             health,
             drained: Vec::new(),
             workers: config.runtime.workers,
+            report: Arc::new(Report::new(config.admin.token.clone())),
         };
         for l in &config.listeners {
             let cl = control.new_listener(l.clone());
             control.listeners.push(cl);
         }
+        control.publish_notes();
         control
+    }
+
+    /// Publishes, for the admin endpoint, why each backend is down or drained.
+    fn publish_notes(&self) {
+        let mut notes = Notes::new();
+        for cl in &self.listeners {
+            let name = &cl.config.name;
+            for b in &cl.config.backends {
+                let key = (name.clone(), b.address);
+                let mut note = self.health.note(name, b.address);
+                note.configured_weight = b.weight;
+                note.drained = self.drained.contains(&key);
+                notes.insert(key, note);
+            }
+        }
+        self.report.set_notes(notes);
     }
 
     /// A listener's stats and first published snapshot (generation 1).
@@ -222,6 +247,7 @@ impl Control {
                 .position(|l| l.name == c.config.name)
                 .unwrap_or(usize::MAX)
         });
+        self.publish_notes();
         Ok(format!(
             "listeners: {n_added} added, {} removed, {changed} changed; backends: {added_b} added, {removed_b} removed; maglev slots moved: {moved}",
             removed_names.len()
@@ -259,6 +285,7 @@ impl Control {
         }
         if drain != was {
             self.republish(i);
+            self.publish_notes();
         }
         let state = if drain {
             "draining (no new connections)"
@@ -316,6 +343,9 @@ impl Control {
                 self.republish(i);
             }
         }
+        if self.health.take_notes_stale() {
+            self.publish_notes();
+        }
     }
 }
 
@@ -340,12 +370,16 @@ pub fn run_thread(
         loop {
             match requests.try_recv() {
                 Ok(Request::Reload { reply }) => {
+                    // The admin endpoint reads this to stay live while the reload runs.
+                    control.report.reload_started(crate::backend::process_ms());
                     let result = match Config::load(&path) {
                         Err(e) => Err(e.to_string()),
                         Ok(new) => control
                             .reload(&config, &new, host.as_mut())
                             .inspect(|_| config = new),
                     };
+                    let token = result.is_ok().then(|| config.admin.token.clone());
+                    control.report.reload_finished(token);
                     match &result {
                         Ok(summary) => info!("reload of {} done: {summary}", path.display()),
                         Err(e) => error!(

@@ -110,6 +110,9 @@ struct Entry {
     in_flight: bool,
     ok: u64,
     failed: u64,
+    /// The last probe's failure (`Outcome::Down`'s text); `None` after a success or before the
+    /// first probe (what `/status` shows as why a backend is down).
+    last_error: Option<String>,
 }
 
 /// Decides which probe is due when, and keeps each target's rise/fall state and counts.
@@ -161,6 +164,7 @@ impl Scheduler {
                         in_flight: false,
                         ok: 0,
                         failed: 0,
+                        last_error: None,
                     };
                     (id, entry)
                 }
@@ -211,8 +215,16 @@ impl Scheduler {
         e.in_flight = false;
         let t = &e.target;
         match outcome {
-            Outcome::Up => e.ok += 1,
-            Outcome::Down(_) => e.failed += 1,
+            Outcome::Up => {
+                e.ok += 1;
+                e.last_error = None;
+            }
+            Outcome::Down(why) => {
+                e.failed += 1;
+                if e.last_error.as_deref() != Some(why.as_str()) {
+                    e.last_error = Some(why.clone());
+                }
+            }
         }
         let up = e.active.record(outcome.is_up(), t.rise, t.fall)?;
         let reason = match outcome {
@@ -232,6 +244,25 @@ impl Scheduler {
     pub fn is_up(&self, listener: &str, addr: SocketAddr) -> Option<bool> {
         let id = self.ids.get(listener)?.get(&addr)?;
         self.entries.get(id).map(|e| e.active.is_up())
+    }
+
+    /// The last probe's failure for a target (`None`: the last probe passed, none ran yet, or
+    /// it is not a target).
+    pub fn last_error(&self, listener: &str, addr: SocketAddr) -> Option<&str> {
+        let id = self.ids.get(listener)?.get(&addr)?;
+        self.entries.get(id)?.last_error.as_deref()
+    }
+
+    /// Whether recording `outcome` for target `id` would change its [`Scheduler::last_error`]
+    /// (so the caller knows its published view of the errors went stale).
+    pub fn last_error_changes(&self, id: u64, outcome: &Outcome) -> bool {
+        let Some(e) = self.entries.get(&id) else {
+            return false;
+        };
+        match outcome {
+            Outcome::Up => e.last_error.is_some(),
+            Outcome::Down(why) => e.last_error.as_deref() != Some(why.as_str()),
+        }
     }
 
     /// (listener, backend, probes passed, probes failed) for every target, in config order:

@@ -117,6 +117,11 @@ impl Passive {
         self.ejected_until.is_some_and(|end| now_ms < end)
     }
 
+    /// When the ejection in force at `now_ms` ends (same clock), if it is ejected.
+    pub fn ejected_until(&self, now_ms: u64) -> Option<u64> {
+        self.ejected_until.filter(|&end| now_ms < end)
+    }
+
     /// Ends an ejection early (an active probe reached `rise` successes). Returns true if it was
     /// ejected (including expired but not yet [`Passive::expire`]d): the caller then republishes
     /// and resets the failure counter, as after an expiry. Keeps the doubling memory.
@@ -231,6 +236,8 @@ mod tests {
         assert!(p.is_ejected(20));
         assert!(p.is_ejected(20 + BASE - 1));
         assert!(!p.is_ejected(20 + BASE));
+        assert_eq!(p.ejected_until(20), Some(20 + BASE));
+        assert_eq!(p.ejected_until(20 + BASE), None, "time served");
         assert_eq!(p.times_ejected(), 1);
         // Already ejected: no second ejection, whatever the count.
         assert!(!p.observe(50, 3, 30, BASE, MAX, true));

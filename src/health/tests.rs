@@ -277,3 +277,27 @@ fn targets_come_from_listeners_with_health_checks() {
         }
     );
 }
+
+#[test]
+fn the_last_probe_error_is_kept_until_a_probe_passes() {
+    let mut s = Scheduler::new();
+    s.set_targets(vec![target("web", 9001)], Instant::now());
+    let addr = SocketAddr::from(([127, 0, 0, 1], 9001));
+    assert_eq!(s.last_error("web", addr), None, "no probe yet");
+    assert!(s.last_error_changes(0, &down("connect refused")));
+    s.complete(0, &down("connect refused"));
+    assert_eq!(s.last_error("web", addr), Some("connect refused"));
+    assert!(!s.last_error_changes(0, &down("connect refused")));
+    assert!(s.last_error_changes(0, &down("timeout after 1s (connecting)")));
+    s.complete(0, &down("timeout after 1s (connecting)"));
+    assert_eq!(
+        s.last_error("web", addr),
+        Some("timeout after 1s (connecting)")
+    );
+    assert!(s.last_error_changes(0, &Outcome::Up));
+    s.complete(0, &Outcome::Up);
+    assert_eq!(s.last_error("web", addr), None);
+    assert!(!s.last_error_changes(0, &Outcome::Up));
+    assert!(!s.last_error_changes(7, &Outcome::Up), "unknown id");
+    assert_eq!(s.last_error("db", addr), None);
+}

@@ -5,7 +5,8 @@
 //! Every request has the harness timeouts (connect, read, write); nothing here retries.
 
 use std::io::{self, BufRead, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use prometheus_parse::{Sample, Scrape, Value};
 
@@ -19,11 +20,33 @@ pub fn try_http_request(
     path: &str,
     body: &[u8],
 ) -> io::Result<(u16, String)> {
+    try_http_with(addr, method, path, &[], body)
+}
+
+/// Like [`try_http_request`] with extra headers. A `Host` among them replaces the default
+/// (`Host: ADDR`); `("Host", "")` sends none.
+pub fn try_http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<(u16, String)> {
     let mut s = try_connect(addr)?;
-    let head = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+    let mut head = format!("{method} {path} HTTP/1.0\r\n");
+    let has_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
+    if !has_host {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        if !(k.eq_ignore_ascii_case("host") && v.is_empty()) {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str(&format!(
+        "Connection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
-    );
+    ));
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     let mut raw = Vec::new();
@@ -39,6 +62,47 @@ pub fn try_http_request(
     })
 }
 
+/// `method path` with extra headers (see [`try_http_with`]); panics on an I/O error.
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    try_http_with(addr, method, path, headers, b"")
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path} {headers:?}: {e}"))
+}
+
+/// `GET /livez` with every timeout (connect, write, read) set to `within`: the status and body,
+/// or why no answer came in time.
+pub fn livez_within(addr: SocketAddr, within: Duration) -> Result<(u16, String), String> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, within).map_err(|e| format!("connect: {e}"))?;
+    let left = within
+        .saturating_sub(t0.elapsed())
+        .max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET /livez HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read after {:?}: {e}", t0.elapsed()))?;
+    if t0.elapsed() > within {
+        return Err(format!("answered after {:?}", t0.elapsed()));
+    }
+    parse_response(&raw)
+}
+
+/// Panics unless `GET /livez` answers 200 within `within`; `what` says what is going on.
+pub fn assert_live_within(addr: SocketAddr, within: Duration, what: &str) {
+    match livez_within(addr, within) {
+        Ok((200, _)) => {}
+        Ok((code, body)) => panic!("/livez {what}: status {code}: {body}"),
+        Err(e) => panic!("/livez {what}: no answer within {within:?}: {e}"),
+    }
+}
+
 /// `GET path`: status and body; panics on an I/O error (any status is returned).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     try_http_request(addr, "GET", path, b"")
@@ -51,7 +115,7 @@ pub fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|e| panic!("POST http://{addr}{path}: {e}"))
 }
 
-fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
+pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text
         .split_once("\r\n\r\n")

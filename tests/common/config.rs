@@ -92,6 +92,8 @@ pub struct LbConfig {
     workers: usize,
     drain_timeout: String,
     admin_bind: String,
+    /// Other `[admin]` lines (`token_file = "..."`), verbatim.
+    admin_lines: Vec<String>,
     listeners: Vec<Listener>,
 }
 
@@ -102,6 +104,7 @@ impl Default for LbConfig {
             drain_timeout: "10s".to_string(),
             // Never the default fixed port: tests run in parallel.
             admin_bind: "127.0.0.1:0".to_string(),
+            admin_lines: Vec::new(),
             listeners: Vec::new(),
         }
     }
@@ -123,6 +126,12 @@ impl LbConfig {
         self
     }
 
+    /// Adds `key = value` to `[admin]`, `value` written verbatim.
+    pub fn admin_field(mut self, key: &str, value: &str) -> Self {
+        self.admin_lines.push(format!("{key} = {value}"));
+        self
+    }
+
     pub fn listener(mut self, l: Listener) -> Self {
         self.listeners.push(l);
         self
@@ -135,6 +144,12 @@ impl LbConfig {
             "[runtime]\nworkers = {}\ndrain_timeout = \"{}\"\n\n[admin]\nbind = \"{}\"\n",
             self.workers, self.drain_timeout, self.admin_bind
         );
+        for line in &self.admin_lines {
+            let _ = writeln!(out, "{line}");
+        }
+        if !self.admin_lines.is_empty() {
+            out.push('\n');
+        }
         for l in &self.listeners {
             l.write_toml(&mut out);
         }

@@ -224,6 +224,21 @@ impl Lb {
         })
     }
 
+    /// The admin endpoint's unix socket, from its `admin endpoint on unix:PATH` line.
+    pub fn admin_unix(&self) -> Option<PathBuf> {
+        self.stderr_lines().iter().find_map(|l| {
+            let rest = &l[l.find("admin endpoint on unix:")? + "admin endpoint on unix:".len()..];
+            Some(PathBuf::from(rest.split_whitespace().next()?))
+        })
+    }
+
+    /// Whether ringlb said its admin endpoint is off (`admin.bind = "none"`).
+    pub fn admin_off(&self) -> bool {
+        self.stderr_lines()
+            .iter()
+            .any(|l| l.contains("admin endpoint off"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
