@@ -167,7 +167,16 @@ fn drain_timeout_and_backend_down_cut_streams_with_a_reset() {
     // A backend marked down with on_backend_down = "close": its open connection is cut.
     let mut h = connect(lb.addr("downed"));
     h.write_all(b"in flight").expect("write");
-    assert!(wait_until(Duration::from_secs(5), || holder.accepted() == 1));
+    // (Health probes connect to the holder too: count the LB's connection to it, not accepts.)
+    let admin = lb.admin_addr().expect("admin");
+    let held = holder.addr().to_string();
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric(
+            &scrape(admin),
+            "ringlb_connections_total",
+            &[("listener", "downed"), ("backend", held.as_str())],
+        ) == Some(1.0)
+    }));
     reload_ok(&lb, &ringlb_config([downed]));
     assert_eq!(
         end_of(
