@@ -20,6 +20,8 @@
 //! - [`control`]: owns the config, builds and publishes snapshots.
 //! - [`tls`]: pure ClientHello reader (SNI, ALPN, ECH) and route table for TLS passthrough.
 //! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
+//! - [`logging`]: the logger (text or JSON lines, the access log's writer thread).
+//! - [`notify`]: systemd's sd_notify protocol (ready, reloading, stopping, watchdog).
 //! - [`worker`]: the per-core io_uring loop and the pure connection state machine.
 //! - [`uring`] and [`sys`]: the only places with `unsafe`.
 #![deny(unsafe_code)]
@@ -32,6 +34,8 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod health;
+pub mod logging;
+pub mod notify;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod snapshot;

@@ -10,6 +10,7 @@ mod health;
 use crate::backend::{ListenerStats, Registry};
 use crate::balance::{Maglev, Policy, Tables};
 use crate::config::{Config, Listener, Protocol};
+use crate::notify;
 use crate::snapshot::{Member, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
 use health::HealthDriver;
@@ -319,7 +320,8 @@ impl Control {
     }
 }
 
-/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
+/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes,
+/// and feeds systemd's watchdog (when there is one) while the workers tick.
 #[allow(clippy::too_many_arguments)]
 pub fn run_thread(
     mut control: Control,
@@ -329,10 +331,14 @@ pub fn run_thread(
     requests: Receiver<Request>,
     heartbeat: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    mut watchdog: Option<notify::Watchdog>,
 ) {
     let mut next_prune = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         heartbeat.store(crate::backend::process_ms(), Ordering::Relaxed);
+        if let Some(w) = watchdog.as_mut() {
+            w.tick(crate::backend::process_ms());
+        }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + Duration::from_secs(10);
             control.prune_registry();
@@ -340,18 +346,29 @@ pub fn run_thread(
         loop {
             match requests.try_recv() {
                 Ok(Request::Reload { reply }) => {
+                    notify::reloading();
+                    // [log] changes are opened first and installed only with the rest.
                     let result = match Config::load(&path) {
                         Err(e) => Err(e.to_string()),
-                        Ok(new) => control
-                            .reload(&config, &new, host.as_mut())
-                            .inspect(|_| config = new),
+                        Ok(new) => crate::logging::prepare(&new.log).and_then(|log| {
+                            control.reload(&config, &new, host.as_mut()).inspect(|_| {
+                                log.install();
+                                config = new;
+                            })
+                        }),
                     };
                     match &result {
-                        Ok(summary) => info!("reload of {} done: {summary}", path.display()),
-                        Err(e) => error!(
-                            "reload of {} failed, still running the previous configuration: {e}",
-                            path.display()
-                        ),
+                        Ok(summary) => {
+                            info!("reload of {} done: {summary}", path.display());
+                            notify::reloaded("ready (reloaded)");
+                        }
+                        Err(e) => {
+                            error!(
+                                "reload of {} failed, still running the previous configuration: {e}",
+                                path.display()
+                            );
+                            notify::reloaded(&format!("ready (reload failed: {e})"));
+                        }
                     }
                     if let Some(r) = reply {
                         let _ = r.send(result);
