@@ -40,11 +40,34 @@ enum Msg {
     Flush(mpsc::Sender<()>),
 }
 
+/// The bounded queue from the logging threads to the writer: never waits, counts what it drops.
+struct AccessQueue {
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+}
+
+impl AccessQueue {
+    fn new(capacity: usize) -> (AccessQueue, Receiver<Msg>) {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let q = AccessQueue {
+            tx,
+            dropped: AtomicU64::new(0),
+        };
+        (q, rx)
+    }
+
+    /// Queues `line`, or drops and counts it when the queue is full.
+    fn push(&self, line: String) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 struct Logger {
     filter: env_filter::Filter,
     json: AtomicBool,
-    access: SyncSender<Msg>,
-    dropped: AtomicU64,
+    access: AccessQueue,
     reopen: AtomicBool,
     /// A destination the writer switches to before its next line (a reload changed it).
     switch: Mutex<Option<Sink>>,
@@ -74,12 +97,11 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
     }
     let filter = builder.build();
     let max = filter.filter().max(LevelFilter::Info);
-    let (tx, rx) = mpsc::sync_channel(ACCESS_QUEUE);
+    let (access, rx) = AccessQueue::new(ACCESS_QUEUE);
     let logger = Logger {
         filter,
         json: AtomicBool::new(config.format == LogFormat::Json),
-        access: tx,
-        dropped: AtomicU64::new(0),
+        access,
         reopen: AtomicBool::new(false),
         switch: Mutex::new(None),
         current: Mutex::new(config.access_log.clone()),
@@ -101,7 +123,7 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
 pub fn access_lines_dropped() -> u64 {
     LOGGER
         .get()
-        .map_or(0, |l| l.dropped.load(Ordering::Relaxed))
+        .map_or(0, |l| l.access.dropped.load(Ordering::Relaxed))
 }
 
 /// Asks the writer to reopen the access log file (SIGUSR1, after logrotate moved it).
@@ -159,7 +181,7 @@ pub fn shutdown() {
     let (ack_tx, ack_rx) = mpsc::channel();
     let mut msg = Msg::Flush(ack_tx);
     loop {
-        match l.access.try_send(msg) {
+        match l.access.tx.try_send(msg) {
             Ok(()) => break,
             Err(TrySendError::Full(m)) if Instant::now() < deadline => {
                 msg = m;
@@ -241,9 +263,7 @@ impl Log for Logger {
         let json = self.json.load(Ordering::Relaxed);
         let line = format_record(record, json, SystemTime::now());
         if access {
-            if let Err(TrySendError::Full(_)) = self.access.try_send(Msg::Line(line)) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.access.push(line);
         } else {
             // One write per line (the lock keeps lines whole across threads).
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -529,7 +549,7 @@ fn writer(logger: &'static Logger, rx: Receiver<Msg>, mut sink: Sink) {
         acks.drain(..).for_each(|a| {
             let _ = a.send(());
         });
-        let dropped = logger.dropped.load(Ordering::Relaxed);
+        let dropped = logger.access.dropped.load(Ordering::Relaxed);
         if dropped > reported_drops && last_drop_warn.is_none_or(|t| t.elapsed() >= DROP_WARN_EVERY)
         {
             log::warn!(

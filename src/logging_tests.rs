@@ -162,3 +162,26 @@ fn error_chains_are_joined_on_one_line() {
     let e = Outer(std::io::Error::other("disk\nfull"));
     assert_eq!(error_chain(&e), "cannot start: disk\\nfull");
 }
+
+#[test]
+fn a_full_access_queue_drops_and_counts_without_waiting() {
+    let (q, rx) = AccessQueue::new(2);
+    let t0 = std::time::Instant::now();
+    for i in 0..5 {
+        q.push(format!("line {i}\n"));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(1), "push never waits");
+    assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+    let kept: Vec<String> = rx
+        .try_iter()
+        .map(|m| match m {
+            Msg::Line(l) => l,
+            Msg::Flush(_) => panic!("no flush queued"),
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        ["line 0\n", "line 1\n"],
+        "the oldest lines are kept, in order"
+    );
+}
