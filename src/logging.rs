@@ -197,7 +197,17 @@ pub fn shutdown() {
 pub fn fatal(message: &str) {
     match LOGGER.get() {
         Some(l) if l.json.load(Ordering::Relaxed) => {
-            log::error!(target: "ringlb", "{message}");
+            // Written past the RUST_LOG filter: the reason the process exits is never hidden.
+            let line = format_record(
+                &Record::builder()
+                    .level(log::Level::Error)
+                    .target("ringlb")
+                    .args(format_args!("{message}"))
+                    .build(),
+                true,
+                SystemTime::now(),
+            );
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
         _ => eprintln!("error: {}", one_line(message)),
     }

@@ -280,3 +280,87 @@ fn an_access_log_that_cannot_be_opened_fails_the_start_with_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_reload_moves_the_access_log_or_changes_nothing() {
+    let dir = TempDir::new("ringlb-access-reload");
+    let file = dir.0.join("access.log");
+    let echo = EchoServer::start();
+    let base = ringlb_config([listener("web")
+        .backend(echo.addr())
+        .set("access_log", "true")]);
+    let lb = Lb::start(&base);
+    one_connection(lb.addr("web"), 1);
+    log_line_since(&lb, 0, "access: listener=web", WAIT);
+
+    // A destination that cannot be opened refuses the whole reload.
+    let bad = with_log(
+        base.clone(),
+        &format!("access_log = \"{}/missing/access.log\"", dir.0.display()),
+    );
+    let (_, line) = sighup_reload(&lb, &bad);
+    assert!(
+        line.contains("failed") && line.contains("log: field \"access_log\": cannot open"),
+        "{line}"
+    );
+
+    // A good one: later lines go to the file, not stderr.
+    let good = with_log(base, &format!("access_log = \"{}\"", file.display()));
+    let (mark, line) = sighup_reload(&lb, &good);
+    assert!(line.contains("done"), "{line}");
+    let client = one_connection(lb.addr("web"), 2);
+    let lines = wait_lines(&file, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains(&format!("client={client} ")), "{lines:?}");
+    assert!(
+        !lb.stderr_lines()[mark..]
+            .iter()
+            .any(|l| l.contains("access: ")),
+        "after the reload the access log goes to the file only"
+    );
+}
+
+/// A runtime failure in JSON mode is one JSON record too, whatever RUST_LOG filters.
+#[test]
+fn a_fatal_error_in_json_mode_is_one_json_record() {
+    // Held without SO_REUSEPORT: ringlb's bind fails with EADDRINUSE.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("local_addr");
+    let toml = with_log(
+        common::ops::with_bind(
+            &ringlb_config([listener("web").backend(dead_addr())]),
+            "web",
+            &addr.to_string(),
+        ),
+        "format = \"json\"",
+    );
+    let cfg = TempFile::new("ringlb-json-fatal", "toml", &toml);
+    let mut child = std::process::Command::new(ringlb_bin())
+        .args(["run", "--config"])
+        .arg(cfg.path())
+        .env("RUST_LOG", "ringlb::health=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ringlb");
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("ringlb still running: the bind should have failed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().expect("a line");
+    let v: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(v["level"], "ERROR", "{last}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("listener \"web\": cannot bind {addr}")) && msg.contains("in use"),
+        "{msg}"
+    );
+}
