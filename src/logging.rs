@@ -112,10 +112,18 @@ pub fn init(config: &LogConfig) -> Result<(), String> {
     let logger = LOGGER.get().expect("just set");
     log::set_logger(logger).map_err(|e| e.to_string())?;
     log::set_max_level(max);
-    std::thread::Builder::new()
+    // The writer must never take a process signal (SIGHUP, SIGTERM, SIGUSR1 are waited for by
+    // the runtime's main thread; one delivered here would take its default action and end the
+    // process): it starts with every signal blocked, inherited from this thread's mask.
+    let all = nix::sys::signal::SigSet::all();
+    let previous = all
+        .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+        .map_err(|e| format!("cannot block signals for the access log writer: {e}"))?;
+    let spawned = std::thread::Builder::new()
         .name("ringlb-log".into())
-        .spawn(move || writer(logger, rx, sink))
-        .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+        .spawn(move || writer(logger, rx, sink));
+    let _ = previous.thread_set_mask();
+    spawned.map_err(|e| format!("cannot start the access log writer: {e}"))?;
     Ok(())
 }
 

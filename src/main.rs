@@ -64,7 +64,15 @@ fn main() -> ExitCode {
 
 fn run(config: Config, path: &std::path::Path, demo: bool) -> ExitCode {
     if demo {
-        if let Err(e) = ringlb::demo::start_backends(&config) {
+        // The demo's threads start before the runtime blocks its signals: they inherit a mask
+        // that blocks everything, so a SIGHUP or SIGTERM always reaches the runtime's wait.
+        let all = nix::sys::signal::SigSet::all();
+        let previous = all.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK);
+        let started = ringlb::demo::start_backends(&config);
+        if let Ok(previous) = previous {
+            let _ = previous.thread_set_mask();
+        }
+        if let Err(e) = started {
             logging::fatal(&format!("demo backends: {}", logging::error_chain(&e)));
             return ExitCode::from(1);
         }

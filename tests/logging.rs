@@ -364,3 +364,51 @@ fn a_fatal_error_in_json_mode_is_one_json_record() {
         "{msg}"
     );
 }
+
+/// Process signals go to the runtime's main thread only (it takes them with sigtimedwait). A
+/// thread that left SIGHUP, SIGINT, SIGTERM or SIGUSR1 unblocked would receive one whenever the
+/// main thread is between two waits, and its default action would end the process. The access
+/// log writer starts before the runtime blocks them, so it must block them itself: every
+/// thread's `SigBlk` in /proc must hold all four.
+#[test]
+fn every_thread_blocks_the_signals_the_runtime_waits_for() {
+    let echo = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([listener("web").backend(echo.addr())]));
+    let dir = format!("/proc/{}/task", lb.pid());
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(&dir).expect("task dir").flatten() {
+        // The main thread waits in sigtimedwait, which unblocks the waited-for set meanwhile.
+        if task.file_name().to_str() == Some(lb.pid().to_string().as_str()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let get = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let (name, blocked) = (get("Name:"), get("SigBlk:"));
+        if blocked.is_empty() {
+            continue; // the thread ended meanwhile
+        }
+        let mask = u64::from_str_radix(&blocked, 16).expect("SigBlk is hex");
+        for (sig, n) in [
+            ("SIGHUP", 1),
+            ("SIGINT", 2),
+            ("SIGUSR1", 10),
+            ("SIGTERM", 15),
+        ] {
+            assert!(
+                mask & (1 << (n - 1)) != 0,
+                "thread {name:?} does not block {sig} (SigBlk {blocked})"
+            );
+        }
+        names.push(name);
+    }
+    assert!(
+        names.iter().any(|n| n == "ringlb-log"),
+        "threads: {names:?}"
+    );
+}
