@@ -44,11 +44,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // check and run print the same warnings (the limit run will raise its soft limit to).
-    for w in config.warnings(ringlb::sys::nofile_limit().1) {
-        log::warn!("{w}");
-    }
+    // check and run print the same warnings (the limit run will raise its soft limit to):
+    // `check` on stderr as `warning: ...`, `run` as log records in the configured format.
+    let warnings = config.warnings(ringlb::sys::nofile_limit().1);
     if let Command::Check { .. } = cli.command {
+        for w in &warnings {
+            eprintln!("warning: {}", logging::one_line(w));
+        }
         println!("{}", config.summary());
         println!("configuration OK");
         return ExitCode::SUCCESS;
@@ -56,6 +58,9 @@ fn main() -> ExitCode {
     if let Err(e) = logging::init(&config.log) {
         eprintln!("error: {}", logging::one_line(&e));
         return ExitCode::from(1);
+    }
+    for w in &warnings {
+        log::warn!("{w}");
     }
     let code = run(config, path, demo);
     logging::shutdown();
