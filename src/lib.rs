@@ -20,6 +20,8 @@
 //! - [`control`]: owns the config, builds and publishes snapshots.
 //! - [`tls`]: pure ClientHello reader (SNI, ALPN, ECH) and route table for TLS passthrough.
 //! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
+//! - [`logging`]: the logger (text or JSON lines, the access log's writer thread).
+//! - [`notify`]: systemd's sd_notify protocol (ready, reloading, stopping, watchdog).
 //! - [`worker`]: the per-core loop and the pure connection state machine.
 //! - [`io`]: the I/O drivers behind one interface (io_uring, epoll), chosen once at start.
 //! - [`io`] and [`sys`]: the only places with `unsafe`.
@@ -35,6 +37,8 @@ pub mod demo;
 pub mod health;
 #[allow(unsafe_code)]
 pub mod io;
+pub mod logging;
+pub mod notify;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod snapshot;

@@ -1,33 +1,56 @@
 //! The `ringlb` binary: parse the command line, load the config through the one shared path,
-//! run. Errors become exit codes: 2 for configuration errors, 1 for runtime failures.
+//! start the logger the config asks for, run. Errors become exit codes: 2 for configuration
+//! errors, 1 for runtime failures; in `run` each is one line (log shippers read lines).
 
 use clap::Parser;
 use ringlb::cli::{Cli, Command};
 use ringlb::config::Config;
+use ringlb::logging;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let (path, demo) = match &cli.command {
         Command::Run { config } => (config, false),
         Command::Check { config } => (config, false),
         Command::Demo { config } => (config, true),
+        Command::Man { dir } => {
+            return match ringlb::cli::write_man_pages(dir) {
+                Ok(files) => {
+                    files.iter().for_each(|f| println!("{}", f.display()));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: writing man pages into {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Completions { shell } => {
+            ringlb::cli::write_completions(*shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
     };
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            // `check` talks to a person at a terminal: toml's multi-line excerpt with the caret
+            // helps there. `run` talks to a journal or a log shipper: one line.
+            if let Command::Check { .. } = cli.command {
+                eprintln!("error: {e}");
+            } else {
+                eprintln!("error: {}", logging::one_line(&e.to_string()));
+            }
             return ExitCode::from(2);
         }
     };
-    // check and run print the same warnings (the limit run will raise its soft limit to).
-    for w in config.warnings(ringlb::sys::nofile_limit().1) {
-        log::warn!("{w}");
-    }
+    // check and run print the same warnings (the limit run will raise its soft limit to):
+    // `check` on stderr as `warning: ...`, `run` as log records in the configured format.
+    let warnings = config.warnings(ringlb::sys::nofile_limit().1);
     if let Command::Check { .. } = cli.command {
+        for w in &warnings {
+            eprintln!("warning: {}", logging::one_line(w));
+        }
         println!("{}", config.summary());
         // What `run` would use on this host (the same probe).
         match ringlb::io::choose(config.runtime.io) {
@@ -37,16 +60,37 @@ fn main() -> ExitCode {
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    if let Err(e) = logging::init(&config.log) {
+        eprintln!("error: {}", logging::one_line(&e));
+        return ExitCode::from(1);
+    }
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+    let code = run(config, path, demo);
+    logging::shutdown();
+    code
+}
+
+fn run(config: Config, path: &std::path::Path, demo: bool) -> ExitCode {
     if demo {
-        if let Err(e) = ringlb::demo::start_backends(&config) {
-            eprintln!("error: demo backends: {e}");
+        // The demo's threads start before the runtime blocks its signals: they inherit a mask
+        // that blocks everything, so a SIGHUP or SIGTERM always reaches the runtime's wait.
+        let all = nix::sys::signal::SigSet::all();
+        let previous = all.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK);
+        let started = ringlb::demo::start_backends(&config);
+        if let Ok(previous) = previous {
+            let _ = previous.thread_set_mask();
+        }
+        if let Err(e) = started {
+            logging::fatal(&format!("demo backends: {}", logging::error_chain(&e)));
             return ExitCode::from(1);
         }
     }
     match ringlb::runtime::run(config, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            logging::fatal(&logging::error_chain(&e));
             ExitCode::from(1)
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! Signals are blocked in every thread and taken synchronously here with `sigtimedwait`, so no
 //! async-signal-safety concerns reach the rest of the crate. SIGTERM/SIGINT drain (a second one
-//! stops hard); SIGHUP reloads the config file.
+//! stops hard); SIGHUP reloads the config file; SIGUSR1 reopens the access log file. Tells systemd
+//! (sd_notify, when `NOTIFY_SOCKET` is set) when it is ready and when it stops.
 //! Must not: touch rings or connections; it talks to workers only through `worker::Shared`.
 
 use crate::admin::{self, AdminState, ListenerView};
@@ -12,6 +13,7 @@ use crate::backend::{process_ms, ListenerStats};
 use crate::balance::Policy;
 use crate::config::{Config, Listener, Protocol};
 use crate::control::{self, Bound, Control, ListenerHost, Request};
+use crate::notify;
 use crate::snapshot::Published;
 use crate::sys;
 use crate::worker::{self, Command, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
@@ -33,7 +35,7 @@ const BACKLOG: i32 = 65535;
 pub enum RuntimeError {
     #[error("{0}")]
     IoUring(String),
-    #[error("listener \"{listener}\": cannot bind {addr}: {source}")]
+    #[error("listener \"{listener}\": cannot bind {addr}: {source}{}", bind_hint(*.addr, .source))]
     Bind {
         listener: String,
         addr: SocketAddr,
@@ -60,6 +62,51 @@ fn admin_hint(e: &std::io::Error) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`, which
+/// applies to IPv6 too).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// What to do about a bind error, when ringlb knows: a privileged port refused for lack of
+/// `CAP_NET_BIND_SERVICE`.
+fn bind_hint(addr: SocketAddr, e: &std::io::Error) -> String {
+    let start = unprivileged_port_start();
+    if e.kind() != std::io::ErrorKind::PermissionDenied || addr.port() >= start {
+        return String::new();
+    }
+    let exe = std::env::current_exe().map_or("ringlb".into(), |p| p.display().to_string());
+    format!(
+        " (ports below {start} need root or CAP_NET_BIND_SERVICE: the systemd unit grants it with \
+         AmbientCapabilities=CAP_NET_BIND_SERVICE; otherwise run `setcap \
+         cap_net_bind_service=+ep {exe}`)"
+    )
+}
+
+/// Whether another socket already holds `addr` in a way our `SO_REUSEPORT` bind would share:
+/// a bind without `SO_REUSEPORT` fails with `EADDRINUSE`. (TCP probes keep `SO_REUSEADDR`, so
+/// connections of an earlier run in TIME_WAIT do not count; UDP probes do not, since UDP
+/// sockets with `SO_REUSEADDR` may share a port.) Nothing is listened on; the probe closes.
+fn port_in_use(addr: SocketAddr, protocol: Protocol) -> bool {
+    let ty = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let Ok(s) = Socket::new(Domain::for_address(addr), ty.cloexec(), None) else {
+        return false;
+    };
+    if protocol == Protocol::Tcp && s.set_reuse_address(true).is_err() {
+        return false;
+    }
+    if addr.is_ipv6() && s.set_only_v6(true).is_err() {
+        return false;
+    }
+    matches!(s.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 /// Binds one listening socket with the listener's socket options (inherited by accepted sockets).
@@ -108,8 +155,11 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<Socket> {
 }
 
 /// Binds `workers` sockets for one listener; `port 0` is resolved by the first bind and reused
-/// by the rest. Returns them and the actual address.
-fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
+/// by the rest. Returns them and the actual address. With `probe`, first checks whether another
+/// process already has the address with `SO_REUSEPORT`: our bind then succeeds and the kernel
+/// silently splits new connections between the two, so that is warned about.
+fn bind_listener(l: &Listener, workers: usize, probe: bool) -> Result<Bound, RuntimeError> {
+    let shared = probe && l.bind.port() != 0 && port_in_use(l.bind, l.protocol);
     let err = |source| RuntimeError::Bind {
         listener: l.name.clone(),
         addr: l.bind,
@@ -128,6 +178,20 @@ fn bind_listener(l: &Listener, workers: usize) -> Result<Bound, RuntimeError> {
     let mut sockets = vec![first];
     for _ in 1..workers {
         sockets.push(bind(actual).map_err(err)?);
+    }
+    if shared {
+        warn!(
+            "listener \"{}\": {} {} is already bound by another process with SO_REUSEPORT \
+             (another ringlb?): the kernel now splits new {} between it and this one; stop the \
+             other or change the port",
+            l.name,
+            l.protocol.name(),
+            actual,
+            match l.protocol {
+                Protocol::Tcp => "connections",
+                Protocol::Udp => "flows",
+            }
+        );
     }
     Ok(Bound {
         sockets,
@@ -172,8 +236,21 @@ struct Host {
 
 impl ListenerHost for Host {
     fn bind(&mut self, l: &Listener) -> Result<Bound, String> {
-        bind_listener(l, self.workers.len()).map_err(|e| match e {
-            RuntimeError::Bind { addr, source, .. } => format!("cannot bind {addr}: {source}"),
+        // A listener this reload replaces may still hold the address: that is not another process.
+        let ours = self.views.load().iter().any(|v| {
+            v.protocol == l.protocol.name()
+                && v.bound.is_some_and(|b| {
+                    b.port() == l.bind.port()
+                        && b.is_ipv4() == l.bind.is_ipv4()
+                        && (b.ip() == l.bind.ip()
+                            || b.ip().is_unspecified()
+                            || l.bind.ip().is_unspecified())
+                })
+        });
+        bind_listener(l, self.workers.len(), !ours).map_err(|e| match e {
+            RuntimeError::Bind { addr, source, .. } => {
+                format!("cannot bind {addr}: {source}{}", bind_hint(addr, &source))
+            }
             other => other.to_string(),
         })
     }
@@ -239,7 +316,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let mut per_worker: Vec<Vec<ListenerSpec>> = (0..workers).map(|_| Vec::new()).collect();
     for cl in &control.listeners {
         let l = &cl.config;
-        let bound = bind_listener(l, workers)?;
+        let bound = bind_listener(l, workers, true)?;
         log_listening(l, bound.addr, workers);
         views.push(ListenerView {
             name: l.name.clone(),
@@ -254,7 +331,12 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     }
 
     let mut sigs = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
         sigs.add(s);
     }
     sigs.thread_block().map_err(RuntimeError::Signals)?;
@@ -315,19 +397,26 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         workers: shared.clone(),
         views,
     });
+    let watchdog = notify::Watchdog::from_env(shared.iter().map(|s| s.heartbeat.clone()).collect());
     let control_handle = {
         let (stop, path) = (control_stop.clone(), path.to_path_buf());
         std::thread::Builder::new()
             .name("ringlb-control".into())
             .spawn(move || {
-                control::run_thread(control, host, config, path, req_rx, control_hb, stop)
+                control::run_thread(
+                    control, host, config, path, req_rx, control_hb, stop, watchdog,
+                )
             })
             .map_err(|source| RuntimeError::Worker {
                 id: usize::MAX,
                 source,
             })?
     };
-    info!("ready: {n_listeners} listener(s), {workers} worker(s), drain timeout {drain_timeout:?}");
+    let ready = format!(
+        "ready: {n_listeners} listener(s), {workers} worker(s), drain timeout {drain_timeout:?}"
+    );
+    info!("{ready}");
+    notify::ready(&ready);
 
     // Main loop: wait for signals, watch workers.
     let mut drain_deadline: Option<Instant> = None;
@@ -339,8 +428,13 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                     info!("SIGHUP received: reloading {}", path.display());
                     let _ = req_tx.send(Request::Reload { reply: None });
                 }
+                Ok(Signal::SIGUSR1) => {
+                    info!("SIGUSR1 received: reopening the access log");
+                    crate::logging::reopen_access_log();
+                }
                 Ok(s) => {
                     if drain_deadline.is_none() {
+                        notify::stopping(&format!("{s} received: draining"));
                         drain_deadline = Some(Instant::now() + drain_timeout);
                         draining.store(true, Ordering::SeqCst);
                         shared.iter().for_each(|w| w.request_stop(DRAIN));

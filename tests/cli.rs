@@ -1,6 +1,7 @@
 //! The `ringlb` command line: `check` accepts every shipped example config and rejects bad ones
 //! with exit 2 and a message naming listener, field and value; `run` rejects them the same way;
-//! `--help` lists the subcommands.
+//! `--help` lists the subcommands; `--version` names the build; the man page and completions
+//! come from the same definition.
 
 mod common;
 
@@ -183,6 +184,48 @@ fn bad_cases() -> Vec<BadCase> {
             expect: vec!["empty", "backends"],
         },
         BadCase {
+            what: "bare number as a duration (suggests the quoted form)",
+            toml: one_listener("baredur", &["idle_timeout = 5"]),
+            expect: vec![
+                "baredur",
+                "idle_timeout = 5",
+                "a bare number has no unit",
+                "\"5s\"",
+            ],
+        },
+        BadCase {
+            what: "backend is the listener itself",
+            toml: one_listener(
+                "selfloop",
+                &[
+                    r#"bind = "127.0.0.1:8443""#,
+                    r#"backends = [ { address = "127.0.0.1:9001" }, { address = "127.0.0.1:8443" } ]"#,
+                ],
+            ),
+            expect: vec!["selfloop", "backends[1].address", "127.0.0.1:8443", "loop"],
+        },
+        BadCase {
+            what: "backend reached through the listener's wildcard bind",
+            toml: one_listener(
+                "wildloop",
+                &[
+                    r#"bind = "0.0.0.0:8443""#,
+                    r#"backends = [ { address = "127.0.0.1:8443" } ]"#,
+                ],
+            ),
+            expect: vec![
+                "wildloop",
+                "backends[0].address",
+                "127.0.0.1:8443",
+                "wildcard",
+            ],
+        },
+        BadCase {
+            what: "unknown log format",
+            toml: format!("[log]\nformat = \"xml\"\n\n{}", one_listener("logfmt", &[])),
+            expect: vec!["log", "format", "xml"],
+        },
+        BadCase {
             what: "unknown balance",
             toml: one_listener("speedy", &[r#"balance = "fastest""#]),
             expect: vec!["speedy", "balance", "fastest"],
@@ -272,4 +315,140 @@ fn listener_names_are_found() {
     let toml = "[runtime]\nworkers = 2\n[[listeners]]\nname = \"a\"\n[listeners.health]\n\
                 name = \"x\"\n[[listeners]]\n  name = \"b\" # comment\n";
     assert_eq!(listener_names(toml), ["a", "b"]);
+}
+
+/// `run` prints a configuration error as one line, whatever the error (toml's excerpt spans
+/// several): a journal or a log shipper sees one record.
+#[test]
+fn run_prints_a_multi_line_config_error_as_one_line() {
+    let file = TempFile::new(
+        "ringlb-multiline",
+        "toml",
+        &one_listener("typo", &[r#"colour = "blue""#]),
+    );
+    let path = file.path().to_str().expect("utf-8 path");
+    let check_out = ringlb(&["check", "--config", path]);
+    let check_err = String::from_utf8_lossy(&check_out.stderr);
+    assert!(
+        check_err.lines().count() > 1,
+        "check keeps toml's excerpt: {check_err}"
+    );
+    let run = ringlb(&["run", "--config", path]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{}", show(&run));
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("colour") && stderr.contains("\\n"),
+        "{stderr:?}"
+    );
+}
+
+#[test]
+fn version_names_commit_build_date_target_and_io_backends() {
+    let out = ringlb(&["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "ringlb {}\ncommit: {}\nbuilt: {}\ntarget: {}\nio: io_uring, epoll\n",
+        env!("CARGO_PKG_VERSION"),
+        ringlb::BUILD_COMMIT,
+        ringlb::BUILD_DATE,
+        ringlb::BUILD_TARGET
+    );
+    assert_eq!(stdout, want);
+    assert_eq!(
+        ringlb::BUILD_DATE.len(),
+        10,
+        "YYYY-MM-DD: {}",
+        ringlb::BUILD_DATE
+    );
+    assert!(
+        ringlb::BUILD_TARGET.contains("linux"),
+        "{}",
+        ringlb::BUILD_TARGET
+    );
+    // -V is the short form: the version alone.
+    let short = ringlb(&["-V"]);
+    assert_eq!(
+        String::from_utf8_lossy(&short.stdout),
+        format!("ringlb {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn short_and_long_help_describe_the_same_program() {
+    let short = ringlb(&["-h"]);
+    let long = ringlb(&["--help"]);
+    let (short, long) = (
+        String::from_utf8_lossy(&short.stdout).into_owned(),
+        String::from_utf8_lossy(&long.stdout).into_owned(),
+    );
+    // clap drops the summary's final period in the short form.
+    let first = |s: &str| {
+        let line = s.lines().next().unwrap_or_default();
+        line.trim_end_matches('.').to_string()
+    };
+    assert_eq!(first(&short), first(&long), "-h:\n{short}\n--help:\n{long}");
+    assert!(first(&short).contains("TCP/UDP load balancer"), "{short}");
+    for text in [&short, &long] {
+        assert!(!text.contains("TCP load balancer"), "{text}");
+        // Packaging helpers stay out of the user's help.
+        assert!(
+            !text.contains("completions") && !text.contains("man "),
+            "{text}"
+        );
+    }
+    assert!(long.contains("SIGUSR1"), "{long}");
+}
+
+#[test]
+fn man_pages_are_generated_from_the_cli() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = ringlb(&["man", dir.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let page = std::fs::read_to_string(dir.join("ringlb.1")).expect("ringlb.1");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH ringlb 1"),
+        "{page}"
+    );
+    for want in [
+        ".TH ringlb 1",
+        "TCP/UDP",
+        "check",
+        "run",
+        "SIGHUP",
+        "SIGUSR1",
+        "EXIT STATUS",
+        "/etc/ringlb/ringlb.toml",
+    ] {
+        assert!(page.contains(want), "ringlb.1 lacks {want:?}:\n{page}");
+    }
+    for sub in ["run", "check", "demo"] {
+        let p = std::fs::read_to_string(dir.join(format!("ringlb-{sub}.1")))
+            .unwrap_or_else(|e| panic!("ringlb-{sub}.1: {e}"));
+        assert!(
+            p.contains("\\-\\-config"),
+            "ringlb-{sub}.1 documents --config:\n{p}"
+        );
+    }
+    assert!(!dir.join("ringlb-man.1").exists() && !dir.join("ringlb-completions.1").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn completions_cover_the_subcommands() {
+    for (shell, marker) in [
+        ("bash", "_ringlb()"),
+        ("zsh", "#compdef ringlb"),
+        ("fish", "complete -c ringlb"),
+    ] {
+        let out = ringlb(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", show(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: no {marker:?}:\n{text}");
+        for sub in ["run", "check", "demo", "config"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
 }

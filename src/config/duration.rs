@@ -84,6 +84,57 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(nanos))
 }
 
+/// Deserializes a duration field of the raw config: its text as written (parsed later, by
+/// [`parse_duration`], where the message can name the listener and field). Exists for the error:
+/// serde's own for `idle_timeout = 5` is "invalid type: integer `5`, expected a string", which
+/// does not say what to write. A bare number here says it has no unit and suggests the quoted
+/// forms (`"5s"`, `"5ms"`); any other type says a duration string is expected.
+pub(super) fn deserialize_text<'de, D>(d: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    d.deserialize_any(TextVisitor).map(Some)
+}
+
+struct TextVisitor;
+
+impl TextVisitor {
+    fn bare_number<E: serde::de::Error>(n: impl std::fmt::Display) -> E {
+        E::custom(format!(
+            "{n} is not a duration: a bare number has no unit (write it as a string with one, \
+             e.g. \"{n}s\" for seconds or \"{n}ms\" for milliseconds)"
+        ))
+    }
+}
+
+impl serde::de::Visitor<'_> for TextVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a duration string such as \"250ms\", \"5s\", \"5m\" or \"1h\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Err(Self::bare_number(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Err(Self::bare_number(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Err(Self::bare_number(v))
+    }
+}
+
 /// Formats a duration so that [`parse_duration`] reads it back unchanged, in the largest unit
 /// that divides it: `"1h"`, `"90m"`, `"30s"`, `"250ms"`, otherwise fractional seconds
 /// (`"1.0000005s"`).
@@ -168,6 +219,33 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Field {
+        #[serde(default, deserialize_with = "deserialize_text")]
+        t: Option<String>,
+    }
+
+    #[test]
+    fn bare_numbers_suggest_a_unit() {
+        let ok: Field = toml::from_str("t = \"5s\"").expect("a string");
+        assert_eq!(ok.t.as_deref(), Some("5s"));
+        let absent: Field = toml::from_str("").expect("absent");
+        assert_eq!(absent.t, None);
+        for (text, value) in [("t = 5", "5"), ("t = 1.5", "1.5"), ("t = 0", "0")] {
+            let err = toml::from_str::<Field>(text).expect_err(text).to_string();
+            assert!(
+                err.contains(&format!(
+                    "{value} is not a duration: a bare number has no unit"
+                )) && err.contains(&format!("\"{value}s\"")),
+                "{text}: {err}"
+            );
+        }
+        let err = toml::from_str::<Field>("t = true")
+            .expect_err("bool")
+            .to_string();
+        assert!(err.contains("a duration string such as"), "{err}");
     }
 
     #[test]

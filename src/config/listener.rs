@@ -6,6 +6,7 @@
 //! network. Stops at the first error.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::health::{validate_health, validate_passive};
@@ -144,6 +145,7 @@ pub(super) fn validate_listener(
     };
 
     let backends = validate_backends(scope, raw.backends)?;
+    check_self_loop(scope, bind, &backends)?;
     // Only a Maglev listener has a table, so only it needs more slots than backends; a size
     // written for another policy is still checked (a prime in range), then unused.
     let maglev_table_size = validate_table_size(
@@ -492,6 +494,45 @@ fn validate_backends(
         });
     }
     Ok(backends)
+}
+
+/// Refuses a backend that is the listener itself: every connection would connect to the
+/// listener again until the fd limit. That is the bind address, or, for a wildcard bind
+/// (`0.0.0.0`, `[::]`), a loopback address of the same family and port (the wildcard listens
+/// there too). Not detected: a wildcard bind with one of the host's own non-loopback addresses
+/// (that needs the interface list, and config loading does not touch the network).
+fn check_self_loop(
+    scope: &str,
+    bind: SocketAddr,
+    backends: &[BackendConfig],
+) -> Result<(), ConfigError> {
+    if bind.port() == 0 {
+        return Ok(()); // an ephemeral port is not known yet, and never a configured one
+    }
+    let loops = |b: SocketAddr| {
+        b == bind
+            || (bind.ip().is_unspecified()
+                && b.port() == bind.port()
+                && b.is_ipv4() == bind.is_ipv4()
+                && b.ip().is_loopback())
+    };
+    let Some(i) = backends.iter().position(|b| loops(b.address)) else {
+        return Ok(());
+    };
+    let address = backends[i].address;
+    let how = if address == bind {
+        "is the listener's own bind address".to_string()
+    } else {
+        format!("is reached through the listener's own wildcard bind {bind}")
+    };
+    Err(invalid(
+        scope,
+        &format!("backends[{i}].address"),
+        format!(
+            "\"{address}\" {how}: the listener would connect to itself in a loop (expected a \
+             backend's address)"
+        ),
+    ))
 }
 
 /// The smallest prime ≥ `n`, if there is one ≤ [`balance::MAX_MAGLEV_TABLE_SIZE`].

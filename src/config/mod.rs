@@ -17,8 +17,11 @@ mod health;
 #[cfg(test)]
 mod health_tests;
 mod listener;
+mod log;
 #[cfg(test)]
 mod operations_tests;
+#[cfg(test)]
+mod ops_tests;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -43,6 +46,7 @@ pub use health::{
     DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
 };
 use listener::{is_valid_name, validate_listener};
+pub use log::{AccessLog, LogConfig, LogFormat};
 use raw::{RawConfig, RawRuntime};
 
 /// Upper bound for `runtime.workers`: far above any core count this runs on, low enough to catch
@@ -79,6 +83,8 @@ pub struct Config {
     pub runtime: Runtime,
     pub admin: Admin,
     pub listeners: Vec<Listener>,
+    /// `[log]`: format and access log destination.
+    pub log: LogConfig,
 }
 
 /// `[runtime]`: process-wide settings.
@@ -249,6 +255,12 @@ impl Config {
                 .as_ref()
                 .map_or(String::new(), |p| format!(" (token_file {})", p.display()))
         );
+        let _ = writeln!(
+            out,
+            "log format {}, access_log {}",
+            self.log.format.name(),
+            self.log.access_log
+        );
         for l in &self.listeners {
             let _ = write!(
                 out,
@@ -384,6 +396,7 @@ fn invalid(scope: &str, field: &str, problem: String) -> ConfigError {
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let runtime = validate_runtime(raw.runtime.unwrap_or_default())?;
     let admin = admin::validate_admin(raw.admin.unwrap_or_default())?;
+    let log = log::validate_log(raw.log.unwrap_or_default())?;
     let raw_listeners = raw.listeners.unwrap_or_default();
     if raw_listeners.is_empty() {
         return Err(invalid(
@@ -417,6 +430,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         runtime,
         admin,
         listeners,
+        log,
     })
 }
 

@@ -9,13 +9,18 @@
 
 use serde::Deserialize;
 
-/// The whole file: `[runtime]`, `[admin]`, `[[listeners]]`.
+// Durations stay strings; this only turns a bare number (`idle_timeout = 5`) into an error that
+// suggests the quoted form (`"5s"`).
+use super::duration::deserialize_text as duration_text;
+
+/// The whole file: `[runtime]`, `[admin]`, `[[listeners]]`, `[log]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub runtime: Option<RawRuntime>,
     pub admin: Option<RawAdmin>,
     pub listeners: Option<Vec<RawListener>>,
+    pub log: Option<RawLog>,
 }
 
 /// `[runtime]`
@@ -23,6 +28,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawRuntime {
     pub workers: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub drain_timeout: Option<String>,
     pub io: Option<String>,
 }
@@ -35,6 +41,14 @@ pub struct RawAdmin {
     pub token_file: Option<String>,
 }
 
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub access_log: Option<String>,
+}
+
 /// One `[[listeners]]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,18 +59,24 @@ pub struct RawListener {
     pub balance: Option<String>,
     pub hash_key: Option<String>,
     pub maglev_table_size: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub connect_timeout: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,
     pub max_flows: Option<i64>,
     pub access_log: Option<bool>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub drain_timeout: Option<String>,
     pub on_backend_down: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub tcp_keepalive: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub queue_timeout: Option<String>,
     pub proxy_protocol: Option<String>,
     pub accept_proxy_protocol: Option<bool>,
     pub accept_proxy_protocol_from: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub proxy_protocol_timeout: Option<String>,
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
@@ -67,7 +87,9 @@ pub struct RawListener {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
+    #[serde(default, deserialize_with = "duration_text")]
     pub interval: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub timeout: Option<String>,
     pub rise: Option<i64>,
     pub fall: Option<i64>,
@@ -80,7 +102,9 @@ pub struct RawHealth {
 #[serde(deny_unknown_fields)]
 pub struct RawPassive {
     pub consecutive_failures: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub base_ejection_time: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub max_ejection_time: Option<String>,
     pub max_ejected_percent: Option<i64>,
 }

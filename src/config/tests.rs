@@ -50,6 +50,7 @@ fn every_field_appears_in_some_example() {
         "[runtime]",
         "workers =",
         "drain_timeout =",
+        "io =",
         "[admin]",
         "bind =",
         "token_file =",
@@ -366,7 +367,7 @@ fn bad_configs_name_listener_field_and_value() {
         (
             "duration as a number",
             web_with("connect_timeout = 5"),
-            vec!["line 4", "connect_timeout", "expected a string"],
+            vec!["line 4", "connect_timeout", "write it as a string with one, e.g. \"5s\""],
         ),
         (
             "non-prime table size",

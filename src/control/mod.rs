@@ -13,6 +13,7 @@ pub use report::{BackendNote, Notes, Report};
 use crate::backend::{ListenerStats, Registry};
 use crate::balance::{Maglev, Policy, Tables};
 use crate::config::{Config, Listener, Protocol};
+use crate::notify;
 use crate::snapshot::{Member, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
 use health::HealthDriver;
@@ -349,7 +350,8 @@ impl Control {
     }
 }
 
-/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes.
+/// Runs the control loop until `stop` is set: answers requests, runs health checks, republishes,
+/// and feeds systemd's watchdog (when there is one) while the workers tick.
 #[allow(clippy::too_many_arguments)]
 pub fn run_thread(
     mut control: Control,
@@ -359,10 +361,14 @@ pub fn run_thread(
     requests: Receiver<Request>,
     heartbeat: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    mut watchdog: Option<notify::Watchdog>,
 ) {
     let mut next_prune = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         heartbeat.store(crate::backend::process_ms(), Ordering::Relaxed);
+        if let Some(w) = watchdog.as_mut() {
+            w.tick(crate::backend::process_ms());
+        }
         if Instant::now() >= next_prune {
             next_prune = Instant::now() + Duration::from_secs(10);
             control.prune_registry();
@@ -372,20 +378,31 @@ pub fn run_thread(
                 Ok(Request::Reload { reply }) => {
                     // The admin endpoint reads this to stay live while the reload runs.
                     control.report.reload_started(crate::backend::process_ms());
+                    notify::reloading();
+                    // [log] changes are opened first and installed only with the rest.
                     let result = match Config::load(&path) {
                         Err(e) => Err(e.to_string()),
-                        Ok(new) => control
-                            .reload(&config, &new, host.as_mut())
-                            .inspect(|_| config = new),
+                        Ok(new) => crate::logging::prepare(&new.log).and_then(|log| {
+                            control.reload(&config, &new, host.as_mut()).inspect(|_| {
+                                log.install();
+                                config = new;
+                            })
+                        }),
                     };
                     let token = result.is_ok().then(|| config.admin.token.clone());
                     control.report.reload_finished(token);
                     match &result {
-                        Ok(summary) => info!("reload of {} done: {summary}", path.display()),
-                        Err(e) => error!(
-                            "reload of {} failed, still running the previous configuration: {e}",
-                            path.display()
-                        ),
+                        Ok(summary) => {
+                            info!("reload of {} done: {summary}", path.display());
+                            notify::reloaded("ready (reloaded)");
+                        }
+                        Err(e) => {
+                            error!(
+                                "reload of {} failed, still running the previous configuration: {e}",
+                                path.display()
+                            );
+                            notify::reloaded(&format!("ready (reload failed: {e})"));
+                        }
                     }
                     if let Some(r) = reply {
                         let _ = r.send(result);

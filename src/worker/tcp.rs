@@ -520,14 +520,15 @@ impl Worker {
         let snap = l.reader.load();
         if snap.settings.access_log {
             info!(
-                "access: listener={} client={} backend={} duration_ms={} bytes_up={} bytes_down={} reason=\"{}\"",
-                l.name,
-                conn.client_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                conn.backend_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                self.now_ms.saturating_sub(conn.opened_ms),
-                conn.flows[0].bytes,
-                conn.flows[1].bytes,
-                reason.as_str()
+                target: crate::logging::ACCESS_TARGET,
+                listener = &*l.name,
+                client = conn.client_addr,
+                backend = conn.backend_addr,
+                duration_ms = self.now_ms.saturating_sub(conn.opened_ms),
+                bytes_up = conn.flows[0].bytes,
+                bytes_down = conn.flows[1].bytes,
+                reason = reason.as_str();
+                "access"
             );
         }
         let limit = u64::from(snap.settings.max_connections);
