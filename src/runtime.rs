@@ -376,6 +376,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         report: control.report.clone(),
         requests: Mutex::new(req_tx.clone()),
         server: admin::ServerStats::default(),
+        io: io.clone(),
     });
     let admin_at = admin_listener.as_ref().map(|l| l.local());
     // Held until `run` returns: dropping it removes the admin unix socket.

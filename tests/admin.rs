@@ -22,7 +22,7 @@ fn admin(lb: &Lb) -> SocketAddr {
 }
 
 /// Every metric family ringlb exports, with its Prometheus type.
-const FAMILIES: [(&str, &str); 26] = [
+const FAMILIES: [(&str, &str); 27] = [
     ("ringlb_connections_total", "counter"),
     ("ringlb_active_connections", "gauge"),
     ("ringlb_bytes_total", "counter"),
@@ -39,6 +39,7 @@ const FAMILIES: [(&str, &str); 26] = [
     ("ringlb_snapshot_generation", "gauge"),
     ("ringlb_worker_heartbeat_age_milliseconds", "gauge"),
     ("ringlb_build_info", "gauge"),
+    ("ringlb_io_backend_info", "gauge"),
     ("ringlb_reloads_total", "counter"),
     ("ringlb_config_last_reload_successful", "gauge"),
     (
@@ -348,6 +349,11 @@ fn build_reload_and_process_metrics() {
     );
     let commit = build[0].labels.get("commit").unwrap_or_default();
     assert!(!commit.is_empty(), "no commit label");
+    // The backend the suite forced (RINGLB_IO), else what auto picks on this kernel.
+    let want = std::env::var("RINGLB_IO").unwrap_or_else(|_| "io_uring".into());
+    let io: Vec<_> = samples(&s, "ringlb_io_backend_info", &[]).collect();
+    assert_eq!(io.len(), 1, "one io backend sample");
+    assert_eq!(io[0].labels.get("backend"), Some(want.as_str()));
     let reloads = |s: &Scrape| {
         (
             metric(s, "ringlb_reloads_total", &[("result", "ok")]),

@@ -449,11 +449,19 @@ fn livez_answers_during_a_slow_reload() {
             while !reload.is_finished() {
                 assert_live_within(admin, LIVE, &format!("#{checks} during a reload"));
                 checks += 1;
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(5));
             }
             let (result, took) = reload
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            // The moment the reload ends, before the control thread's next heartbeat, is when
+            // its heartbeat is oldest: keep asking through it.
+            let end = Instant::now();
+            while end.elapsed() < Duration::from_millis(500) {
+                assert_live_within(admin, LIVE, &format!("#{checks} just after a reload"));
+                checks += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
             let (code, body) = result.expect("POST /reload");
             assert_eq!(code, 200, "{body}");
             (took, checks)
@@ -461,9 +469,11 @@ fn livez_answers_during_a_slow_reload() {
         eprintln!(
             "reload adding {n} big Maglev tables took {took:?}; {checks} /livez checks during it"
         );
-        if took >= Duration::from_secs(2) || n >= 8 {
+        // Slower than the liveness threshold (3 s), so the control thread's heartbeat goes
+        // stale during it.
+        if took >= Duration::from_millis(3500) || n >= 8 {
             assert!(
-                took >= Duration::from_secs(2),
+                took >= Duration::from_millis(3500),
                 "the reload was never slow: {took:?}"
             );
             assert!(checks >= 5, "{checks} checks");
@@ -578,4 +588,44 @@ fn random_bytes_never_take_the_admin_endpoint_down() {
         );
     }
     echo(lb.addr("web"), 1000, SEED);
+}
+
+/// A big listener (40,000 backends) must not stall the control thread between reloads either:
+/// its periodic housekeeping (pruning counters of removed backends, every 10 s) once compared
+/// every counter with every backend of its listener, seconds of work during which /livez said
+/// the control thread was stuck.
+#[test]
+fn livez_stays_up_with_many_backends() {
+    let backend = EchoServer::start();
+    let mut toml = ringlb_config([listener("web").backend(backend.addr())]);
+    let backends: Vec<String> = (0..40_000)
+        .map(|i| {
+            format!(
+                "{{ address = \"127.1.{}.{}:{}\" }}",
+                i / 250 % 250,
+                1 + i % 250,
+                1000 + i / 62_500
+            )
+        })
+        .collect();
+    toml.push_str(&format!(
+        "[[listeners]]\nname = \"many\"\nbind = \"127.0.0.1:0\"\nbackends = [ {} ]\n\n",
+        backends.join(", ")
+    ));
+    let lb = Lb::start(&toml);
+    let admin = admin(&lb);
+    // Past one housekeeping period (10 s), bounded by count.
+    let t0 = Instant::now();
+    for i in 0..60 {
+        if t0.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+        let (code, body) = livez_within(admin, LIVE).unwrap_or_else(|e| panic!("/livez #{i}: {e}"));
+        assert_eq!(code, 200, "/livez #{i} after {:?}: {body}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_secs(11),
+        "the loop ended early"
+    );
 }

@@ -352,6 +352,16 @@ fn control_and_process(state: &AdminState, f: &mut Family<'_>) {
         ],
         1,
     );
+    f.head(
+        "ringlb_io_backend_info",
+        "gauge",
+        "Always 1; the label says which I/O backend the workers run (io_uring or epoll).",
+    );
+    f.line(
+        "ringlb_io_backend_info",
+        &[("backend", state.io.backend.name())],
+        1,
+    );
     let (ok, failed) = state.report.reloads();
     f.head(
         "ringlb_reloads_total",

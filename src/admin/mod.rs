@@ -66,6 +66,8 @@ pub struct AdminState {
     pub requests: Mutex<Sender<Request>>,
     /// The HTTP server's own counters.
     pub server: ServerStats,
+    /// The I/O backend every worker runs, and why.
+    pub io: crate::io::Choice,
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -273,6 +275,7 @@ mod tests {
             report: Arc::new(Report::new(None)),
             requests: Mutex::new(std::sync::mpsc::channel().0),
             server: ServerStats::default(),
+            io: crate::io::Choice::epoll_for_tests(),
         }
     }
 

@@ -92,6 +92,11 @@ pub fn status_json(state: &AdminState) -> String {
         "commit": crate::BUILD_COMMIT,
         "uptime_seconds": process_ms() / 1000,
         "workers": state.worker_heartbeats.len(),
+        "io": {
+            "backend": state.io.backend.name(),
+            "features": state.io.feature_names(),
+            "line": state.io.line,
+        },
         "reloads": { "ok": ok, "error": failed },
         "reload_in_progress": state.report.reload_running_for(now).is_some(),
         "listeners": listeners,

@@ -327,12 +327,21 @@ impl Control {
     }
 
     /// Drops registry entries of backends no longer in any listener and without connections.
+    /// Drops the counters of backends no listener has any more. One set lookup per entry: a
+    /// scan of every listener per entry made this quadratic, seconds for a few thousand
+    /// backends, with the control thread (and its heartbeat) stalled meanwhile.
     fn prune_registry(&self) {
-        self.registry.prune(|l, a| {
-            self.listeners
-                .iter()
-                .any(|c| c.config.name == l && c.config.backends.iter().any(|b| b.address == a))
-        });
+        let present: std::collections::HashSet<(&str, SocketAddr)> = self
+            .listeners
+            .iter()
+            .flat_map(|c| {
+                c.config
+                    .backends
+                    .iter()
+                    .map(|b| (c.config.name.as_str(), b.address))
+            })
+            .collect();
+        self.registry.prune(|l, a| present.contains(&(l, a)));
     }
 
     /// One pass of health work: start due probes, collect results (waiting up to `wait`), apply
@@ -390,6 +399,9 @@ pub fn run_thread(
                         }),
                     };
                     let token = result.is_ok().then(|| config.admin.token.clone());
+                    // A beat before the reload stops excusing an old one: /livez must never
+                    // see "no reload running" with the heartbeat from before it.
+                    heartbeat.store(crate::backend::process_ms(), Ordering::Relaxed);
                     control.report.reload_finished(token);
                     match &result {
                         Ok(summary) => {

@@ -111,6 +111,26 @@ pub struct Choice {
     pub line: String,
 }
 
+impl Choice {
+    /// The optional io_uring features in use (empty on epoll).
+    pub fn feature_names(&self) -> Vec<&'static str> {
+        match self.backend {
+            Backend::IoUring => self.features.list(),
+            Backend::Epoll => Vec::new(),
+        }
+    }
+
+    /// An epoll choice, for tests of code that only reports the choice.
+    #[doc(hidden)]
+    pub fn epoll_for_tests() -> Choice {
+        Choice {
+            backend: Backend::Epoll,
+            features: Features::ALL,
+            line: "io: epoll (test)".into(),
+        }
+    }
+}
+
 /// Operations every io_uring worker submits: without one of them io_uring is not usable here.
 const REQUIRED: [(u8, &str); 8] = [
     (opcode::PollAdd::CODE, "POLL_ADD"),

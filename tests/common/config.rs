@@ -94,6 +94,8 @@ pub struct LbConfig {
     admin_bind: String,
     /// Other `[admin]` lines (`token_file = "..."`), verbatim.
     admin_lines: Vec<String>,
+    /// Other `[runtime]` lines (`io = "epoll"`), verbatim.
+    runtime_lines: Vec<String>,
     listeners: Vec<Listener>,
 }
 
@@ -105,6 +107,7 @@ impl Default for LbConfig {
             // Never the default fixed port: tests run in parallel.
             admin_bind: "127.0.0.1:0".to_string(),
             admin_lines: Vec::new(),
+            runtime_lines: Vec::new(),
             listeners: Vec::new(),
         }
     }
@@ -132,6 +135,12 @@ impl LbConfig {
         self
     }
 
+    /// Adds `key = value` to `[runtime]`, `value` written verbatim.
+    pub fn runtime_field(mut self, key: &str, value: &str) -> Self {
+        self.runtime_lines.push(format!("{key} = {value}"));
+        self
+    }
+
     pub fn listener(mut self, l: Listener) -> Self {
         self.listeners.push(l);
         self
@@ -141,8 +150,14 @@ impl LbConfig {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "[runtime]\nworkers = {}\ndrain_timeout = \"{}\"\n\n[admin]\nbind = \"{}\"\n",
-            self.workers, self.drain_timeout, self.admin_bind
+            "[runtime]\nworkers = {}\ndrain_timeout = \"{}\"\n{}\n[admin]\nbind = \"{}\"\n",
+            self.workers,
+            self.drain_timeout,
+            self.runtime_lines
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+            self.admin_bind
         );
         for line in &self.admin_lines {
             let _ = writeln!(out, "{line}");

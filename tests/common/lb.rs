@@ -118,16 +118,48 @@ impl Lb {
 
     /// Like [`Lb::start`] with extra environment variables (e.g. `RUST_LOG=debug`).
     pub fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Lb {
-        Lb::spawn(toml, env, None)
+        Lb::start_with(toml, env, |_| {})
     }
 
     /// Like [`Lb::start`], with the process's `RLIMIT_NOFILE` (soft and hard) set to `nofile`
     /// before it starts (for resource-exhaustion tests).
     pub fn start_with_nofile(toml: &str, nofile: u64) -> Lb {
-        Lb::spawn(toml, &[], Some(nofile))
+        Lb::start_with(toml, &[], |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setrlimit, which is async-signal-safe, on a value on its own stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
     }
 
-    fn spawn(toml: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Lb {
+    /// Like [`Lb::start_with_env`], letting `prepare` adjust the command first (a `pre_exec`,
+    /// say) and waiting for `ready:`.
+    pub fn start_with(toml: &str, env: &[(&str, &str)], prepare: impl FnOnce(&mut Command)) -> Lb {
+        Lb::try_start_with(toml, env, prepare).unwrap_or_else(|(status, stderr)| {
+            panic!(
+                "ringlb did not log `ready:` within {READY_TIMEOUT:?} (exit status: \
+                 {status:?}); config:\n{toml}\nstderr:\n{stderr}"
+            )
+        })
+    }
+
+    /// Like [`Lb::start_with`]; Err((exit status, stderr)) if it never gets ready.
+    pub fn try_start_with(
+        toml: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Result<Lb, (Option<ExitStatus>, String)> {
         let config = TempFile::new("ringlb-test", "toml", toml);
         let mut cmd = Command::new(ringlb_bin());
         cmd.arg("run")
@@ -140,23 +172,7 @@ impl Lb {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        if let Some(limit) = nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // setrlimit, which is async-signal-safe, on a value on its own stack.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        prepare(&mut cmd);
         let mut child = cmd.spawn().expect("spawn ringlb run");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -186,19 +202,15 @@ impl Lb {
             reader: Some(reader),
         };
         if !lb.wait_for_log("ready:", READY_TIMEOUT) {
-            let status = lb.wait_exit(Duration::from_millis(100));
-            panic!(
-                "ringlb did not log `ready:` within {READY_TIMEOUT:?} (exit status: {status:?}); \
-                 config:\n{toml}\nstderr:\n{}",
-                lb.stderr_lines().join("\n")
-            );
+            let status = lb.wait_exit(Duration::from_secs(1));
+            return Err((status, lb.stderr_lines().join("\n")));
         }
         for line in lb.stderr_lines() {
             if let Some((name, addr)) = parse_listening(&line) {
                 lb.listeners.insert(name, addr);
             }
         }
-        lb
+        Ok(lb)
     }
 
     /// The address listener `name` actually bound (from its `listening on` line).
