@@ -93,7 +93,7 @@ KEEPALIVE_CONNS=64
 UDP_SOCKETS=32
 UDP_WINDOW=8
 UDP_CLIENT_THREADS=2
-CONTESTANTS=(ringlb haproxy nginx)
+CONTESTANTS=(ringlb ringlb-epoll haproxy nginx)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -1,5 +1,6 @@
 # scripts/bench/contestants.sh: sourced by scripts/bench.sh. Starts and stops the contestants
-# (ringlb, HAProxy `mode tcp`, NGINX stream), each with LB_THREADS workers and logging off, and
+# (ringlb on io_uring, ringlb-epoll: the same binary with RINGLB_IO=epoll, HAProxy `mode tcp`,
+# NGINX stream), each with LB_THREADS workers and logging off, and
 # records each one's CPU seconds and peak RSS per workload and repetition.
 #
 # start_lb NAME BACKEND_ADDR TAG [tcp|udp] sets LB_PID (the process to measure: for NGINX the
@@ -20,7 +21,7 @@ start_lb() {
     LB_PORT=$PORT
     err="$LOGS/$tag.stderr"
     case "$name" in
-        ringlb)
+        ringlb | ringlb-epoll)
             [[ -x $RINGLB ]] || return 1
             cfg="$LOGS/$tag.toml"
             {
@@ -44,7 +45,11 @@ EOF
                 fi
                 echo "backends = [ { address = \"$backend\" } ]"
             } >"$cfg"
-            "$RINGLB" run --config "$cfg" </dev/null >"$LOGS/$tag.stdout" 2>"$err" &
+            # Each contestant forces its backend: `auto` would pick io_uring here anyway, but a
+            # host where it cannot must not silently bench epoll twice.
+            local io=io_uring
+            [[ $name == ringlb-epoll ]] && io=epoll
+            RINGLB_IO=$io "$RINGLB" run --config "$cfg" </dev/null >"$LOGS/$tag.stdout" 2>"$err" &
             ;;
         haproxy)
             [[ $proto == tcp ]] || return 1 # HAProxy proxies no UDP
@@ -113,7 +118,7 @@ EOF
         return 1
     fi
     case "$name" in
-        ringlb)
+        ringlb | ringlb-epoll)
             # Listening comes first; "ready:" says every worker is serving.
             for ((i = 0; i < 100; i++)); do
                 grep -q 'ready:' "$err" && break

@@ -39,7 +39,8 @@ CHART_LOWER=("bulk|P1 LB CPU-s/GB" "bulk|P8 LB CPU-s/GB" "connrate|LB CPU µs/co
     "keepalive|LB CPU µs/req" "keepalive|p99 µs" "idle|KiB/idle conn" "udp|LB CPU µs/req" "udp|p99 µs")
 
 # Writes MEDIANS (tab-separated: workload, metric, ringlb, haproxy, nginx, direct, ringlb/haproxy,
-# ringlb/nginx) in METRICS order. A contestant never measured for a metric is "-", one that could
+# ringlb/nginx, ringlb-epoll, ringlb/ringlb-epoll, ringlb-epoll/haproxy — udp: /nginx) in METRICS
+# order; the epoll columns come last so the chart's column numbers stay put. A contestant never measured for a metric is "-", one that could
 # not run "n/a". Ratios of noise readings are "-".
 compute_medians() {
     local key
@@ -64,9 +65,11 @@ compute_medians() {
             END {
                 split(key, k, "|")
                 r = cell("ringlb"); h = cell("haproxy"); n = cell("nginx"); d = cell("direct")
-                rh = ratio(r, h); rn = ratio(r, n)
-                if (k[2] ~ /other load/) { rh = "-"; rn = "-" }
-                printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k[1], k[2], r, h, n, d, rh, rn
+                e = cell("ringlb-epoll")
+                rh = ratio(r, h); rn = ratio(r, n); re = ratio(r, e)
+                eh = (h != "n/a" && h != "-") ? ratio(e, h) : ratio(e, n)
+                if (k[2] ~ /other load/) { rh = "-"; rn = "-"; re = "-"; eh = "-" }
+                printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k[1], k[2], r, h, n, d, rh, rn, e, re, eh
             }' "$RAW_CSV" >>"$MEDIANS"
     done
 }
@@ -130,10 +133,13 @@ write_markdown() {
         echo "  while a CPU was otherwise idle), in % of one core: the noise level (no ratio)."
         echo "- Higher is better for Gbit/s, conn/s, req/s, replies/s; lower for the rest."
         echo
-        echo "| workload | metric | ringlb | HAProxy | NGINX | no proxy | ringlb/HAProxy | ringlb/NGINX |"
-        echo "|---|---|---:|---:|---:|---:|---:|---:|"
+        echo "- ringlb = io_uring backend; ringlb-epoll = the same binary with \`RINGLB_IO=epoll\`."
+        echo "  io_uring/epoll is what the ring buys; epoll/HAProxy (udp: /NGINX) whether the fallback holds up."
+        echo
+        echo "| workload | metric | ringlb | ringlb-epoll | HAProxy | NGINX | no proxy | ringlb/HAProxy | ringlb/NGINX | io_uring/epoll | epoll/HAProxy |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         awk -F'\t' "$fmt_awk"'
-            { printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, fmt($3), fmt($4), fmt($5), fmt($6), $7, $8 }' \
+            { printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, fmt($3), fmt($9), fmt($4), fmt($5), fmt($6), $7, $8, $10, $11 }' \
             "$MEDIANS"
         if [[ -s $OUT_DIR/latest.png ]]; then
             echo
@@ -165,7 +171,9 @@ write_json() {
           medians: [ $med | split("\n")[] | select(length > 0) | split("\t") | {
               workload: .[0], metric: .[1], ringlb: (.[2] | num), haproxy: (.[3] | num),
               nginx: (.[4] | num), no_proxy: (.[5] | num),
-              ratio_ringlb_haproxy: (.[6] | num), ratio_ringlb_nginx: (.[7] | num) } ],
+              ratio_ringlb_haproxy: (.[6] | num), ratio_ringlb_nginx: (.[7] | num),
+              ringlb_epoll: (.[8] | num), ratio_io_uring_epoll: (.[9] | num),
+              ratio_epoll_haproxy: (.[10] | num) } ],
           raw: [ $raw | split("\n")[1:][] | select(length > 0) | split(",") | {
               workload: .[1], metric: .[2], contestant: .[3], rep: (.[4] | tonumber), value: (.[5] | num) } ]
         }' >"$json"

@@ -55,6 +55,12 @@ impl Completion {
     pub fn more(&self) -> bool {
         self.flags & F_MORE != 0
     }
+
+    /// The ring buffer a buffered receive filled ([`Driver::recv_buffered`]), now the caller's
+    /// until it gives it back with [`Driver::recycle_buffer`].
+    pub fn buffer(&self) -> Option<u16> {
+        io_uring::cqueue::buffer_select(self.flags)
+    }
 }
 
 /// Identifies a duration registered with [`Driver::timespec`].
@@ -120,6 +126,20 @@ pub trait Driver {
     fn recv_done(&mut self, set: RecvSetId, k: usize) -> (Option<SocketAddr>, Option<IpAddr>);
     /// The first `len` bytes slot `k` received (until it is used again).
     fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8];
+    /// Receives on the stream socket `fd` into a buffer the driver picks when data arrives, so
+    /// nothing is held while it waits. One completion: bytes (0 = EOF) with the buffer in
+    /// [`Completion::buffer`], or -errno (-ENOBUFS: every buffer is in use). False, and nothing
+    /// done, where the driver has no buffer ring (epoll, or the feature is off).
+    fn recv_buffered(&mut self, fd: RawFd, token: Token) -> bool;
+    /// Sends bytes `[off, off + len)` of ring buffer `bid` on `fd`, waiting for room in the
+    /// ring. One completion: bytes sent or -errno.
+    fn send_buffer(&mut self, fd: RawFd, bid: u16, off: u32, len: u32, token: Token);
+    /// Bytes `[off, off + len)` of ring buffer `bid`.
+    fn buffer_data(&self, bid: u16, off: u32, len: u32) -> &[u8];
+    /// Gives ring buffer `bid` back to the driver.
+    fn recycle_buffer(&mut self, bid: u16);
+    /// The size of every ring buffer (0 without a buffer ring).
+    fn buffer_size(&self) -> u32;
     /// `fd` is about to be closed: forget what the driver knows of it.
     fn release_fd(&mut self, fd: RawFd);
     /// Starts what is queued and waits for at least `want` completions. `Ok(None)`: done;
@@ -132,7 +152,8 @@ pub trait Driver {
 
 /// A worker's driver: one of the two, chosen at start.
 pub enum Io {
-    Uring(uring::Ring),
+    /// Boxed: the ring is several times the size of the epoll driver.
+    Uring(Box<uring::Ring>),
     Epoll(epoll::Epoll),
 }
 
@@ -140,7 +161,10 @@ impl Io {
     /// The driver `choice` names, sized for `entries` operations in flight.
     pub fn new(choice: &Choice, entries: u32) -> io::Result<Io> {
         Ok(match choice.backend {
-            Backend::IoUring => Io::Uring(uring::Ring::with_features(entries, choice.features)?),
+            Backend::IoUring => Io::Uring(Box::new(uring::Ring::with_features(
+                entries,
+                choice.features,
+            )?)),
             Backend::Epoll => Io::Epoll(epoll::Epoll::new()?),
         })
     }
@@ -211,6 +235,21 @@ impl Driver for Io {
     }
     fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8] {
         each!(self, x => x.recv_data(set, k, len))
+    }
+    fn recv_buffered(&mut self, fd: RawFd, token: Token) -> bool {
+        each!(self, x => x.recv_buffered(fd, token))
+    }
+    fn send_buffer(&mut self, fd: RawFd, bid: u16, off: u32, len: u32, token: Token) {
+        each!(self, x => x.send_buffer(fd, bid, off, len, token))
+    }
+    fn buffer_data(&self, bid: u16, off: u32, len: u32) -> &[u8] {
+        each!(self, x => x.buffer_data(bid, off, len))
+    }
+    fn recycle_buffer(&mut self, bid: u16) {
+        each!(self, x => x.recycle_buffer(bid))
+    }
+    fn buffer_size(&self) -> u32 {
+        each!(self, x => x.buffer_size())
     }
     fn release_fd(&mut self, fd: RawFd) {
         each!(self, x => x.release_fd(fd))

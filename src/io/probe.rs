@@ -65,6 +65,9 @@ pub struct Features {
     pub multishot_timeout: bool,
     /// Multishot poll (5.13); else one-shot polls re-armed.
     pub multishot_poll: bool,
+    /// Small messages received into a provided-buffer ring and sent from it by the ring
+    /// (`IORING_REGISTER_PBUF_RING`, 5.19); else readiness poll, then `recv` and `send`.
+    pub ring_recv: bool,
 }
 
 impl Features {
@@ -72,6 +75,7 @@ impl Features {
         multishot_accept: true,
         multishot_timeout: true,
         multishot_poll: true,
+        ring_recv: true,
     };
 
     fn list(&self) -> Vec<&'static str> {
@@ -80,6 +84,7 @@ impl Features {
             (self.multishot_accept, "multishot accept"),
             (self.multishot_timeout, "multishot timeout"),
             (self.multishot_poll, "multishot poll"),
+            (self.ring_recv, "ring recv/send"),
         ] {
             v.push(if on { name } else { "" });
         }
@@ -97,6 +102,9 @@ impl Features {
         }
         if !self.multishot_poll {
             v.push("multishot poll (one-shot polls instead)");
+        }
+        if !self.ring_recv {
+            v.push("ring recv/send (poll, then recv and send syscalls instead)");
         }
         v
     }
@@ -205,6 +213,7 @@ fn disable_from_env(f: &mut Features) {
             "multishot_accept" => f.multishot_accept = false,
             "multishot_timeout" => f.multishot_timeout = false,
             "multishot_poll" => f.multishot_poll = false,
+            "ring_recv" => f.ring_recv = false,
             _ => {}
         }
     }
@@ -301,10 +310,14 @@ fn probe_uring() -> Result<Features, Unavailable> {
         .iter()
         .find(|(ud, _, _)| *ud == 5)
         .is_some_and(|(_, res, _)| *res != -libc::EINVAL);
+    // Provided-buffer rings (5.19) and buffer-select RECV: register a one-buffer ring.
+    let ring_recv = probe.is_supported(opcode::Recv::CODE)
+        && super::uring::BufRing::new(&ring.submitter(), 1, 64, 0).is_ok();
     Ok(Features {
         multishot_accept,
         multishot_timeout,
         multishot_poll,
+        ring_recv,
     })
 }
 

@@ -18,6 +18,12 @@ pub enum Op {
     /// Poll for readable on the source of a direction (0 = client→backend, 1 = backend→client).
     PollIn0 = 6,
     PollIn1 = 7,
+    /// A buffered receive on the source of the up / down flow (ring buffers).
+    RecvBuf0 = 8,
+    RecvBuf1 = 9,
+    /// A send from a ring buffer to the destination of the up / down flow.
+    SendBuf0 = 10,
+    SendBuf1 = 11,
     /// Poll for writable on the destination of a direction.
     PollOut0 = 12,
     PollOut1 = 13,
@@ -48,6 +54,10 @@ impl Op {
             5 => ConnectTimeout,
             6 => PollIn0,
             7 => PollIn1,
+            8 => RecvBuf0,
+            9 => RecvBuf1,
+            10 => SendBuf0,
+            11 => SendBuf1,
             12 => PollOut0,
             13 => PollOut1,
             14 => Cancel,

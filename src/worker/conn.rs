@@ -73,6 +73,9 @@ pub struct Flow {
     pub pending: u32,
     /// Size of the last successful splice-in.
     last_in: u32,
+    /// The last ring receive filled its buffer: read on inline (a copy, which may then decide
+    /// for splice) rather than wait in the ring again.
+    ring_full: bool,
     /// Total bytes forwarded to the destination.
     pub bytes: u64,
 }
@@ -89,6 +92,7 @@ impl Flow {
             phase: Phase::Idle,
             pending: 0,
             last_in: 0,
+            ring_full: false,
             bytes: 0,
         }
     }
@@ -110,6 +114,7 @@ impl Flow {
 
     /// The splice source → pipe completed with `res` bytes (0 = EOF) or -errno.
     pub fn on_spliced_in(&mut self, res: i32) -> Step {
+        self.ring_full = false;
         match res {
             n if n > 0 => {
                 self.pending = n as u32;
@@ -134,13 +139,14 @@ impl Flow {
     /// through a pipe. A flow copies until a read fills the scratch (a stream), then splices
     /// until a splice-in comes back small.
     pub fn wants_copy(&self) -> bool {
-        self.pending == 0 && self.last_in < COPY_BELOW
+        self.pending == 0 && (self.last_in < COPY_BELOW || self.ring_full)
     }
 
     /// A copy step: `read` bytes (0 = EOF, or -errno) were read from the source into the
     /// worker's scratch (`full`: it filled it) and `sent` of them (or -errno) went straight to
     /// the destination. The worker has put the bytes not sent into the pipe.
     pub fn on_copied(&mut self, read: i32, sent: i32, full: bool) -> Step {
+        self.ring_full = false;
         if read <= 0 {
             return self.on_spliced_in(read);
         }
@@ -161,6 +167,34 @@ impl Flow {
         } else {
             self.phase = Phase::WaitReadable;
             Step::PollIn
+        }
+    }
+
+    /// A ring receive brought `n` bytes into a ring buffer (`full`: it filled it, so more may
+    /// be waiting); a ring send of them follows.
+    pub fn on_ring_read(&mut self, n: u32, full: bool) {
+        self.pending = n;
+        self.last_in = n;
+        self.ring_full = full;
+        self.phase = Phase::Writing;
+    }
+
+    /// A ring send moved `n` bytes. Some(next step) once every received byte is out: after a
+    /// full buffer read on at once (a copy into the larger scratch, which moves a stream to
+    /// splice), else wait for the next message; None while bytes remain (the worker sends the
+    /// rest).
+    pub fn on_ring_sent(&mut self, n: u32) -> Option<Step> {
+        let n = n.min(self.pending);
+        self.pending -= n;
+        self.bytes += u64::from(n);
+        if self.pending > 0 {
+            None
+        } else if self.ring_full {
+            self.phase = Phase::Reading;
+            Some(Step::SpliceIn)
+        } else {
+            self.phase = Phase::WaitReadable;
+            Some(Step::PollIn)
         }
     }
 
@@ -413,6 +447,40 @@ mod tests {
             Step::DestFailed(-libc::EPIPE)
         );
         assert_eq!(h.on_copied(0, 0, false), Step::ShutdownDest);
+    }
+
+    #[test]
+    fn ring_messages_wait_in_the_ring_and_a_full_buffer_reads_on_inline() {
+        let mut f = Flow::new();
+        assert_eq!(f.start(), Step::PollIn);
+        assert!(
+            f.wants_copy(),
+            "a new flow takes its first message through the ring"
+        );
+        // 100 bytes in, sent in two pieces: the rest first, then back to waiting.
+        f.on_ring_read(100, false);
+        assert_eq!(f.phase, Phase::Writing);
+        assert_eq!(f.on_ring_sent(60), None);
+        assert_eq!(f.pending, 40);
+        assert_eq!(f.on_ring_sent(40), Some(Step::PollIn));
+        assert_eq!((f.pending, f.bytes, f.phase), (0, 100, Phase::WaitReadable));
+        assert!(f.wants_copy());
+        // A full buffer: more may be waiting, so read on at once, by copy (no pipe needed).
+        f.on_ring_read(4096, true);
+        assert_eq!(f.on_ring_sent(4096), Some(Step::SpliceIn));
+        assert!(
+            f.wants_copy(),
+            "after a full ring buffer the next read is a copy"
+        );
+        // That copy filled the scratch too: a stream, spliced from here on.
+        assert_eq!(f.on_copied(16384, 16384, true), Step::SpliceIn);
+        assert!(!f.wants_copy());
+        // A ring send never counts more than was received.
+        let mut g = Flow::new();
+        g.start();
+        g.on_ring_read(10, false);
+        assert_eq!(g.on_ring_sent(99), Some(Step::PollIn));
+        assert_eq!(g.bytes, 10);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod admission;
 pub mod conn;
 mod pipes;
+mod ringio;
 mod tcp;
 mod timers;
 mod udp;
@@ -265,6 +266,8 @@ struct Conn {
     attempts: u8,
     flows: [Flow; 2],
     pipes: [Option<Pipe>; 2],
+    /// Per flow, the ring buffer its send is forwarding (`ringio.rs`).
+    ring_bufs: [Option<ringio::RingBuf>; 2],
     /// PROXY header bytes already consumed (only when it arrived in pieces).
     header: Option<Vec<u8>>,
     /// Operations submitted for this connection whose completion has not arrived.

@@ -70,6 +70,7 @@ impl Worker {
             attempts: 0,
             flows: [Flow::new(), Flow::new()],
             pipes: [None, None],
+            ring_bufs: [None, None],
             header: None,
             inflight: 0,
             closing: false,
@@ -197,17 +198,25 @@ impl Worker {
 
     pub(super) fn on_conn_completion(&mut self, op: Op, c: Completion) {
         let idx = c.token.index();
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
+        let live = self
+            .slots
+            .get(idx as usize)
+            .is_some_and(|s| c.token.gen_matches(s.generation) && s.conn.is_some());
+        if !live {
+            // Stale: cannot happen while finalize waits for inflight == 0, kept as a guard.
+            if let Some(bid) = c.buffer() {
+                self.io.recycle_buffer(bid);
+            }
             return;
-        };
-        if !c.token.gen_matches(slot.generation) {
-            return; // stale: cannot happen while finalize waits for inflight == 0, kept as a guard
         }
-        let Some(conn) = slot.conn.as_mut() else {
+        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
             return;
         };
         conn.inflight -= 1;
         if conn.closing {
+            if let Some(bid) = c.buffer() {
+                self.io.recycle_buffer(bid);
+            }
             if conn.inflight == 0 {
                 self.finalize(idx);
             }
@@ -215,6 +224,10 @@ impl Worker {
         }
         let res = c.result;
         let step = match op {
+            Op::RecvBuf0 => return self.on_ring_recv(idx, Dir::Up, c),
+            Op::RecvBuf1 => return self.on_ring_recv(idx, Dir::Down, c),
+            Op::SendBuf0 => return self.on_ring_send(idx, Dir::Up, c),
+            Op::SendBuf1 => return self.on_ring_send(idx, Dir::Down, c),
             Op::Connect => {
                 self.on_connect(idx, res);
                 return;
@@ -311,7 +324,7 @@ impl Worker {
     /// never block): measured on these machines, an `IORING_OP_SPLICE` always goes through an
     /// io-wq kernel thread, and that hand-off per chunk cost more CPU per connection and per GB
     /// than the copy-free splice itself. Readiness (POLL_ADD) still comes from the ring.
-    fn apply(&mut self, idx: u32, d: Dir, step: Step) {
+    pub(super) fn apply(&mut self, idx: u32, d: Dir, step: Step) {
         let generation = self.slots[idx as usize].generation;
         let tok =
             |up: Op, down: Op| Token::new(if d == Dir::Up { up } else { down }, idx, generation);
@@ -407,8 +420,13 @@ impl Worker {
                 Step::PollIn => {
                     pool.release(&mut conn.pipes[di]);
                     conn.inflight += 1;
-                    self.io
-                        .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
+                    // A flow of small messages waits in the ring for its next one (ringio.rs).
+                    if !(conn.flows[di].wants_copy()
+                        && self.io.recv_buffered(src, tok(Op::RecvBuf0, Op::RecvBuf1)))
+                    {
+                        self.io
+                            .poll(src, libc::POLLIN as u32, tok(Op::PollIn0, Op::PollIn1));
+                    }
                     break None;
                 }
                 Step::PollOut => {
@@ -534,6 +552,10 @@ impl Worker {
         let limit = u64::from(snap.settings.max_connections);
         let freed_backend = conn.member.is_some();
         let counted = conn.counted;
+        // Ring buffers it still holds: their sends have completed (nothing is in flight).
+        for rb in conn.ring_bufs.iter().flatten() {
+            self.io.recycle_buffer(rb.bid);
+        }
         // Pipes still held here may hold bytes that were never forwarded: close them, do not
         // return them to the pool. fds close as `conn` drops.
         self.io.release_fd(conn.client.as_raw_fd());
@@ -562,7 +584,7 @@ impl Worker {
 }
 
 /// Counts `n` bytes forwarded in direction `d` on the backend's per-worker counters.
-fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: Dir, n: i32) {
+pub(super) fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: Dir, n: i32) {
     if let (Some(m), true) = (member, n > 0) {
         let w = m.worker(worker);
         bump(

@@ -512,6 +512,23 @@ impl Driver for Epoll {
         self.recv.data(set, k, len)
     }
 
+    /// No buffer ring here: the worker polls and reads itself.
+    fn recv_buffered(&mut self, _fd: RawFd, _token: Token) -> bool {
+        false
+    }
+
+    fn send_buffer(&mut self, _fd: RawFd, _bid: u16, _off: u32, _len: u32, _token: Token) {}
+
+    fn buffer_data(&self, _bid: u16, _off: u32, _len: u32) -> &[u8] {
+        &[]
+    }
+
+    fn recycle_buffer(&mut self, _bid: u16) {}
+
+    fn buffer_size(&self) -> u32 {
+        0
+    }
+
     fn release_fd(&mut self, fd: RawFd) {
         if let Some(st) = self.fds.get_mut(fd as usize) {
             *st = FdState::default();

@@ -5,13 +5,19 @@
 //!
 //! Ownership promise (what every `// SAFETY:` below rests on): memory an SQE points to is owned by
 //! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`, UDP receive
-//! slots in `recv`, which are also the buffers UDP sends read from), lives as long as
+//! slots in `recv`, which are also the buffers UDP sends read from; ring buffers in `bufs`, the
+//! kernel's while published, the worker's from the receive completion that names one until it
+//! recycles it, which it does only after the send reading it has completed), lives as long as
 //! the ring, and never moves; file descriptors named by an SQE belong to the caller's connection
 //! entry, which the worker does not free or close until every operation it submitted for that
 //! entry has completed. This module never logs and never allocates per operation (the backlog
 //! and tables grow, then are reused).
 //!
 //! Must not: know about connections, listeners or backends. It moves SQEs and CQEs, nothing else.
+
+mod bufring;
+
+pub use bufring::BufRing;
 
 use super::recv::RecvSets;
 use super::{Completion, Driver, Features, RecvSetId, TimespecId, Token};
@@ -95,7 +101,17 @@ pub struct Ring {
     recv: RecvSets,
     /// What this kernel supports (or the operator disabled) of the optional features.
     features: Features,
+    /// Buffers for small-message receives and the sends that forward them (`ring_recv`).
+    bufs: Option<BufRing>,
 }
+
+/// Ring buffers per worker, and their size: a flow whose reads stay under 4 KiB goes through
+/// them (a read that fills one moves the flow to the inline copy, and from there to splice if
+/// it keeps filling). A flow holds at most one per direction while its send is in flight, so
+/// 128 serve 64 busy connections; past that a flow waits by poll and reads by syscall. 128 ×
+/// 4 KiB = 512 KiB per worker, touched only as messages use them.
+const RING_BUFS: u16 = 128;
+const RING_BUF_SIZE: u32 = 4096;
 
 impl Drop for Ring {
     fn drop(&mut self) {
@@ -130,8 +146,22 @@ impl Ring {
                     Err(e)
                 }
             })?;
+        let mut features = features;
+        // RINGLB_RING_BUFS (a power of two): a debug knob for tests that exhaust the ring.
+        let count = std::env::var("RINGLB_RING_BUFS")
+            .ok()
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|n| n.is_power_of_two() && *n <= 32768)
+            .unwrap_or(RING_BUFS);
+        let bufs = if features.ring_recv {
+            BufRing::new(&ring.submitter(), count, RING_BUF_SIZE, 0).ok()
+        } else {
+            None
+        };
+        features.ring_recv = bufs.is_some();
         Ok(Ring {
             ring,
+            bufs,
             fault: Fault::from_env(),
             enters: 0,
             backlog: VecDeque::new(),
@@ -217,7 +247,8 @@ impl Ring {
         }
         // SAFETY: every entry built by this module points only at memory owned by the Ring
         // (AddrTable slots, boxed timespecs, boxed receive slots, whose buffer a linked
-        // send reads before the slot's recvmsg may write it) or at nothing; the fds it names are
+        // send reads before the slot's recvmsg may write it, ring buffers, which a send reads
+        // while the worker holds them, not yet recycled) or at nothing; the fds it names are
         // kept open by the caller until the completion arrives (module docs).
         unsafe {
             let _ = sq.push(first);
@@ -387,6 +418,45 @@ impl Driver for Ring {
 
     fn recv_data(&self, set: RecvSetId, k: usize, len: usize) -> &[u8] {
         self.recv.data(set, k, len)
+    }
+
+    fn recv_buffered(&mut self, fd: RawFd, token: Token) -> bool {
+        let Some(b) = &self.bufs else {
+            return false;
+        };
+        let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), b.size())
+            .buf_group(b.bgid())
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(token.0);
+        self.push(e);
+        true
+    }
+
+    fn send_buffer(&mut self, fd: RawFd, bid: u16, off: u32, len: u32, token: Token) {
+        let Some(b) = &self.bufs else {
+            return;
+        };
+        let len = b.data(bid, off, len).len() as u32;
+        let e = opcode::Send::new(types::Fd(fd), b.ptr(bid, off), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+    }
+
+    fn buffer_data(&self, bid: u16, off: u32, len: u32) -> &[u8] {
+        self.bufs.as_ref().map_or(&[], |b| b.data(bid, off, len))
+    }
+
+    fn recycle_buffer(&mut self, bid: u16) {
+        if let Some(b) = self.bufs.as_mut() {
+            b.recycle(bid);
+        }
+    }
+
+    fn buffer_size(&self) -> u32 {
+        self.bufs.as_ref().map_or(0, BufRing::size)
     }
 
     /// Nothing to forget: the kernel holds its own reference to a file until every operation
