@@ -98,6 +98,70 @@ fn small_messages_make_no_recv_or_send_syscall_on_io_uring() {
     );
 }
 
+/// `n` short connections: connect, 64 bytes each way, half-close, read to EOF.
+fn short_conns(lb: &Lb, n: usize) {
+    for i in 0..n {
+        let mut s = TcpStream::connect(lb.addr("t")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = [(i % 251) as u8; 64];
+        s.write_all(&msg).expect("send");
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("echo to EOF");
+        assert_eq!(back, msg, "connection {i}");
+    }
+}
+
+/// Half-closes and closes go through the ring too: per short connection no `shutdown` or
+/// `close` syscall on io_uring (the one half-close and both closes are SQEs), against one
+/// half-close and two closes per connection with the feature off.
+#[test]
+fn short_connections_half_close_and_close_in_the_ring() {
+    const CONNS: usize = 200;
+    let echo = EchoServer::start();
+    for (what, env, ring) in [
+        ("io_uring", vec![("RINGLB_IO", "io_uring")], true),
+        (
+            "io_uring without ring_close",
+            vec![
+                ("RINGLB_IO", "io_uring"),
+                ("RINGLB_IO_DISABLE", "ring_close"),
+            ],
+            false,
+        ),
+    ] {
+        let cfg = common::config::LbConfig::default()
+            .workers(1)
+            .listener(listener("t").backend(echo.addr()))
+            .to_toml();
+        // The suite's own RINGLB_IO_DISABLE must not switch the ring case off.
+        let lb = Lb::start_with(&cfg, &env, |c| {
+            if ring {
+                c.env_remove("RINGLB_IO_DISABLE");
+            }
+        });
+        let base = lb.fd_counts().0;
+        let counts = syscalls_during(lb.pid(), || short_conns(&lb, CONNS));
+        eprintln!("{what}: {counts:?}");
+        let closes = counts.get("close").copied().unwrap_or(0);
+        let shutdowns = counts.get("shutdown").copied().unwrap_or(0);
+        if ring {
+            assert!(
+                closes + shutdowns < 20,
+                "{what}: {closes} close + {shutdowns} shutdown for {CONNS} connections: {counts:?}"
+            );
+        } else {
+            assert!(
+                // (strace may attach a moment after the first connection started)
+                closes >= 2 * CONNS as u64 - 4 && shutdowns >= CONNS as u64 - 2,
+                "{what}: {closes} close, {shutdowns} shutdown for {CONNS} connections: {counts:?}"
+            );
+        }
+        // Nothing leaks either way: back to the sockets it had before.
+        lb.assert_fds_return(base, Duration::from_secs(3));
+    }
+}
+
 #[test]
 fn without_the_buffer_ring_each_message_costs_a_recv_and_a_send() {
     let echo = EchoServer::start();

@@ -140,6 +140,12 @@ pub trait Driver {
     fn recycle_buffer(&mut self, bid: u16);
     /// The size of every ring buffer (0 without a buffer ring).
     fn buffer_size(&self) -> u32;
+    /// Shuts down the write side of socket `fd` (a FIN after what is queued), in the ring where
+    /// the driver can (its completion, if any, carries [`Op::Detached`]), else at once.
+    fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>);
+    /// Closes `fd`, which nothing in flight names any more (in the ring where the driver can,
+    /// else at once). Forgets what the driver knows of it first.
+    fn close(&mut self, fd: std::os::fd::OwnedFd);
     /// `fd` is about to be closed: forget what the driver knows of it.
     fn release_fd(&mut self, fd: RawFd);
     /// Starts what is queued and waits for at least `want` completions. `Ok(None)`: done;
@@ -250,6 +256,12 @@ impl Driver for Io {
     }
     fn buffer_size(&self) -> u32 {
         each!(self, x => x.buffer_size())
+    }
+    fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        each!(self, x => x.shutdown_write(fd))
+    }
+    fn close(&mut self, fd: std::os::fd::OwnedFd) {
+        each!(self, x => x.close(fd))
     }
     fn release_fd(&mut self, fd: RawFd) {
         each!(self, x => x.release_fd(fd))

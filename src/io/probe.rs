@@ -68,6 +68,9 @@ pub struct Features {
     /// Small messages received into a provided-buffer ring and sent from it by the ring
     /// (`IORING_REGISTER_PBUF_RING`, 5.19); else readiness poll, then `recv` and `send`.
     pub ring_recv: bool,
+    /// Half-closes and closes of connection sockets as SQEs (`SHUTDOWN` 5.11, `CLOSE` 5.6);
+    /// else `shutdown(2)` and `close(2)` on the worker thread.
+    pub ring_close: bool,
 }
 
 impl Features {
@@ -76,6 +79,7 @@ impl Features {
         multishot_timeout: true,
         multishot_poll: true,
         ring_recv: true,
+        ring_close: true,
     };
 
     fn list(&self) -> Vec<&'static str> {
@@ -85,6 +89,7 @@ impl Features {
             (self.multishot_timeout, "multishot timeout"),
             (self.multishot_poll, "multishot poll"),
             (self.ring_recv, "ring recv/send"),
+            (self.ring_close, "ring shutdown/close"),
         ] {
             v.push(if on { name } else { "" });
         }
@@ -105,6 +110,9 @@ impl Features {
         }
         if !self.ring_recv {
             v.push("ring recv/send (poll, then recv and send syscalls instead)");
+        }
+        if !self.ring_close {
+            v.push("ring shutdown/close (shutdown and close syscalls instead)");
         }
         v
     }
@@ -214,6 +222,7 @@ fn disable_from_env(f: &mut Features) {
             "multishot_timeout" => f.multishot_timeout = false,
             "multishot_poll" => f.multishot_poll = false,
             "ring_recv" => f.ring_recv = false,
+            "ring_close" => f.ring_close = false,
             _ => {}
         }
     }
@@ -313,11 +322,14 @@ fn probe_uring() -> Result<Features, Unavailable> {
     // Provided-buffer rings (5.19) and buffer-select RECV: register a one-buffer ring.
     let ring_recv = probe.is_supported(opcode::Recv::CODE)
         && super::uring::BufRing::new(&ring.submitter(), 1, 64, 0).is_ok();
+    let ring_close =
+        probe.is_supported(opcode::Shutdown::CODE) && probe.is_supported(opcode::Close::CODE);
     Ok(Features {
         multishot_accept,
         multishot_timeout,
         multishot_poll,
         ring_recv,
+        ring_close,
     })
 }
 

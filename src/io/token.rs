@@ -41,6 +41,9 @@ pub enum Op {
     UdpCancel = 19,
     /// A datagram sent on a UDP flow's upstream socket; index = flow slot.
     UdpSend = 20,
+    /// A half-close or close whose completion nothing waits for (its result is not needed:
+    /// `shutdown(2)` and `close(2)` results were ignored before they went through the ring).
+    Detached = 21,
 }
 
 impl Op {
@@ -67,6 +70,7 @@ impl Op {
             18 => UdpPoll,
             19 => UdpCancel,
             20 => UdpSend,
+            21 => Detached,
             _ => return None,
         })
     }

@@ -479,6 +479,8 @@ impl Worker {
             Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel | Op::UdpSend)) => {
                 self.on_udp_completion(op, c)
             }
+            // A ring half-close or close: nothing waits for it.
+            Some(Op::Detached) => {}
             Some(op) => self.on_conn_completion(op, c),
             None => {}
         }

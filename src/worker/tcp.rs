@@ -248,7 +248,8 @@ impl Worker {
             | Op::UdpRecv
             | Op::UdpPoll
             | Op::UdpCancel
-            | Op::UdpSend => return,
+            | Op::UdpSend
+            | Op::Detached => return,
         };
         self.apply(idx, step.0, step.1);
     }
@@ -438,9 +439,14 @@ impl Worker {
                 Step::ShutdownDest => {
                     pool.release(&mut conn.pipes[di]);
                     let dst_fd = if d == Dir::Up { backend } else { &conn.client };
-                    let _ = sys::shutdown_write(dst_fd.as_fd());
                     conn.first_eof.get_or_insert(d);
-                    break if conn.flows.iter().all(Flow::is_done) {
+                    let all_done = conn.flows.iter().all(Flow::is_done);
+                    // The second EOF needs no half-close: both sockets are closed next, with
+                    // nothing unread, which sends the same FIN.
+                    if !all_done {
+                        self.io.shutdown_write(dst_fd.as_fd());
+                    }
+                    break if all_done {
                         Some(if conn.first_eof == Some(Dir::Up) {
                             CloseReason::ClientEof
                         } else {
@@ -557,12 +563,15 @@ impl Worker {
             self.io.recycle_buffer(rb.bid);
         }
         // Pipes still held here may hold bytes that were never forwarded: close them, do not
-        // return them to the pool. fds close as `conn` drops.
-        self.io.release_fd(conn.client.as_raw_fd());
-        if let Some(b) = &conn.backend {
-            self.io.release_fd(b.as_raw_fd());
+        // return them to the pool (they close as `conn` drops). The sockets close through the
+        // driver (in the ring where it can): nothing in flight names them.
+        let Conn {
+            client, backend, ..
+        } = conn;
+        self.io.close(client);
+        if let Some(b) = backend {
+            self.io.close(b);
         }
-        drop(conn);
         self.shared.live.fetch_sub(1, Ordering::Relaxed);
         l.stats
             .worker(self.id)

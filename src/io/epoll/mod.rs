@@ -529,6 +529,16 @@ impl Driver for Epoll {
         0
     }
 
+    fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        let _ = crate::sys::shutdown_write(fd);
+    }
+
+    fn close(&mut self, fd: std::os::fd::OwnedFd) {
+        use std::os::fd::AsRawFd;
+        self.release_fd(fd.as_raw_fd());
+        drop(fd);
+    }
+
     fn release_fd(&mut self, fd: RawFd) {
         if let Some(st) = self.fds.get_mut(fd as usize) {
             *st = FdState::default();

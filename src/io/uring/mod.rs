@@ -459,6 +459,33 @@ impl Driver for Ring {
         self.bufs.as_ref().map_or(0, BufRing::size)
     }
 
+    fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        use std::os::fd::AsRawFd;
+        if !self.features.ring_close {
+            let _ = crate::sys::shutdown_write(fd);
+            return;
+        }
+        let e = opcode::Shutdown::new(types::Fd(fd.as_raw_fd()), libc::SHUT_WR)
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+        self.push(e);
+    }
+
+    /// The SQE goes behind everything already queued for the fd (a half-close included): the
+    /// ring starts entries in order and neither of these waits.
+    fn close(&mut self, fd: std::os::fd::OwnedFd) {
+        use std::os::fd::IntoRawFd;
+        if !self.features.ring_close {
+            drop(fd);
+            return;
+        }
+        let raw = fd.into_raw_fd();
+        let e = opcode::Close::new(types::Fd(raw))
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+        self.push(e);
+    }
+
     /// Nothing to forget: the kernel holds its own reference to a file until every operation
     /// that names it has completed.
     fn release_fd(&mut self, _fd: RawFd) {}
