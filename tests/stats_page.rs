@@ -1,7 +1,7 @@
 //! The stats page (`GET /` on the admin endpoint) in a real headless Chromium (Debian's
 //! `chromium` package) against the real binary: the page's script fetches `/status` and renders
 //! one row per backend; the test reads the DOM Chromium built (`--dump-dom`), checks every row's
-//! state and counters against the traffic it sent, kills a health-checked backend, reloads the
+//! state and counters against the traffic it sent (bytes for TCP, datagrams for UDP), kills a health-checked backend, reloads the
 //! page and checks the row turned `down` with the probe's reason. It saves a screenshot as
 //! `target/stats-page.png`. Without a browser: the page is served as HTML, the same bytes as
 //! `src/admin/stats.html`, and names no external URL.
@@ -19,12 +19,15 @@ use std::time::Duration;
 
 use common::admin::{http_get, http_post};
 use common::procs::{require_tool, tail, try_run, TempDir};
+use common::udp::{udp_listener, UdpClient, UdpEcho};
 use common::*;
 
 /// How long one Chromium run may take (start, load, script, dump).
 const BROWSER_DEADLINE: Duration = Duration::from_secs(90);
 /// Health check of the "web" listener: a killed backend is down after 2 failed probes.
 const HEALTH: &str = "{ interval = \"200ms\", timeout = \"100ms\", rise = 1, fall = 2 }";
+/// How long a UDP request waits for its reply.
+const WAIT: Duration = Duration::from_secs(5);
 /// Bytes each client connection echoes.
 const LEN: u64 = 1000;
 
@@ -198,6 +201,7 @@ fn the_stats_page_shows_backends_and_a_state_change_in_chromium() {
         EchoServer::start(),
     );
     let (live, dead) = (EchoServer::start(), dead_addr());
+    let udp = UdpEcho::start("dns");
     let config = LbConfig::default()
         .listener(
             listener("web")
@@ -214,6 +218,8 @@ fn the_stats_page_shows_backends_and_a_state_change_in_chromium() {
                 .backend(live.addr())
                 .set("passive", "{ consecutive_failures = 2 }"),
         )
+        // Long enough that the flow is still open when the page is dumped.
+        .listener(udp_listener("dns").backend(udp.addr()).idle_timeout("5m"))
         .to_toml();
     let lb = Lb::start(&config);
     let admin = admin(&lb);
@@ -230,6 +236,12 @@ fn the_stats_page_shows_backends_and_a_state_change_in_chromium() {
     // Round robin reaches the dead backend first for some: two refusals eject it.
     for i in 0..4 {
         echo(lb.addr("api"), LEN, 0x57a7_0100 + i);
+    }
+    // UDP rows count datagrams: three requests, three replies.
+    let client = UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+    for i in 0..3 {
+        let reply = client.exchange(lb.addr("dns"), format!("q{i}").as_bytes(), WAIT);
+        assert!(reply.starts_with("dns"), "UDP reply {reply:?}");
     }
     let drain = format!("/backends/web/{}/drain", c.addr());
     assert_eq!(http_post(admin, &drain).0, 200);
@@ -279,6 +291,15 @@ fn the_stats_page_shows_backends_and_a_state_change_in_chromium() {
     );
     assert_eq!(Row::find(&dom, "api", live.addr()).state(), "up");
     assert!(dom.contains(">3/3 up<"), "web: 3 of 3 up in the heading");
+    let dns = Row::find(&dom, "dns", udp.addr());
+    assert_eq!(dns.state(), "up");
+    assert_eq!(dns.value("in"), 3, "datagrams to the backend: {}", dns.0);
+    assert_eq!(dns.value("out"), 3, "datagrams back: {}", dns.0);
+    assert_eq!(dns.value("active"), 1, "one flow: {}", dns.0);
+    assert!(
+        dom.contains("udp 127.0.0.1:") && dom.contains(" · flows 1<"),
+        "dns facts"
+    );
 
     // Kill b: the check marks it down; a reload of the page shows it.
     let b_addr = b.addr();
