@@ -2,7 +2,7 @@
 //! `CAP_NET_BIND_SERVICE` says so (the real binary with that capability dropped from its
 //! bounding set before exec), and a second ringlb on a port another process already holds with
 //! `SO_REUSEPORT` warns that the kernel will split the traffic (TCP and UDP), while a restart on
-//! a port that only has TIME_WAIT connections left does not.
+//! a port that only has TIME_WAIT connections left does not. A `[::]` listener is IPv6 only.
 
 mod common;
 
@@ -158,4 +158,25 @@ fn a_restart_on_a_port_with_time_wait_connections_does_not_warn() {
         "TIME_WAIT connections are not another process:\n{}",
         second.stderr_tail(20)
     );
+}
+
+/// `bind = "[::]:PORT"` listens on IPv6 only (`IPV6_V6ONLY`, as README and config/ringlb.toml
+/// say): `[::1]` reaches the backend, `127.0.0.1` on the same port is refused.
+#[test]
+fn a_wildcard_ipv6_listener_is_ipv6_only() {
+    let echo_server = EchoServer::start();
+    let lb = Lb::start(&ringlb_config([listener("v6")
+        .bind("[::]:0")
+        .backend(echo_server.addr())]));
+    let port = lb.addr("v6").port();
+    echo(
+        SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port)),
+        100,
+        0x1f6_0001,
+    );
+    let v4 = SocketAddr::from(([127, 0, 0, 1], port));
+    match std::net::TcpStream::connect_timeout(&v4, Duration::from_secs(2)) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{v4}: {e}"),
+        Ok(_) => panic!("{v4} was accepted: the [::] listener is not IPv6 only"),
+    }
 }

@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint: `/livez`, `/readyz`, `/metrics` (Prometheus text), `/status`
+//! The admin HTTP endpoint: the stats page at `/`, `/livez`, `/readyz`, `/metrics` (Prometheus text), `/status`
 //! (JSON), and the control requests `POST /reload` and `POST /backends/<l>/<addr>/drain|undrain`.
 //!
 //! It reads published snapshots, the backend registry, per-worker counters (summed at scrape
@@ -9,6 +9,7 @@
 
 mod auth;
 mod metrics;
+mod page;
 mod process;
 mod server;
 mod status;
@@ -85,6 +86,7 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
         method == Method::POST,
     );
     match path {
+        "/" if get => Answer::Now(200, page::CONTENT_TYPE, page::html()),
         "/livez" if get => {
             let (ok, text) = liveness(state);
             Answer::Now(if ok { 200 } else { 503 }, TEXT, text)
@@ -117,13 +119,13 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
                 "expected POST /backends/<listener>/<ip:port>/drain or .../undrain\n".into(),
             ),
         },
-        "/livez" | "/readyz" | "/metrics" | "/status" | "/reload" => {
+        "/" | "/livez" | "/readyz" | "/metrics" | "/status" | "/reload" => {
             Answer::Now(405, TEXT, "method not allowed\n".into())
         }
         _ => Answer::Now(
             404,
             TEXT,
-            "not found; try /livez /readyz /metrics /status, POST /reload, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
+            "not found; try / (stats page) /livez /readyz /metrics /status, POST /reload, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
         ),
     }
 }
@@ -247,10 +249,10 @@ pub fn log_started(at: Option<&Where>, config: &Admin) {
     };
     match at {
         Some(Where::Tcp(addr)) => {
-            info!("admin endpoint on http://{addr} (/livez /readyz /metrics /status); {who}")
+            info!("admin endpoint on http://{addr} (stats page /, /livez /readyz /metrics /status); {who}")
         }
         Some(Where::Unix(path)) => info!(
-            "admin endpoint on unix:{} (/livez /readyz /metrics /status); {who}",
+            "admin endpoint on unix:{} (stats page /, /livez /readyz /metrics /status); {who}",
             path.display()
         ),
         None => info!("admin endpoint off (admin.bind = \"none\")"),
