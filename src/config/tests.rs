@@ -157,6 +157,7 @@ fn defaults_applied() {
             weight: 1,
             max_connections: None,
         }],
+        slow_start: None,
     };
     assert_eq!(config.listeners, [expected]);
 }

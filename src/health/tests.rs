@@ -13,6 +13,9 @@ fn target(listener: &str, port: u16) -> Target {
         send: None,
         expect: None,
         udp: false,
+        http: None,
+        probe_at: None,
+        readiness: false,
     }
 }
 
@@ -274,6 +277,9 @@ fn targets_come_from_listeners_with_health_checks() {
             send: Some(b"PING\r\n".to_vec()),
             expect: Some(b"+PONG".to_vec()),
             udp: false,
+            http: None,
+            probe_at: None,
+            readiness: false,
         }
     );
 }
