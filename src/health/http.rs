@@ -62,10 +62,7 @@ pub fn judge(check: &HttpCheck, got: &[u8], eof: bool) -> Verdict {
         .split(|&b| b == b'\n')
         .any(|h| h.to_ascii_lowercase().starts_with(b"transfer-encoding:") && contains(&h.to_ascii_lowercase(), b"chunked"));
     let body = if chunked {
-        match dechunk(body, prefix.len()) {
-            Some(b) => b,
-            None => return more_or(got, eof, "closed inside a chunk"),
-        }
+        dechunk(body, prefix.len())
     } else {
         body.to_vec()
     };
@@ -109,27 +106,31 @@ fn parse_status(line: &[u8]) -> Option<u16> {
     std::str::from_utf8(code).ok()?.parse().ok()
 }
 
-/// The first `want` bytes of a chunked body (fewer if it ends first); `None` if the bytes so
-/// far end inside a chunk-size line before `want` bytes were seen.
-fn dechunk(mut body: &[u8], want: usize) -> Option<Vec<u8>> {
+/// The first `want` bytes of a chunked body, or as many as the bytes so far hold (the caller
+/// compares what is there, and waits for more if it matches so far).
+fn dechunk(mut body: &[u8], want: usize) -> Vec<u8> {
     let mut out = Vec::new();
     while out.len() < want {
-        let end = find(body, b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..end]).ok()?;
+        let Some(end) = find(body, b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&body[..end]);
         let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            return out;
+        };
         if size == 0 {
-            return Some(out);
+            return out;
         }
         body = &body[end + 2..];
         let take = size.min(body.len());
         out.extend_from_slice(&body[..take]);
         if take < size {
-            return Some(out); // the rest is still to come; judge what is here
+            return out; // the rest is still to come; judge what is here
         }
         body = body.get(size + 2..).unwrap_or(&[]);
     }
-    Some(out)
+    out
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
