@@ -182,7 +182,11 @@ fn patroni_pair_sends_everything_to_the_primary_and_follows_a_swap() {
     let addr = lb.addr("pg");
     await_state(&lb, "pg", db3.addr(), "down", SLACK);
     assert_eq!(state_of(admin(&lb), "pg", db2.addr()), "up");
-    assert!(api2.hits("/primary") >= 1 && api3.hits("/primary") >= 1, "probes go to the API port");
+    assert!(
+        wait_until(SLACK, || api2.hits("/primary") >= 1 && api3.hits("/primary") >= 1),
+        "probes go to the API port"
+    );
+    assert_eq!(db2.hits("/primary") + db3.hits("/primary"), 0, "no probe on the database port");
     let names = spread(addr, 20);
     assert!(names.iter().all(|n| n == "db-2"), "{names:?}");
 
