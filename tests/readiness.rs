@@ -95,7 +95,11 @@ fn ready_check_flips_move_new_connections_and_keep_open_ones() {
         metric(
             &m,
             "ringlb_backend_state",
-            &[("listener", "web"), ("backend", &who.to_string()), ("state", st)],
+            &[
+                ("listener", "web"),
+                ("backend", &who.to_string()),
+                ("state", st),
+            ],
         )
     };
     assert_eq!(lbl("not_ready", a.addr()), Some(1.0));
@@ -115,7 +119,10 @@ fn ready_check_flips_move_new_connections_and_keep_open_ones() {
     await_state(&lb, "web", b.addr(), "up", SLACK);
     assert_eq!(http_get(adm, "/readyz").0, 200);
     let names = spread(addr, 20);
-    assert!(names.iter().any(|n| n == "a") && names.iter().any(|n| n == "b"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n == "a") && names.iter().any(|n| n == "b"),
+        "{names:?}"
+    );
 
     // Hold a connection to a open, then a stops being ready.
     let mut held = loop {
@@ -129,7 +136,10 @@ fn ready_check_flips_move_new_connections_and_keep_open_ones() {
     // New connections all go to b; the open one still reaches a and still works.
     let names = spread(addr, 20);
     assert!(names.iter().all(|n| n == "b"), "{names:?}");
-    assert_eq!(held.get("/who").expect("held connection after not ready").1, "a");
+    assert_eq!(
+        held.get("/who").expect("held connection after not ready").1,
+        "a"
+    );
     assert!(a.open_clients() >= 1, "a's open connection was closed");
     // /readyz: b is ready, so the listener is.
     assert_eq!(http_get(adm, "/readyz").0, 200);
@@ -138,11 +148,18 @@ fn ready_check_flips_move_new_connections_and_keep_open_ones() {
     let t = Instant::now();
     a.set("/ready", 200);
     await_state(&lb, "web", a.addr(), "up", SLACK);
-    assert!(t.elapsed() >= Duration::from_millis(200), "rise 2 needs two probes");
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "rise 2 needs two probes"
+    );
     let names = spread(addr, 20);
     assert!(names.iter().any(|n| n == "a"), "{names:?}");
     assert_eq!(held.get("/who").expect("held connection at the end").1, "a");
-    assert!(lb.wait_for_log("is NOT READY", Duration::ZERO), "{}", lb.stderr_tail(20));
+    assert!(
+        lb.wait_for_log("is NOT READY", Duration::ZERO),
+        "{}",
+        lb.stderr_tail(20)
+    );
 }
 
 /// A free port on both 127.0.0.2 and 127.0.0.3: the Patroni pair's shared API port.
@@ -183,15 +200,22 @@ fn patroni_pair_sends_everything_to_the_primary_and_follows_a_swap() {
     await_state(&lb, "pg", db3.addr(), "down", SLACK);
     assert_eq!(state_of(admin(&lb), "pg", db2.addr()), "up");
     assert!(
-        wait_until(SLACK, || api2.hits("/primary") >= 1 && api3.hits("/primary") >= 1),
+        wait_until(SLACK, || api2.hits("/primary") >= 1
+            && api3.hits("/primary") >= 1),
         "probes go to the API port"
     );
-    assert_eq!(db2.hits("/primary") + db3.hits("/primary"), 0, "no probe on the database port");
+    assert_eq!(
+        db2.hits("/primary") + db3.hits("/primary"),
+        0,
+        "no probe on the database port"
+    );
     let names = spread(addr, 20);
     assert!(names.iter().all(|n| n == "db-2"), "{names:?}");
 
     // Clients on the old primary.
-    let mut old: Vec<HttpClient> = (0..3).map(|_| HttpClient::connect(addr).expect("connect")).collect();
+    let mut old: Vec<HttpClient> = (0..3)
+        .map(|_| HttpClient::connect(addr).expect("connect"))
+        .collect();
     for c in &mut old {
         assert_eq!(c.get("/who").expect("request").1, "db-2");
     }
@@ -209,7 +233,10 @@ fn patroni_pair_sends_everything_to_the_primary_and_follows_a_swap() {
         db2.open_clients()
     );
     for c in &mut old {
-        assert!(c.get("/who").is_err(), "a connection to the demoted primary survived");
+        assert!(
+            c.get("/who").is_err(),
+            "a connection to the demoted primary survived"
+        );
     }
 }
 
@@ -235,7 +262,10 @@ fn slow_start_share(balance: &str) {
     assert_eq!(code, 200, "{body}");
     let t0 = Instant::now();
     let pct = backend_status(adm, "web", b.addr())["slow_start_percent"].as_u64();
-    assert!(pct.is_some_and(|p| p < 30), "ramp visible in /status: {pct:?}");
+    assert!(
+        pct.is_some_and(|p| p < 30),
+        "ramp visible in /status: {pct:?}"
+    );
     // Buckets of one second; at most 4,000 connections each, bounded by time.
     let mut buckets = vec![(0usize, 0usize); WINDOW as usize + 1];
     while t0.elapsed() < Duration::from_secs_f64(WINDOW + 1.0) {
@@ -257,7 +287,11 @@ fn slow_start_share(balance: &str) {
         let want: f64 = (0..steps)
             .map(|i| {
                 let t = k as f64 + (i as f64 + 0.5) / steps as f64;
-                let w = if t >= WINDOW { 1.0 } else { 0.1 + 0.9 * t / WINDOW };
+                let w = if t >= WINDOW {
+                    1.0
+                } else {
+                    0.1 + 0.9 * t / WINDOW
+                };
                 w / (1.0 + w)
             })
             .sum::<f64>()
@@ -267,7 +301,10 @@ fn slow_start_share(balance: &str) {
             "{balance}: second {k}: b got {share:.3} of new connections, the ramp says {want:.3}"
         );
     }
-    assert_eq!(backend_status(adm, "web", b.addr())["slow_start_percent"], 100);
+    assert_eq!(
+        backend_status(adm, "web", b.addr())["slow_start_percent"],
+        100
+    );
 }
 
 #[test]
@@ -309,7 +346,11 @@ fn flapping_backend_is_held_down_doubled_and_released_once_stable() {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut healthy = true;
         while !done() {
-            assert!(Instant::now() < deadline, "{what}: not in time; stderr:\n{}", lb.stderr_tail(30));
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not in time; stderr:\n{}",
+                lb.stderr_tail(30)
+            );
             healthy = !healthy;
             b.set("/health", if healthy { 200 } else { 503 });
             std::thread::sleep(Duration::from_secs(1));
@@ -317,33 +358,70 @@ fn flapping_backend_is_held_down_doubled_and_released_once_stable() {
         b.set("/health", 200);
     };
     flip_until("first hold", &|| {
-        lb.stderr_lines().iter().skip(mark).any(|l| l.contains("held down for 3s"))
+        lb.stderr_lines()
+            .iter()
+            .skip(mark)
+            .any(|l| l.contains("held down for 3s"))
     });
-    let line = lb.stderr_lines().into_iter().skip(mark).find(|l| l.contains("held down for")).unwrap();
-    assert!(line.contains("more than 4 state changes within 8s") && line.contains("hold #1"), "{line}");
+    let line = lb
+        .stderr_lines()
+        .into_iter()
+        .skip(mark)
+        .find(|l| l.contains("held down for"))
+        .unwrap();
+    assert!(
+        line.contains("more than 4 state changes within 8s") && line.contains("hold #1"),
+        "{line}"
+    );
     // Held: down although its check passes; new connections avoid it.
     await_state(&lb, "web", b.addr(), "down", SLACK);
     let st = backend_status(adm, "web", b.addr());
-    assert!(st["down_reason"].as_str().is_some_and(|r| r.contains("flap damping")), "{st}");
+    assert!(
+        st["down_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("flap damping")),
+        "{st}"
+    );
     assert!(spread(lb.addr("web"), 10).iter().all(|n| n == "a"));
     let holds = |m: &prometheus_parse::Scrape| {
-        metric(m, "ringlb_backend_flap_holds_total", &[("listener", "web"), ("backend", &b.addr().to_string())])
+        metric(
+            m,
+            "ringlb_backend_flap_holds_total",
+            &[("listener", "web"), ("backend", &b.addr().to_string())],
+        )
     };
     assert_eq!(holds(&scrape(adm)), Some(1.0));
     // Still flapping through the hold: held again, twice as long.
     flip_until("second hold", &|| {
-        lb.stderr_lines().iter().skip(mark).any(|l| l.contains("held down again for 6s"))
+        lb.stderr_lines()
+            .iter()
+            .skip(mark)
+            .any(|l| l.contains("held down again for 6s"))
     });
     assert_eq!(holds(&scrape(adm)), Some(2.0));
     // Stable from now on: released when the 6 s hold ends (the 8 s before then hold at most
     // the few changes made early in this hold, not more than 4): back to up.
     let t = Instant::now();
-    await_state(&lb, "web", b.addr(), "up", Duration::from_secs(6) + SLACK * 3);
-    assert!(t.elapsed() >= Duration::from_secs(4), "released before its hold ran out");
+    await_state(
+        &lb,
+        "web",
+        b.addr(),
+        "up",
+        Duration::from_secs(6) + SLACK * 3,
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(4),
+        "released before its hold ran out"
+    );
     assert!(lb.wait_for_log("released from its flap hold", Duration::ZERO));
     let names = spread(lb.addr("web"), 20);
     assert!(names.iter().any(|n| n == "b"), "{names:?}");
     // One warning per hold, not one per probe.
-    let warns = lb.stderr_lines().iter().skip(mark).filter(|l| l.contains("flap damping")).count();
+    let warns = lb
+        .stderr_lines()
+        .iter()
+        .skip(mark)
+        .filter(|l| l.contains("flap damping"))
+        .count();
     assert_eq!(warns, 2, "{}", lb.stderr_tail(40));
 }

@@ -147,7 +147,11 @@ pub fn metrics(state: &AdminState) -> String {
             for st in crate::snapshot::BackendState::ALL {
                 f.line(
                     "ringlb_backend_state",
-                    &[("listener", &lv.name), ("backend", &a), ("state", st.name())],
+                    &[
+                        ("listener", &lv.name),
+                        ("backend", &a),
+                        ("state", st.name()),
+                    ],
                     u64::from(m.state == st),
                 );
             }

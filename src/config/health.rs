@@ -10,8 +10,8 @@ use std::time::Duration;
 use super::listener::positive_duration;
 use super::raw::{RawHealth, RawPassive};
 use super::readiness::{validate_flap, validate_http, validate_target};
-use super::{format_duration, invalid, ConfigError, Protocol};
 pub use super::readiness::{FlapConfig, HttpCheck, ProbeTarget};
+use super::{format_duration, invalid, ConfigError, Protocol};
 
 /// Default `health.interval`.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -160,12 +160,7 @@ fn validate_block(
     raw: RawHealth,
 ) -> Result<HealthConfig, ConfigError> {
     let f = |name: &str| format!("{prefix}.{name}");
-    let interval = positive_duration(
-        scope,
-        &f("interval"),
-        raw.interval,
-        DEFAULT_HEALTH_INTERVAL,
-    )?;
+    let interval = positive_duration(scope, &f("interval"), raw.interval, DEFAULT_HEALTH_INTERVAL)?;
     let explicit_timeout = raw.timeout.clone();
     let timeout = positive_duration(
         scope,

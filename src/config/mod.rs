@@ -44,9 +44,10 @@ pub use admin::{Admin, AdminBind, AdminToken, DEFAULT_ADMIN_BIND, MAX_UNIX_PATH}
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use health::{
-    escape_bytes, unescape, FlapConfig, HealthConfig, HttpCheck, ProbeTarget, PassiveConfig, DEFAULT_BASE_EJECTION_TIME,
-    DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
+    escape_bytes, unescape, FlapConfig, HealthConfig, HttpCheck, PassiveConfig, ProbeTarget,
+    DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_FALL,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MAX_EJECTED_PERCENT,
+    DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
 };
 use listener::{is_valid_name, validate_listener};
 pub use log::{AccessLog, LogConfig, LogFormat};

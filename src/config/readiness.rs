@@ -222,13 +222,16 @@ pub(super) fn validate_flap(
 ) -> Result<FlapConfig, ConfigError> {
     let threshold = match threshold {
         None => DEFAULT_FLAP_THRESHOLD,
-        Some(n) => u32::try_from(n).ok().filter(|n| *n <= 1000).ok_or_else(|| {
-            invalid(
-                scope,
-                "health.flap_threshold",
-                format!("{n} must be between 0 (off) and 1000"),
-            )
-        })?,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= 1000)
+            .ok_or_else(|| {
+                invalid(
+                    scope,
+                    "health.flap_threshold",
+                    format!("{n} must be between 0 (off) and 1000"),
+                )
+            })?,
     };
     let window = positive_duration(scope, "health.flap_window", window, DEFAULT_FLAP_WINDOW)?;
     let hold = positive_duration(scope, "health.flap_hold", hold, DEFAULT_FLAP_HOLD)?;

@@ -48,9 +48,20 @@ fn http_check_defaults_and_values() {
 #[test]
 fn probe_address_forms() {
     let a: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-    let t = |extra: &str| parse(&web(&format!("[listeners.health]\n{extra}"))).health.unwrap().target;
-    assert_eq!(t("address = \"127.0.0.9\"").apply(a), "127.0.0.9:9001".parse().unwrap());
-    assert_eq!(t("address = \"127.0.0.9:7\"").apply(a), "127.0.0.9:7".parse().unwrap());
+    let t = |extra: &str| {
+        parse(&web(&format!("[listeners.health]\n{extra}")))
+            .health
+            .unwrap()
+            .target
+    };
+    assert_eq!(
+        t("address = \"127.0.0.9\"").apply(a),
+        "127.0.0.9:9001".parse().unwrap()
+    );
+    assert_eq!(
+        t("address = \"127.0.0.9:7\"").apply(a),
+        "127.0.0.9:7".parse().unwrap()
+    );
     assert_eq!(
         t("address = \"::1\"\nport = 8").apply(a),
         "[::1]:8".parse().unwrap()
@@ -78,7 +89,10 @@ fn ready_block_and_flap_fields() {
     assert_eq!(h.http, None);
     assert_eq!(h.interval, Duration::from_secs(2));
     let r = h.ready.unwrap();
-    assert_eq!((r.interval, r.rise, r.fall), (Duration::from_millis(500), 1, 1));
+    assert_eq!(
+        (r.interval, r.rise, r.fall),
+        (Duration::from_millis(500), 1, 1)
+    );
     assert_eq!(r.http.unwrap().path, "/ready");
     assert_eq!(parse(&web("slow_start = \"0s\"")).slow_start, None);
 }
@@ -86,24 +100,92 @@ fn ready_block_and_flap_fields() {
 #[test]
 fn mistakes_name_the_field_and_value() {
     let cases = [
-        ("[listeners.health]\nhttp = { path = \"ready\" }", "health.http.path", "must start with '/'"),
-        ("[listeners.health]\nhttp = { path = \"/a b\" }", "health.http.path", "visible ASCII"),
-        ("[listeners.health]\nhttp = { host = \"a\\r\\nX: y\" }", "health.http.host", "visible ASCII"),
-        ("[listeners.health]\nhttp = { expect_status = [] }", "health.http.expect_status", "[]"),
-        ("[listeners.health]\nhttp = { expect_status = [99] }", "health.http.expect_status", "99"),
-        ("[listeners.health]\nhttp = { bogus = 1 }", "bogus", "unknown field"),
-        ("[listeners.health]\nsend = \"x\"\nhttp = {}", "health.http", "not both"),
-        ("[listeners.health]\nport = 0", "health.port", "0 must be between 1 and 65535"),
+        (
+            "[listeners.health]\nhttp = { path = \"ready\" }",
+            "health.http.path",
+            "must start with '/'",
+        ),
+        (
+            "[listeners.health]\nhttp = { path = \"/a b\" }",
+            "health.http.path",
+            "visible ASCII",
+        ),
+        (
+            "[listeners.health]\nhttp = { host = \"a\\r\\nX: y\" }",
+            "health.http.host",
+            "visible ASCII",
+        ),
+        (
+            "[listeners.health]\nhttp = { expect_status = [] }",
+            "health.http.expect_status",
+            "[]",
+        ),
+        (
+            "[listeners.health]\nhttp = { expect_status = [99] }",
+            "health.http.expect_status",
+            "99",
+        ),
+        (
+            "[listeners.health]\nhttp = { bogus = 1 }",
+            "bogus",
+            "unknown field",
+        ),
+        (
+            "[listeners.health]\nsend = \"x\"\nhttp = {}",
+            "health.http",
+            "not both",
+        ),
+        (
+            "[listeners.health]\nport = 0",
+            "health.port",
+            "0 must be between 1 and 65535",
+        ),
         ("[listeners.health]\nport = 70000", "health.port", "70000"),
-        ("[listeners.health]\naddress = \"db\"", "health.address", "\"db\" is not an IP"),
-        ("[listeners.health]\naddress = \"1.2.3.4:5\"\nport = 6", "health.address", "port once"),
-        ("[listeners.health]\nflap_threshold = -1", "health.flap_threshold", "-1"),
-        ("[listeners.health]\nflap_window = \"0s\"", "health.flap_window", "greater than zero"),
-        ("[listeners.health.ready]\ntimeout = \"3s\"", "health.ready.timeout", "health.ready.interval"),
-        ("[listeners.health.ready]\nflap_threshold = 3", "health.ready.flap_threshold", "belongs in [listeners.health]"),
-        ("[listeners.health.ready]\nhttp = { path = \"x\" }", "health.ready.http.path", "'/'"),
-        ("[listeners.health.ready.ready]", "health.ready.ready", "belongs in"),
-        ("balance = \"maglev\"\nslow_start = \"10s\"", "slow_start", "maglev"),
+        (
+            "[listeners.health]\naddress = \"db\"",
+            "health.address",
+            "\"db\" is not an IP",
+        ),
+        (
+            "[listeners.health]\naddress = \"1.2.3.4:5\"\nport = 6",
+            "health.address",
+            "port once",
+        ),
+        (
+            "[listeners.health]\nflap_threshold = -1",
+            "health.flap_threshold",
+            "-1",
+        ),
+        (
+            "[listeners.health]\nflap_window = \"0s\"",
+            "health.flap_window",
+            "greater than zero",
+        ),
+        (
+            "[listeners.health.ready]\ntimeout = \"3s\"",
+            "health.ready.timeout",
+            "health.ready.interval",
+        ),
+        (
+            "[listeners.health.ready]\nflap_threshold = 3",
+            "health.ready.flap_threshold",
+            "belongs in [listeners.health]",
+        ),
+        (
+            "[listeners.health.ready]\nhttp = { path = \"x\" }",
+            "health.ready.http.path",
+            "'/'",
+        ),
+        (
+            "[listeners.health.ready.ready]",
+            "health.ready.ready",
+            "belongs in",
+        ),
+        (
+            "balance = \"maglev\"\nslow_start = \"10s\"",
+            "slow_start",
+            "maglev",
+        ),
         ("slow_start = \"soon\"", "slow_start", "soon"),
     ];
     for (extra, field, want) in cases {
@@ -118,7 +200,9 @@ fn mistakes_name_the_field_and_value() {
 fn udp_refuses_http_and_requires_send_expect_in_ready() {
     let udp = "[[listeners]]\nname = \"dns\"\nbind = \"127.0.0.1:5353\"\nprotocol = \"udp\"\n\
                backends = [ { address = \"127.0.0.1:9001\" } ]\n[listeners.health]\nsend = \"a\"\nexpect = \"b\"\n";
-    let e = Config::parse(&format!("{udp}http = {{}}")).unwrap_err().to_string();
+    let e = Config::parse(&format!("{udp}http = {{}}"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("health.http") && e.contains("TCP"), "{e}");
     let e = Config::parse(&format!("{udp}[listeners.health.ready]\nsend = \"a\""))
         .unwrap_err()

@@ -95,7 +95,8 @@ impl HealthDriver {
     /// persist is kept.
     pub(crate) fn set_listeners(&mut self, listeners: &[Listener], now: Instant) {
         self.scheduler.set_targets(health::targets(listeners), now);
-        self.ready.set_targets(health::ready_targets(listeners), now);
+        self.ready
+            .set_targets(health::ready_targets(listeners), now);
         self.rules = listeners
             .iter()
             .map(|l| {
@@ -153,7 +154,8 @@ impl HealthDriver {
         }
         let now_ms = self.now_ms(Instant::now());
         let key = (listener.to_string(), addr);
-        self.ramps.observe(key, eligible, now_ms, window, self.started)
+        self.ramps
+            .observe(key, eligible, now_ms, window, self.started)
     }
 
     /// The first snapshots are built: from now on a backend first seen ramps.

@@ -58,9 +58,10 @@ pub fn judge(check: &HttpCheck, got: &[u8], eof: bool) -> Verdict {
     };
     let head = &got[..head_end];
     let body = &got[head_end + 4..];
-    let chunked = head
-        .split(|&b| b == b'\n')
-        .any(|h| h.to_ascii_lowercase().starts_with(b"transfer-encoding:") && contains(&h.to_ascii_lowercase(), b"chunked"));
+    let chunked = head.split(|&b| b == b'\n').any(|h| {
+        h.to_ascii_lowercase().starts_with(b"transfer-encoding:")
+            && contains(&h.to_ascii_lowercase(), b"chunked")
+    });
     let body = if chunked {
         dechunk(body, prefix.len())
     } else {
@@ -77,7 +78,14 @@ pub fn judge(check: &HttpCheck, got: &[u8], eof: bool) -> Verdict {
     if n == prefix.len() {
         return Verdict::Up;
     }
-    more_or(got, eof, &format!("HTTP {status}, body ended before \"{}\"", escape_bytes(prefix)))
+    more_or(
+        got,
+        eof,
+        &format!(
+            "HTTP {status}, body ended before \"{}\"",
+            escape_bytes(prefix)
+        ),
+    )
 }
 
 fn more_or(got: &[u8], eof: bool, why: &str) -> Verdict {
@@ -158,8 +166,14 @@ mod tests {
     fn request_is_one_get_without_keep_alive() {
         let addr = "127.0.0.1:8008".parse().unwrap();
         let r = String::from_utf8(request(&check(&[200], None), addr)).unwrap();
-        assert!(r.starts_with("GET /primary HTTP/1.1\r\nHost: 127.0.0.1:8008\r\n"), "{r}");
-        assert!(r.contains("\r\nConnection: close\r\n") && r.ends_with("\r\n\r\n"), "{r}");
+        assert!(
+            r.starts_with("GET /primary HTTP/1.1\r\nHost: 127.0.0.1:8008\r\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("\r\nConnection: close\r\n") && r.ends_with("\r\n\r\n"),
+            "{r}"
+        );
         let mut c = check(&[200], None);
         c.host = Some("db1".into());
         let r = String::from_utf8(request(&c, addr)).unwrap();
@@ -170,7 +184,10 @@ mod tests {
     fn status_decides() {
         let c = check(&[200, 204], None);
         assert_eq!(judge(&c, b"HTTP/1.1 200 OK\r\n", false), Verdict::Up);
-        assert_eq!(judge(&c, b"HTTP/1.0 204 No Content\r\n", false), Verdict::Up);
+        assert_eq!(
+            judge(&c, b"HTTP/1.0 204 No Content\r\n", false),
+            Verdict::Up
+        );
         assert_eq!(judge(&c, b"HTTP/1.1 20", false), Verdict::More);
         assert_eq!(
             judge(&c, b"HTTP/1.1 503 Service Unavailable\r\n", false),
@@ -180,10 +197,18 @@ mod tests {
             judge(&c, b"HTTP/1.1 20", true),
             Verdict::Down("closed before a status line".into())
         );
-        assert!(matches!(judge(&c, b"SSH-2.0-OpenSSH\r\n", false), Verdict::Down(w) if w.contains("not an HTTP reply")));
-        assert!(matches!(judge(&c, b"HTTP/1.1 2000 x\r\n", false), Verdict::Down(_)));
+        assert!(
+            matches!(judge(&c, b"SSH-2.0-OpenSSH\r\n", false), Verdict::Down(w) if w.contains("not an HTTP reply"))
+        );
+        assert!(matches!(
+            judge(&c, b"HTTP/1.1 2000 x\r\n", false),
+            Verdict::Down(_)
+        ));
         let big = vec![b'a'; MAX_REPLY];
-        assert_eq!(judge(&c, &big, false), Verdict::Down("reply head over 16 KiB".into()));
+        assert_eq!(
+            judge(&c, &big, false),
+            Verdict::Down("reply head over 16 KiB".into())
+        );
     }
 
     #[test]

@@ -69,7 +69,14 @@ impl<K: Hash + Eq> Ramps<K> {
     /// percentage (100: not ramping). A backend ramps from the moment it turns eligible: back
     /// from down, not ready, ejected, held or drained, or first seen with `ramp_new` (added by
     /// a reload; not at start, where every backend starts at full weight).
-    pub fn observe(&mut self, key: K, eligible: bool, now: u64, window_ms: u64, ramp_new: bool) -> u32 {
+    pub fn observe(
+        &mut self,
+        key: K,
+        eligible: bool,
+        now: u64,
+        window_ms: u64,
+        ramp_new: bool,
+    ) -> u32 {
         let e = self.entries.entry(key).or_insert(Entry {
             eligible,
             since: (eligible && ramp_new).then_some(now),

@@ -168,7 +168,8 @@ fn serve(mut s: TcpStream, shared: &Shared, name: &str) {
             200 => name.to_string(),
             _ => format!("{name}: not now"),
         };
-        let reply = format!(
+        let reply =
+            format!(
             "HTTP/1.1 {code} {}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
             if code == 200 { "OK" } else { "Service Unavailable" },
             body.len()
@@ -206,10 +207,18 @@ impl HttpClient {
                 let head = String::from_utf8_lossy(&buf[..end]).to_string();
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
                     .unwrap_or(0);
                 if buf.len() >= end + 4 + len {
-                    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                    let code = head
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
                     let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
                     return Ok((code, body));
                 }
@@ -237,16 +246,21 @@ impl HttpClient {
 /// proxy's count of active connections is back down (a load-aware pick next sees no leftover).
 pub fn who_closed(lb: SocketAddr) -> String {
     let mut c = HttpClient::connect(lb).unwrap_or_else(|e| panic!("connect {lb}: {e}"));
-    let (code, body) = c.get("/who").unwrap_or_else(|e| panic!("GET /who via {lb}: {e}"));
+    let (code, body) = c
+        .get("/who")
+        .unwrap_or_else(|e| panic!("GET /who via {lb}: {e}"));
     assert_eq!(code, 200, "{body}");
-    c.finish().unwrap_or_else(|e| panic!("closing a connection via {lb}: {e}"));
+    c.finish()
+        .unwrap_or_else(|e| panic!("closing a connection via {lb}: {e}"));
     body
 }
 
 /// Which backend a fresh connection through `lb` reaches: the body of `GET /who`.
 pub fn who(lb: SocketAddr) -> String {
     let mut c = HttpClient::connect(lb).unwrap_or_else(|e| panic!("connect {lb}: {e}"));
-    let (code, body) = c.get("/who").unwrap_or_else(|e| panic!("GET /who via {lb}: {e}"));
+    let (code, body) = c
+        .get("/who")
+        .unwrap_or_else(|e| panic!("GET /who via {lb}: {e}"));
     assert_eq!(code, 200, "{body}");
     body
 }
