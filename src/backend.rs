@@ -77,6 +77,8 @@ pub struct ControlCounters {
     pub checks_failed: AtomicU64,
     pub flips: AtomicU64,
     pub ejections: AtomicU64,
+    /// Flap damping holds started (`ringlb_backend_flap_holds_total`).
+    pub flap_holds: AtomicU64,
 }
 
 impl BackendStats {

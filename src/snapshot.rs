@@ -65,13 +65,54 @@ impl Member {
     }
 }
 
+/// Where a backend stands, for `/status` and `ringlb_backend_state` (the pickers read `up`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Eligible for new connections.
+    Up,
+    /// Live but its readiness check fails: no new connections, open ones kept.
+    NotReady,
+    /// Its liveness check fails, or flap damping holds it down: open ones closed per
+    /// `on_backend_down`.
+    Down,
+    /// Weight 0 (config or admin drain): no new connections, open ones kept.
+    Drained,
+    /// Passively ejected after connect failures.
+    Ejected,
+}
+
+impl BackendState {
+    pub const ALL: [BackendState; 5] = [
+        BackendState::Up,
+        BackendState::NotReady,
+        BackendState::Down,
+        BackendState::Drained,
+        BackendState::Ejected,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::NotReady => "not_ready",
+            BackendState::Down => "down",
+            BackendState::Drained => "drained",
+            BackendState::Ejected => "ejected",
+        }
+    }
+}
+
 /// One backend as a snapshot sees it.
 #[derive(Debug)]
 pub struct Member {
     pub address: SocketAddr,
+    /// The configured weight (0 while drained); the pickers use the tables' weights, which
+    /// slow start ramps.
     pub weight: u32,
-    /// Health bit: pickers never choose a member that is down.
+    /// Health bit: pickers never choose a member that is down, not ready, ejected or held.
     pub up: bool,
+    pub state: BackendState,
+    /// Slow start: the share of its weight (10–100%) this snapshot gives it; 100 = not ramping.
+    pub ramp_percent: u32,
     /// Per-backend connection cap (pickers skip a full backend).
     pub max_connections: Option<u32>,
     pub stats: Arc<BackendStats>,

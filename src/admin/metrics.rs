@@ -136,6 +136,41 @@ pub fn metrics(state: &AdminState) -> String {
         }
     }
     f.head(
+        "ringlb_backend_state",
+        "gauge",
+        "1 for the state the backend is in (up, not_ready, down, drained, ejected), else 0.",
+    );
+    for lv in listeners.iter() {
+        let snap = lv.published.load();
+        for m in &snap.members {
+            let a = m.address.to_string();
+            for st in crate::snapshot::BackendState::ALL {
+                f.line(
+                    "ringlb_backend_state",
+                    &[
+                        ("listener", &lv.name),
+                        ("backend", &a),
+                        ("state", st.name()),
+                    ],
+                    u64::from(m.state == st),
+                );
+            }
+        }
+    }
+    f.head(
+        "ringlb_backend_flap_holds_total",
+        "counter",
+        "Flap damping holds: a backend held down after changing state too often.",
+    );
+    for (l, b) in &backends {
+        let a = b.address.to_string();
+        f.line(
+            "ringlb_backend_flap_holds_total",
+            &[("listener", l), ("backend", &a)],
+            b.control.flap_holds.load(Ordering::Relaxed),
+        );
+    }
+    f.head(
         "ringlb_health_checks_total",
         "counter",
         "Active health probes, by result.",

@@ -28,6 +28,21 @@ fn down_reason(note: &BackendNote, now_ms: u64) -> Option<String> {
                 .unwrap_or("no passing probe yet")
         ));
     }
+    if let Some(left) = note.held_until_ms.filter(|&end| end > now_ms) {
+        why.push(format!(
+            "held down by flap damping for {:.1}s more (hold #{})",
+            (left - now_ms) as f64 / 1000.0,
+            note.flap_holds
+        ));
+    }
+    if note.not_ready {
+        why.push(format!(
+            "readiness check failing: {}",
+            note.ready_probe_error
+                .as_deref()
+                .unwrap_or("no passing probe yet")
+        ));
+    }
     (!why.is_empty()).then(|| why.join("; "))
 }
 
@@ -83,6 +98,10 @@ pub fn status_json(state: &AdminState) -> String {
                         "configured_weight": note.map_or(m.weight, |n| n.configured_weight),
                         "weight_source": if drained { "admin drain" } else { "config" },
                         "up": m.up,
+                        "state": m.state.name(),
+                        "slow_start_percent": m.ramp_percent,
+                        "ready_probe_error": note.and_then(|n| n.ready_probe_error.clone()),
+                        "flap_holds": note.map_or(0, |n| n.flap_holds),
                         "down_reason": down_reason,
                         "last_probe_error": note.and_then(|n| n.last_probe_error.clone()),
                         "ejected_for_seconds": note

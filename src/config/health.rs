@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use super::listener::positive_duration;
 use super::raw::{RawHealth, RawPassive};
+use super::readiness::{validate_flap, validate_http, validate_target};
+pub use super::readiness::{FlapConfig, HttpCheck, ProbeTarget};
 use super::{format_duration, invalid, ConfigError, Protocol};
 
 /// Default `health.interval`.
@@ -53,6 +55,14 @@ pub struct HealthConfig {
     /// enough. Allowed without `send` (servers that greet first: SMTP, MySQL, ...). UDP: the
     /// reply datagram must start with these bytes, always `Some`. Never empty.
     pub expect: Option<Vec<u8>>,
+    /// TCP only, instead of `send`/`expect`: an HTTP/1.1 GET whose status decides.
+    pub http: Option<HttpCheck>,
+    /// `port` / `address`: probe there instead of the backend's address (every probe type).
+    pub target: ProbeTarget,
+    /// Flap damping (liveness block only; the readiness block's changes count too).
+    pub flap: FlapConfig,
+    /// `[listeners.health.ready]`: the readiness check (its own `ready` is always `None`).
+    pub ready: Option<Box<HealthConfig>>,
 }
 
 /// `[listeners.passive]`: ejection of backends whose connects keep failing, as the workers see
@@ -85,6 +95,12 @@ impl HealthConfig {
     /// One line for the config summary: `tcp connect every 2s, timeout 1s, rise 2, fall 3`.
     pub fn describe(&self) -> String {
         let what = match (&self.send, &self.expect) {
+            _ if self.http.is_some() => {
+                let h = self.http.as_ref().map_or(String::new(), |h| {
+                    format!("http GET {} expect {:?}", h.path, h.expect_status)
+                });
+                h
+            }
             (None, None) => "tcp connect".to_string(),
             (Some(s), None) => format!("send \"{}\"", escape_bytes(s)),
             (None, Some(e)) => format!("expect \"{}\"", escape_bytes(e)),
@@ -96,8 +112,14 @@ impl HealthConfig {
                 )
             }
         };
+        let at = match (self.target.ip, self.target.port) {
+            (None, None) => String::new(),
+            (Some(ip), Some(p)) => format!(" at {}", std::net::SocketAddr::new(ip, p)),
+            (Some(ip), None) => format!(" at {ip}"),
+            (None, Some(p)) => format!(" on port {p}"),
+        };
         format!(
-            "{what} every {}, timeout {}, rise {}, fall {}",
+            "{what}{at} every {}, timeout {}, rise {}, fall {}",
             format_duration(self.interval),
             format_duration(self.timeout),
             self.rise,
@@ -127,16 +149,22 @@ pub(super) fn validate_health(
     protocol: Protocol,
     raw: RawHealth,
 ) -> Result<HealthConfig, ConfigError> {
-    let interval = positive_duration(
-        scope,
-        "health.interval",
-        raw.interval,
-        DEFAULT_HEALTH_INTERVAL,
-    )?;
+    validate_block(scope, "health", protocol, raw)
+}
+
+/// One health block: `prefix` is `health` or `health.ready` (for messages).
+fn validate_block(
+    scope: &str,
+    prefix: &str,
+    protocol: Protocol,
+    raw: RawHealth,
+) -> Result<HealthConfig, ConfigError> {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let interval = positive_duration(scope, &f("interval"), raw.interval, DEFAULT_HEALTH_INTERVAL)?;
     let explicit_timeout = raw.timeout.clone();
     let timeout = positive_duration(
         scope,
-        "health.timeout",
+        &f("timeout"),
         raw.timeout,
         DEFAULT_HEALTH_TIMEOUT.min(interval),
     )?;
@@ -144,17 +172,69 @@ pub(super) fn validate_health(
         let text = explicit_timeout.unwrap_or_else(|| format_duration(timeout));
         return Err(invalid(
             scope,
-            "health.timeout",
+            &f("timeout"),
             format!(
-                "{text:?} must not exceed health.interval (\"{}\")",
+                "{text:?} must not exceed {prefix}.interval (\"{}\")",
                 format_duration(interval)
             ),
         ));
     }
-    let rise = at_least_one(scope, "health.rise", raw.rise, DEFAULT_RISE)?;
-    let fall = at_least_one(scope, "health.fall", raw.fall, DEFAULT_FALL)?;
-    let send = probe_bytes(scope, "health.send", raw.send)?;
-    let expect = probe_bytes(scope, "health.expect", raw.expect)?;
+    let rise = at_least_one(scope, &f("rise"), raw.rise, DEFAULT_RISE)?;
+    let fall = at_least_one(scope, &f("fall"), raw.fall, DEFAULT_FALL)?;
+    let send = probe_bytes(scope, &f("send"), raw.send)?;
+    let expect = probe_bytes(scope, &f("expect"), raw.expect)?;
+    let target = validate_target(scope, prefix, raw.port, raw.address)?;
+    let http = match raw.http {
+        None => None,
+        Some(_) if protocol == Protocol::Udp => {
+            return Err(invalid(
+                scope,
+                &f("http"),
+                "an HTTP check needs TCP; a udp listener's checks use send and expect".to_string(),
+            ))
+        }
+        Some(_) if send.is_some() || expect.is_some() => {
+            let other = if send.is_some() { "send" } else { "expect" };
+            return Err(invalid(
+                scope,
+                &f("http"),
+                format!("set either http or {prefix}.{other}, not both (one probe per block)"),
+            ));
+        }
+        Some(h) => Some(validate_http(scope, prefix, h, |b| {
+            probe_bytes(scope, &f("http.body_prefix"), b)
+        })?),
+    };
+    let nested = prefix != "health";
+    if nested {
+        let stray = [
+            ("ready", raw.ready.is_some()),
+            ("flap_threshold", raw.flap_threshold.is_some()),
+            ("flap_window", raw.flap_window.is_some()),
+            ("flap_hold", raw.flap_hold.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                scope,
+                &f(name),
+                format!("belongs in [listeners.health], not in [listeners.{prefix}]"),
+            ));
+        }
+    }
+    let flap = if nested {
+        FlapConfig::default()
+    } else {
+        validate_flap(scope, raw.flap_threshold, raw.flap_window, raw.flap_hold)?
+    };
+    let ready = match raw.ready {
+        Some(r) if !nested => Some(Box::new(validate_block(
+            scope,
+            "health.ready",
+            protocol,
+            *r,
+        )?)),
+        _ => None,
+    };
     // UDP has no connect to succeed or fail: only a reply tells that a backend is there.
     if protocol == Protocol::Udp && (send.is_none() || expect.is_none()) {
         let missing = if send.is_none() {
@@ -164,7 +244,7 @@ pub(super) fn validate_health(
         };
         return Err(invalid(
             scope,
-            missing,
+            &format!("{prefix}.{}", missing.trim_start_matches("health.")),
             "missing: udp health checks need send and expect (the probe sends `send` as one \
              datagram and waits for a reply that starts with `expect`)"
                 .to_string(),
@@ -177,6 +257,10 @@ pub(super) fn validate_health(
         fall,
         send,
         expect,
+        http,
+        target,
+        flap,
+        ready,
     })
 }
 

@@ -25,6 +25,10 @@ fn health_defaults() {
             fall: 3,
             send: None,
             expect: None,
+            http: None,
+            target: ProbeTarget::default(),
+            flap: FlapConfig::default(),
+            ready: None,
         })
     );
     assert!(!l.access_log);

@@ -226,6 +226,7 @@ pub(super) fn validate_listener(
         .map(|h| validate_health(scope, protocol, h))
         .transpose()?;
     let passive = validate_passive(scope, raw.passive.unwrap_or_default())?;
+    let slow_start = super::readiness::validate_slow_start(scope, raw.slow_start, balance)?;
 
     Ok(Listener {
         name,
@@ -250,6 +251,7 @@ pub(super) fn validate_listener(
         health,
         passive,
         backends,
+        slow_start,
     })
 }
 

@@ -23,6 +23,9 @@ mod operations_tests;
 #[cfg(test)]
 mod ops_tests;
 mod raw;
+mod readiness;
+#[cfg(test)]
+mod readiness_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -41,9 +44,10 @@ pub use admin::{Admin, AdminBind, AdminToken, DEFAULT_ADMIN_BIND, MAX_UNIX_PATH}
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use health::{
-    escape_bytes, unescape, HealthConfig, PassiveConfig, DEFAULT_BASE_EJECTION_TIME,
-    DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
+    escape_bytes, unescape, FlapConfig, HealthConfig, HttpCheck, PassiveConfig, ProbeTarget,
+    DEFAULT_BASE_EJECTION_TIME, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_FALL,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MAX_EJECTED_PERCENT,
+    DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
 };
 use listener::{is_valid_name, validate_listener};
 pub use log::{AccessLog, LogConfig, LogFormat};
@@ -197,6 +201,9 @@ pub struct Listener {
     pub passive: PassiveConfig,
     /// At least one; addresses unique within the listener.
     pub backends: Vec<BackendConfig>,
+    /// `slow_start`: a backend that becomes eligible ramps from 10% to 100% of its weight over
+    /// this long. `None`: off. Never set with Maglev (refused).
+    pub slow_start: Option<Duration>,
 }
 
 /// One backend of a listener.
@@ -325,6 +332,15 @@ impl Config {
                 );
             }
             let _ = writeln!(out, "  health checks: {health}");
+            if let Some(h) = &l.health {
+                if let Some(r) = &h.ready {
+                    let _ = writeln!(out, "  readiness checks: {}", r.describe());
+                }
+                let _ = writeln!(out, "  {}", h.flap.describe());
+            }
+            if let Some(d) = l.slow_start {
+                let _ = writeln!(out, "  slow start over {}", format_duration(d));
+            }
             let _ = writeln!(out, "  passive ejection: {}", l.passive.describe());
             for b in &l.backends {
                 let _ = write!(out, "  backend {} weight {}", b.address, b.weight);

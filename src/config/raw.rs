@@ -81,6 +81,8 @@ pub struct RawListener {
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub slow_start: Option<String>,
 }
 
 /// A listener's `[listeners.health]` table: active health checks.
@@ -95,6 +97,27 @@ pub struct RawHealth {
     pub fall: Option<i64>,
     pub send: Option<String>,
     pub expect: Option<String>,
+    pub http: Option<RawHttp>,
+    pub port: Option<i64>,
+    pub address: Option<String>,
+    pub flap_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub flap_window: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub flap_hold: Option<String>,
+    /// `[listeners.health.ready]`: the readiness check (same fields; `ready` and the `flap_*`
+    /// fields are refused inside it by validation).
+    pub ready: Option<Box<RawHealth>>,
+}
+
+/// `http = { path = "/primary", expect_status = [200], host = "...", body_prefix = "..." }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub expect_status: Option<Vec<i64>>,
+    pub body_prefix: Option<String>,
 }
 
 /// A listener's `[listeners.passive]` table: ejection after connect failures.

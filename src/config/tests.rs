@@ -76,6 +76,15 @@ fn every_field_appears_in_some_example() {
         "address =",
         "weight =",
         "[listeners.health]",
+        "slow_start =",
+        "http =",
+        "expect_status =",
+        "body_prefix =",
+        "port =",
+        "flap_threshold =",
+        "flap_window =",
+        "flap_hold =",
+        "[listeners.health.ready]",
         "interval =",
         "timeout =",
         "rise =",
@@ -157,6 +166,7 @@ fn defaults_applied() {
             weight: 1,
             max_connections: None,
         }],
+        slow_start: None,
     };
     assert_eq!(config.listeners, [expected]);
 }

@@ -14,7 +14,7 @@ use crate::backend::{ListenerStats, Registry};
 use crate::balance::{Maglev, Policy, Tables};
 use crate::config::{Config, Listener, Protocol};
 use crate::notify;
-use crate::snapshot::{Member, Published, Settings, Snapshot};
+use crate::snapshot::{BackendState, Member, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
 use health::HealthDriver;
 use log::{error, info};
@@ -75,6 +75,8 @@ pub struct ControlListener {
     pub published: Published,
     pub stats: Arc<ListenerStats>,
     generation: u64,
+    /// Slow start: when to republish the next ramp step (a member is ramping).
+    next_ramp: Option<Instant>,
 }
 
 /// The control plane's state.
@@ -106,6 +108,7 @@ impl Control {
             let cl = control.new_listener(l.clone());
             control.listeners.push(cl);
         }
+        control.health.mark_started();
         control.publish_notes();
         control
     }
@@ -127,24 +130,35 @@ impl Control {
     }
 
     /// A listener's stats and first published snapshot (generation 1).
-    fn new_listener(&self, config: Listener) -> ControlListener {
+    fn new_listener(&mut self, config: Listener) -> ControlListener {
         let stats = Arc::new(ListenerStats::new(self.workers));
         let snap = build_snapshot(
             &config,
             1,
             &self.registry,
             &stats,
-            &self.health,
+            &mut self.health,
             &self.drained,
             None,
         );
         log_tables(&config, &snap, None);
+        let next_ramp = self.next_ramp(&config.name, &snap);
         ControlListener {
             config,
             published: Arc::new(ArcSwap::from_pointee(snap)),
             stats,
             generation: 1,
+            next_ramp,
         }
+    }
+
+    /// When a listener whose snapshot has a ramping member republishes its next step.
+    fn next_ramp(&self, name: &str, snap: &Snapshot) -> Option<Instant> {
+        let step = self.health.ramp_step(name)?;
+        snap.members
+            .iter()
+            .any(|m| m.ramp_percent < 100)
+            .then(|| Instant::now() + step)
     }
 
     /// Applies a new, already validated configuration. Listeners whose name and bind are
@@ -310,10 +324,14 @@ impl Control {
             l.generation,
             &self.registry,
             &l.stats,
-            &self.health,
+            &mut self.health,
             &self.drained,
             Some(&old),
         );
+        let step = self.health.ramp_step(&l.config.name);
+        l.next_ramp = step
+            .filter(|_| snap.members.iter().any(|m| m.ramp_percent < 100))
+            .map(|s| Instant::now() + s);
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
         l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
         let (generation, up, total) = (snap.generation, snap.up_count(), snap.members.len());
@@ -347,7 +365,14 @@ impl Control {
     /// One pass of health work: start due probes, collect results (waiting up to `wait`), apply
     /// passive ejection, and republish every listener whose health changed.
     fn health_step(&mut self, wait: Duration) {
-        let changed = self.health.step(&self.listeners, &self.registry, wait);
+        let mut changed = self.health.step(&self.listeners, &self.registry, wait);
+        // Slow start: the next step of every ramp that is due.
+        let now = Instant::now();
+        for cl in &self.listeners {
+            if cl.next_ramp.is_some_and(|t| t <= now) && !changed.contains(&cl.config.name) {
+                changed.push(cl.config.name.clone());
+            }
+        }
         for name in changed {
             if let Some(i) = self.listeners.iter().position(|l| l.config.name == name) {
                 self.republish(i);
@@ -441,7 +466,7 @@ fn build_snapshot(
     generation: u64,
     registry: &Registry,
     stats: &Arc<ListenerStats>,
-    health: &HealthDriver,
+    health: &mut HealthDriver,
     drained: &[(String, SocketAddr)],
     old: Option<&Snapshot>,
 ) -> Snapshot {
@@ -449,21 +474,35 @@ fn build_snapshot(
         .backends
         .iter()
         .map(|b| {
-            let up = health.is_up(&l.name, b.address);
+            let v = health.verdict(&l.name, b.address);
             let stats = registry.get(&l.name, b.address);
             // The registry keeps a backend's counters by (listener name, address) across
             // reloads, so a listener re-created under the same name finds the flags an earlier
             // generation left: set both from this config and this health, every build.
+            // The stats' bit is "live" (connections close per on_backend_down when it drops);
+            // a backend that is only not ready keeps its connections.
             stats.set_removed(None);
-            stats.set_up(up);
+            stats.set_up(v.up());
+            let weight = if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
+                0
+            } else {
+                b.weight
+            };
+            let up = v.up() && v.ready;
+            let state = match v {
+                _ if !v.live || v.held => BackendState::Down,
+                _ if v.ejected => BackendState::Ejected,
+                _ if !v.ready => BackendState::NotReady,
+                _ if weight == 0 => BackendState::Drained,
+                _ => BackendState::Up,
+            };
+            let ramp_percent = health.ramp(&l.name, b.address, up && weight > 0);
             Member {
                 address: b.address,
-                weight: if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
-                    0
-                } else {
-                    b.weight
-                },
+                weight,
                 up,
+                state,
+                ramp_percent,
                 max_connections: b.max_connections,
                 stats,
             }
@@ -473,8 +512,12 @@ fn build_snapshot(
     // spreads over the others by weight (smooth WRR over the live set, as NGINX does); a health
     // flip rebuilds it. Maglev keeps its table across flips (it probes past a down backend) and
     // the other policies skip down backends at pick time.
+    // Slow start scales a listener's weights (so 10% of weight 1 is a whole number; every
+    // policy compares weights only with each other) and ramps those of backends coming back;
+    // each ramp step is a republish, so pickers read plain weights (see health/ramp.rs).
     let table_weight = |m: &Member| match l.balance {
         Policy::RoundRobin if !m.up => 0,
+        _ if l.slow_start.is_some() => crate::health::ramp::scaled(m.weight, m.ramp_percent),
         _ => m.weight,
     };
     let pairs: Vec<(SocketAddr, u32)> = members

@@ -27,6 +27,14 @@ pub struct BackendNote {
     pub ejected_until_ms: Option<u64>,
     /// Ejections that still count towards doubling the next one.
     pub times_ejected: u32,
+    /// The readiness check says not ready.
+    pub not_ready: bool,
+    /// The last readiness probe's failure.
+    pub ready_probe_error: Option<String>,
+    /// Flap damping holds it down until this `process_ms()` time.
+    pub held_until_ms: Option<u64>,
+    /// Flap holds that still count towards doubling the next one.
+    pub flap_holds: u32,
 }
 
 /// (listener, backend) → note, for every configured backend.

@@ -7,7 +7,10 @@
 //! `complete`) and turns [`Flip`]s into snapshot republishes. It must not touch worker rings or
 //! snapshots, and [`state`] stays free of I/O and clocks.
 
+pub mod flap;
+pub mod http;
 pub mod probe;
+pub mod ramp;
 pub mod state;
 
 #[cfg(test)]
@@ -46,14 +49,35 @@ pub struct Target {
     /// Probe over UDP (the listener's protocol is udp): `send` as a datagram, a reply datagram
     /// starting with `expect` (both always set then, config validation sees to it).
     pub udp: bool,
+    /// An HTTP check instead of `send`/`expect`.
+    pub http: Option<crate::config::HttpCheck>,
+    /// Probe here instead of `addr` (the block's `port` / `address`); `addr` stays the
+    /// backend's identity.
+    pub probe_at: Option<SocketAddr>,
+    /// A readiness target: starts not ready, its first probe decides at once (then rise/fall),
+    /// and that first probe is not spread over the interval (nothing is served until it).
+    pub readiness: bool,
 }
 
 /// The targets of a config: every backend of every listener with a `[listeners.health]` table,
 /// in config order (what [`Scheduler::set_targets`] takes at start and on reload).
 pub fn targets(listeners: &[Listener]) -> Vec<Target> {
+    block_targets(listeners, false)
+}
+
+/// The readiness targets: every backend of every listener with a `[listeners.health.ready]`.
+pub fn ready_targets(listeners: &[Listener]) -> Vec<Target> {
+    block_targets(listeners, true)
+}
+
+fn block_targets(listeners: &[Listener], readiness: bool) -> Vec<Target> {
     listeners
         .iter()
-        .filter_map(|l| l.health.as_ref().map(|h| (l, h)))
+        .filter_map(|l| {
+            let h = l.health.as_ref()?;
+            let h = if readiness { h.ready.as_deref()? } else { h };
+            Some((l, h))
+        })
         .flat_map(|(l, h)| {
             l.backends.iter().map(move |b| Target {
                 listener: l.name.clone(),
@@ -65,6 +89,9 @@ pub fn targets(listeners: &[Listener]) -> Vec<Target> {
                 send: h.send.clone(),
                 expect: h.expect.clone(),
                 udp: l.protocol == Protocol::Udp,
+                http: h.http.clone(),
+                probe_at: (!h.target.is_default()).then(|| h.target.apply(b.address)),
+                readiness,
             })
         })
         .collect()
@@ -73,17 +100,21 @@ pub fn targets(listeners: &[Listener]) -> Vec<Target> {
 impl Target {
     fn spec(&self) -> ProbeSpec {
         ProbeSpec {
-            addr: self.addr,
+            addr: self.probe_at.unwrap_or(self.addr),
             timeout: self.timeout,
             send: self.send.clone(),
             expect: self.expect.clone(),
             udp: self.udp,
+            http: self.http.clone(),
         }
     }
 
     /// A fixed offset in `[0, interval)` from the target's identity: the same in every run, and
     /// spread evenly over the interval across targets, so first probes do not all fire at once.
     fn offset(&self) -> Duration {
+        if self.readiness {
+            return Duration::ZERO;
+        }
         let interval = self.interval.as_nanos().max(1);
         let (buf, len) = addr_bytes(&self.addr, true);
         let seed = hash64(JITTER_SEED, self.listener.as_bytes());
@@ -113,6 +144,8 @@ struct Entry {
     /// The last probe's failure (`Outcome::Down`'s text); `None` after a success or before the
     /// first probe (what `/status` shows as why a backend is down).
     last_error: Option<String>,
+    /// A readiness target whose first probe has not completed yet.
+    undecided: bool,
 }
 
 /// Decides which probe is due when, and keeps each target's rise/fall state and counts.
@@ -130,6 +163,15 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new() -> Scheduler {
         Scheduler::default()
+    }
+
+    /// A scheduler whose target ids start at `first` (two schedulers sharing one prober keep
+    /// their ids apart this way).
+    pub fn with_ids_from(first: u64) -> Scheduler {
+        Scheduler {
+            next_id: first,
+            ..Scheduler::default()
+        }
     }
 
     /// Replaces the set of targets (at start and on reload). A (listener, address) that persists
@@ -158,8 +200,9 @@ impl Scheduler {
                     self.next_id += 1;
                     let next_due = now + target.offset();
                     let entry = Entry {
+                        undecided: target.readiness,
+                        active: Active::new(!target.readiness),
                         target,
-                        active: Active::new(true),
                         next_due,
                         in_flight: false,
                         ok: 0,
@@ -226,8 +269,20 @@ impl Scheduler {
                 }
             }
         }
-        let up = e.active.record(outcome.is_up(), t.rise, t.fall)?;
+        let up = if std::mem::take(&mut e.undecided) {
+            // A readiness target's first probe decides at once (it started not ready).
+            e.active = Active::new(outcome.is_up());
+            if !outcome.is_up() {
+                return None;
+            }
+            true
+        } else {
+            e.active.record(outcome.is_up(), t.rise, t.fall)?
+        };
         let reason = match outcome {
+            Outcome::Up if e.active.is_up() && t.readiness && e.ok == 1 => {
+                "the first check passed".to_string()
+            }
             Outcome::Up => format!("{} checks passed in a row", t.rise.max(1)),
             Outcome::Down(why) => format!("{why} ({} checks failed in a row)", t.fall.max(1)),
         };

@@ -43,6 +43,8 @@ pub struct ProbeSpec {
     pub expect: Option<Vec<u8>>,
     /// A UDP probe: needs both `send` and `expect` (without them it ends at once, down).
     pub udp: bool,
+    /// An HTTP check (TCP; `send` and `expect` are ignored then): see `health/http.rs`.
+    pub http: Option<crate::config::HttpCheck>,
 }
 
 /// The result of one probe.
@@ -95,8 +97,12 @@ impl Prober {
                         socket,
                         deadline: now + spec.timeout,
                         timeout: spec.timeout,
-                        send: spec.send.clone(),
-                        expect: spec.expect.clone(),
+                        send: match &spec.http {
+                            Some(h) => Some(super::http::request(h, spec.addr)),
+                            None => spec.send.clone(),
+                        },
+                        expect: spec.expect.clone().filter(|_| spec.http.is_none()),
+                        http: spec.http.clone(),
                         phase: if spec.udp {
                             Phase::UdpSending
                         } else {
@@ -258,8 +264,10 @@ struct Probe {
     send: Option<Vec<u8>>,
     expect: Option<Vec<u8>>,
     phase: Phase,
-    /// Reply bytes so far (at most `expect.len()`; UDP: the reply datagram's first bytes).
+    /// Reply bytes so far (at most `expect.len()`; UDP: the reply datagram's first bytes;
+    /// HTTP: at most `http::MAX_REPLY`).
     got: Vec<u8>,
+    http: Option<crate::config::HttpCheck>,
 }
 
 impl Probe {
@@ -291,7 +299,7 @@ impl Probe {
                 Phase::Sending { written } => {
                     let send = self.send.as_deref().unwrap_or_default();
                     if written >= send.len() {
-                        if self.expect.is_none() {
+                        if self.expect.is_none() && self.http.is_none() {
                             return Some(Outcome::Up);
                         }
                         self.phase = Phase::Reading;
@@ -311,6 +319,7 @@ impl Probe {
                         Err(e) => return Some(Outcome::Down(format!("send failed: {e}"))),
                     }
                 }
+                Phase::Reading if self.http.is_some() => return self.read_http(),
                 Phase::Reading => return self.read_reply(),
                 Phase::UdpSending => {
                     let send = self.send.as_deref().unwrap_or_default();
@@ -348,6 +357,34 @@ impl Probe {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Some(Outcome::Down(udp_reason(&e, "receive"))),
+            }
+        }
+    }
+
+    /// HTTP: reads what is there (bounded by `http::MAX_REPLY`) and asks `http::judge`.
+    fn read_http(&mut self) -> Option<Outcome> {
+        use super::http::{judge, Verdict, MAX_REPLY};
+        let check = self.http.as_ref()?;
+        loop {
+            let have = self.got.len();
+            self.got.resize(MAX_REPLY, 0);
+            let read = (&self.socket).read(&mut self.got[have..]);
+            self.got.truncate(have + *read.as_ref().unwrap_or(&0));
+            let eof = match read {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset && have == 0 => {
+                    return Some(Outcome::Down("reset before reply".to_string()))
+                }
+                Err(e) => return Some(Outcome::Down(format!("receive failed: {e}"))),
+            };
+            match judge(check, &self.got, eof) {
+                Verdict::More if !eof => {}
+                Verdict::More => return Some(Outcome::Down("closed before reply".to_string())),
+                Verdict::Up => return Some(Outcome::Up),
+                Verdict::Down(why) => return Some(Outcome::Down(why)),
             }
         }
     }

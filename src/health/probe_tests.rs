@@ -49,6 +49,7 @@ fn spec(addr: SocketAddr) -> ProbeSpec {
         send: None,
         expect: None,
         udp: false,
+        http: None,
     }
 }
 
@@ -352,6 +353,9 @@ fn one_thread_probes_a_thousand_targets_within_an_interval() {
             send: None,
             expect: None,
             udp: false,
+            http: None,
+            probe_at: None,
+            readiness: false,
         })
         .collect();
     let mut sched = Scheduler::new();

@@ -13,6 +13,9 @@ fn target(listener: &str, port: u16) -> Target {
         send: None,
         expect: None,
         udp: false,
+        http: None,
+        probe_at: None,
+        readiness: false,
     }
 }
 
@@ -274,6 +277,9 @@ fn targets_come_from_listeners_with_health_checks() {
             send: Some(b"PING\r\n".to_vec()),
             expect: Some(b"+PONG".to_vec()),
             udp: false,
+            http: None,
+            probe_at: None,
+            readiness: false,
         }
     );
 }
@@ -300,4 +306,45 @@ fn the_last_probe_error_is_kept_until_a_probe_passes() {
     assert!(!s.last_error_changes(0, &Outcome::Up));
     assert!(!s.last_error_changes(7, &Outcome::Up), "unknown id");
     assert_eq!(s.last_error("db", addr), None);
+}
+
+#[test]
+fn a_readiness_target_starts_not_ready_and_its_first_probe_decides() {
+    let t0 = Instant::now();
+    let mut ready = target("web", 9001);
+    ready.readiness = true;
+    let mut s = Scheduler::with_ids_from(1 << 62);
+    s.set_targets(vec![ready.clone()], t0);
+    assert_eq!(
+        s.is_up("web", ready.addr),
+        Some(false),
+        "not ready before any probe"
+    );
+    let mut due = Vec::new();
+    s.due(t0, &mut due);
+    assert_eq!(
+        due.len(),
+        1,
+        "the first readiness probe is not spread over the interval"
+    );
+    let id = due[0].0;
+    assert!(id >= 1 << 62, "ids start where asked");
+    // One pass is enough the first time (rise 2 applies afterwards).
+    let flip = s.complete(id, &Outcome::Up).expect("flip");
+    assert!(flip.up, "{flip:?}");
+    assert_eq!(flip.reason, "the first check passed");
+    // A failing first probe stays not ready without a flip.
+    let mut s = Scheduler::new();
+    s.set_targets(vec![ready.clone()], t0);
+    let mut due = Vec::new();
+    s.due(t0, &mut due);
+    assert_eq!(s.complete(due[0].0, &down("HTTP 503")), None);
+    assert_eq!(s.is_up("web", ready.addr), Some(false));
+    // Then rise 2 as usual.
+    for k in 0..2 {
+        due.clear();
+        s.due(t0 + Duration::from_secs(k + 1), &mut due);
+        let got = s.complete(due[0].0, &Outcome::Up);
+        assert_eq!(got.is_some(), k == 1, "probe {k}");
+    }
 }

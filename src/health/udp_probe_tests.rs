@@ -16,6 +16,7 @@ fn udp_spec(addr: SocketAddr, send: &[u8], expect: &[u8]) -> ProbeSpec {
         send: Some(send.to_vec()),
         expect: Some(expect.to_vec()),
         udp: true,
+        http: None,
     }
 }
 
@@ -173,6 +174,7 @@ fn tcp_and_udp_probes_run_side_by_side() {
         send: None,
         expect: None,
         udp: false,
+        http: None,
     };
     prober.start(1, &tcp_spec, now);
     prober.start(2, &udp_spec(udp, b"PING", b"PONG"), now);

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod lb;
 pub mod ops;
 pub mod payload;
