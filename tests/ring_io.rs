@@ -369,3 +369,53 @@ fn an_exhausted_buffer_ring_falls_back_and_parked_sends_resume() {
         w.join().expect("writer");
     }
 }
+
+/// Small uploads into a backend that reads nothing park ring sends (and fill the kernel buffers
+/// on both sides); when the backend then resets, every client is reset within a tick or two and
+/// the balancer frees every socket: a parked send must not keep a dead connection alive.
+#[test]
+fn a_backend_reset_under_parked_ring_sends_resets_the_clients() {
+    use common::payload::{wait_stream_end, StreamEnd};
+    use common::stall::Stall;
+    const CLIENTS: usize = 6;
+    let stall = Stall::holding();
+    let lb = Lb::start(&ringlb_config([listener("t").backend(stall.addr())]));
+    let base = lb.fd_counts().0;
+    let addr = lb.addr("t");
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_nonblocking(true).unwrap();
+            // Small writes until the path is full (bounded: 64 MiB or 5 s).
+            let (t0, mut sent) = (Instant::now(), 0usize);
+            let msg = [i as u8; 200];
+            while sent < 64 << 20 && t0.elapsed() < Duration::from_secs(5) {
+                match s.write(&msg) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Full for 200 ms in a row: parked.
+                        std::thread::sleep(Duration::from_millis(200));
+                        if s.write(&msg).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => panic!("client {i}: {e}"),
+                }
+            }
+            s.set_nonblocking(false).unwrap();
+            s
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || stall.accepted() == CLIENTS));
+    assert_eq!(stall.reset(CLIENTS), CLIENTS);
+    let t0 = Instant::now();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let end = wait_stream_end(&mut c, Duration::from_secs(2));
+        assert!(
+            matches!(end, Ok(StreamEnd::Reset)),
+            "client {i}: {end:?} after the backend reset (waited {:?})",
+            t0.elapsed()
+        );
+    }
+    lb.assert_fds_return(base, Duration::from_secs(3));
+}

@@ -46,24 +46,6 @@ fn down_reason(note: &BackendNote, now_ms: u64) -> Option<String> {
     (!why.is_empty()).then(|| why.join("; "))
 }
 
-/// The backend's state in one word, as the stats page shows it: `ejected` (passive health,
-/// time left), `down` (active check failing, or marked down), `drained` (weight 0, by the
-/// config or an admin drain) or `up`. Down beats drained: a drained backend that also fails
-/// its check is not coming back by undraining it.
-fn backend_state(up: bool, weight: u32, note: Option<&BackendNote>, now_ms: u64) -> &'static str {
-    if !up {
-        if note.and_then(|n| ejected_for_ms(n, now_ms)).is_some() {
-            "ejected"
-        } else {
-            "down"
-        }
-    } else if weight == 0 {
-        "drained"
-    } else {
-        "up"
-    }
-}
-
 fn ejected_for_ms(note: &BackendNote, now_ms: u64) -> Option<u64> {
     note.ejected_until_ms
         .filter(|&end| end > now_ms)
@@ -110,7 +92,6 @@ pub fn status_json(state: &AdminState) -> String {
                         "active_connections": m.stats.active(),
                         "connections_total": m.stats.sum(|w| &w.connections),
                         "consecutive_connect_failures": m.stats.consecutive_failures(),
-                        "state": backend_state(m.up, m.weight, note, now),
                         "bytes_to_backend": m.stats.sum(|w| &w.bytes_up),
                         "bytes_to_client": m.stats.sum(|w| &w.bytes_down),
                         "datagrams_to_backend": m.stats.sum(|w| &w.datagrams_up),
@@ -191,27 +172,5 @@ mod tests {
         n.check_down = false;
         assert_eq!(ejected_for_ms(&n, 12_500), None, "time served");
         assert_eq!(down_reason(&n, 12_500), None);
-    }
-
-    #[test]
-    fn states_in_one_word() {
-        let ejected = BackendNote {
-            ejected_until_ms: Some(5_000),
-            ..BackendNote::default()
-        };
-        assert_eq!(backend_state(true, 1, None, 0), "up");
-        assert_eq!(backend_state(true, 0, None, 0), "drained");
-        assert_eq!(backend_state(false, 1, None, 0), "down");
-        assert_eq!(
-            backend_state(false, 0, None, 0),
-            "down",
-            "down beats drained"
-        );
-        assert_eq!(backend_state(false, 1, Some(&ejected), 4_000), "ejected");
-        assert_eq!(
-            backend_state(false, 1, Some(&ejected), 5_000),
-            "down",
-            "ejection over, still marked down"
-        );
     }
 }
