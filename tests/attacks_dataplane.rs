@@ -624,3 +624,167 @@ fn descriptor_exhaustion_backs_off_quietly_and_recovers() {
         assert_idle(&lb, WINDOW, &format!("{io}: after descriptor exhaustion"));
     }
 }
+
+// ---- listeners removed while flooded ----------------------------------------------------------
+
+/// A TCP and a UDP listener removed by a reload while clients flood them: their sockets close,
+/// their flows close, the listener that stays serves, nothing is left behind, and re-adding
+/// them works.
+#[test]
+fn listeners_removed_during_a_flood_leave_nothing_behind() {
+    use common::udp::{client_ip, udp_listener, UdpClient, UdpEcho};
+    raise_fd_limit();
+    for io in io_backends() {
+        let echo = EchoServer::start();
+        let uecho = UdpEcho::start("u1");
+        let keep = || listener("keep").backend(echo.addr());
+        let all = ringlb_config([
+            keep(),
+            listener("gone").backend(echo.addr()),
+            udp_listener("ugone").backend(uecho.addr()),
+        ]);
+        let only_keep = ringlb_config([keep()]);
+        let lb = start_on(&io, &only_keep);
+        let base = lb.fd_counts().0;
+        let mark = lb.log_len();
+        common::ops::reload_ok(&lb, &all);
+        let gone = common::ops::listening_addr_since(&lb, mark, "gone");
+        let ugone = common::ops::listening_addr_since(&lb, mark, "ugone");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let tcp = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let t0 = Instant::now();
+            while !s1.load(std::sync::atomic::Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_secs(15)
+                && held.len() < 400
+            {
+                if let Ok(mut c) = TcpStream::connect_timeout(&gone, Duration::from_millis(300)) {
+                    let _ = c.write_all(b"hi");
+                    held.push(c);
+                }
+            }
+            held
+        });
+        let udp = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut i = 0;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed)
+                && t0.elapsed() < Duration::from_secs(15)
+                && i < 20_000
+            {
+                if let Ok(s) = std::net::UdpSocket::bind((client_ip(60, i % 1000), 0)) {
+                    let _ = s.send_to(b"flood", ugone);
+                }
+                i += 1;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        common::ops::reload_ok(&lb, &only_keep);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let held = tcp.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        udp.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        assert!(!held.is_empty(), "{io}: no connection reached the listener before removal");
+        try_echo(lb.addr("keep"), 4096, 1).expect("the listener that stays serves");
+        // The removed TCP listener's connections go on until their clients leave.
+        drop(held);
+        lb.assert_fds_return(base, Duration::from_secs(10));
+        assert!(
+            TcpStream::connect_timeout(&gone, Duration::from_millis(300)).is_err(),
+            "{io}: the removed listener still accepts"
+        );
+        assert_idle(&lb, WINDOW, &format!("{io}: after removing flooded listeners"));
+        // Re-added under the same names: served.
+        let mark = lb.log_len();
+        common::ops::reload_ok(&lb, &all);
+        let gone = common::ops::listening_addr_since(&lb, mark, "gone");
+        let ugone = common::ops::listening_addr_since(&lb, mark, "ugone");
+        try_echo(gone, 4096, 2).expect("re-added TCP listener serves");
+        let c = UdpClient::bind(std::net::Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(c.exchange(ugone, b"again", Duration::from_secs(2)), "u1");
+    }
+}
+
+// ---- queued clients that half-close -----------------------------------------------------------
+
+/// With the only backend full, a client sends its request and half-closes while queued: when a
+/// place frees it gets the whole answer.
+#[test]
+fn a_queued_client_that_half_closed_gets_its_answer() {
+    for io in io_backends() {
+        let echo = EchoServer::start();
+        let toml = common::ops::with_backend_fields(
+            &ringlb_config([listener("web")
+                .backend(echo.addr())
+                .set("queue_timeout", "\"5s\"")]),
+            echo.addr(),
+            "max_connections = 1",
+        );
+        let lb = start_on(&io, &toml);
+        let addr = lb.addr("web");
+        let mut first = connect(addr);
+        ping(&mut first, 100, 1);
+        let mut second = connect(addr);
+        let req = Pattern::bytes(5, 300 << 10);
+        second.write_all(&req).unwrap();
+        second.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(echo.accepted(), 1, "{io}: the second waits in the queue");
+        drop(first);
+        let mut back = Vec::new();
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        second.read_to_end(&mut back).expect("answer after the queue");
+        assert!(back == req, "{io}: {} of {} bytes echoed", back.len(), req.len());
+        assert_counts_settle(&lb, &io, "web");
+    }
+}
+
+// ---- PROXY header edges -----------------------------------------------------------------------
+
+/// Header and data in one segment followed by the client's FIN; a v2 header at the size limit
+/// (TLVs up to 512 bytes) passes, one byte over is refused.
+#[test]
+fn proxy_header_edges_header_with_data_and_fin_and_the_size_limit() {
+    for io in io_backends() {
+        let backend = common::ops::ProxyEcho::start();
+        let lb = start_on(&io, &pp_config(backend.addr()));
+        let addr = lb.addr("pp");
+        let mut c = connect(addr);
+        let mut msg = b"PROXY TCP4 203.0.113.8 198.51.100.1 40001 443\r\n".to_vec();
+        msg.extend_from_slice(b"request-then-fin");
+        c.write_all(&msg).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).expect("echo after header+data+FIN");
+        assert_eq!(back, b"request-then-fin", "{io}: data after the header, then EOF");
+        for (tlv_len, ok) in [(512 - 12, true), (512 - 12 + 1, false)] {
+            // v2 header: 16 bytes, then 12 address bytes and a NOOP TLV padding to tlv_len.
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            let body = 12 + tlv_len;
+            h.extend_from_slice(&[0x21, 0x11]);
+            h.extend_from_slice(&(body as u16).to_be_bytes());
+            h.extend_from_slice(&[192, 0, 2, 10, 198, 51, 100, 1]);
+            h.extend_from_slice(&6000u16.to_be_bytes());
+            h.extend_from_slice(&443u16.to_be_bytes());
+            h.push(0x04); // PP2_TYPE_NOOP
+            h.extend_from_slice(&((tlv_len - 3) as u16).to_be_bytes());
+            h.resize(16 + body, 0);
+            let mut c = connect(addr);
+            c.write_all(&h).unwrap();
+            if ok {
+                ping(&mut c, 500, 3);
+            } else {
+                assert!(
+                    closed_within(&mut c, Duration::from_millis(800)),
+                    "{io}: a v2 header of {} bytes (limit {}) was not refused",
+                    h.len(),
+                    16 + 512
+                );
+            }
+        }
+        assert_counts_settle(&lb, &io, "pp");
+    }
+}
