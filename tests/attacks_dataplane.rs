@@ -34,7 +34,10 @@ fn half_closed_client_that_does_not_read_costs_no_cpu() {
     const LEN: u64 = 16 << 20;
     for io in io_backends() {
         let backend = SenderThenClose::start(LEN, 7);
-        let lb = start_on(&io, &ringlb_config([listener("web").backend(backend.addr())]));
+        let lb = start_on(
+            &io,
+            &ringlb_config([listener("web").backend(backend.addr())]),
+        );
         let mut c = connect(lb.addr("web"));
         c.write_all(b"GET /big\r\n").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -68,7 +71,10 @@ fn half_closed_backend_that_does_not_read_costs_no_cpu() {
             while s.read(&mut buf)? > 0 {}
             Ok(())
         });
-        let lb = start_on(&io, &ringlb_config([listener("web").backend(backend.addr())]));
+        let lb = start_on(
+            &io,
+            &ringlb_config([listener("web").backend(backend.addr())]),
+        );
         let mut c = connect(lb.addr("web"));
         let mut hello = [0u8; 6];
         c.read_exact(&mut hello).unwrap();
@@ -124,7 +130,8 @@ fn half_closes_in_both_orders_end_cleanly() {
                             got += n;
                         }
                         assert_eq!(got, 256 << 10, "conn {i}: the whole answer");
-                        s.write_all(&buf[..4096]).expect("send after the backend's FIN");
+                        s.write_all(&buf[..4096])
+                            .expect("send after the backend's FIN");
                         s.shutdown(Shutdown::Write).unwrap();
                     }
                 })
@@ -134,10 +141,16 @@ fn half_closes_in_both_orders_end_cleanly() {
             t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         }
         lb.assert_fds_return(base, Duration::from_secs(5));
-        assert_idle(&lb, WINDOW, &format!("{io}: after 40 half-closed connections"));
-        must(Duration::from_secs(3), "sender saw every client's bytes", || {
-            sender.received().len() == 20
-        });
+        assert_idle(
+            &lb,
+            WINDOW,
+            &format!("{io}: after 40 half-closed connections"),
+        );
+        must(
+            Duration::from_secs(3),
+            "sender saw every client's bytes",
+            || sender.received().len() == 20,
+        );
     }
 }
 
@@ -154,9 +167,11 @@ fn a_flood_of_connects_that_reset_at_once_leaves_nothing_behind() {
         assert!(done >= 1000, "{io}: only {done} connects completed");
         // The backend's side ends first (it sees the LB's reset or FIN), then the fd count is
         // read: one /proc/PID/fd listing during a storm of closes is not a snapshot.
-        must(Duration::from_secs(5), "echo backend connections all ended", || {
-            echo.live() == 0
-        });
+        must(
+            Duration::from_secs(5),
+            "echo backend connections all ended",
+            || echo.live() == 0,
+        );
         lb.assert_fds_return(base, Duration::from_secs(5));
         assert_idle(&lb, WINDOW, &format!("{io}: after {done} reset connects"));
         echo_ok(&lb, &io);
@@ -212,7 +227,8 @@ fn pp_config(backend: std::net::SocketAddr) -> String {
 /// Sends `bytes` one at a time with `gap` between them.
 fn trickle(s: &mut TcpStream, bytes: &[u8], gap: Duration) {
     for b in bytes {
-        s.write_all(std::slice::from_ref(b)).expect("trickle a byte");
+        s.write_all(std::slice::from_ref(b))
+            .expect("trickle a byte");
         std::thread::sleep(gap);
     }
 }
@@ -272,7 +288,10 @@ fn malformed_oversized_and_stalled_proxy_headers_are_closed_and_counted() {
         huge_v2.resize(600, 0);
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
-            ("bad v1 fields", b"PROXY TCP4 999.1.1.1 1.1.1.1 1 2\r\n".to_vec()),
+            (
+                "bad v1 fields",
+                b"PROXY TCP4 999.1.1.1 1.1.1.1 1 2\r\n".to_vec(),
+            ),
             ("v1 without CRLF, 400 bytes", long_v1),
             ("v2 claiming 65535 bytes", huge_v2),
             ("v2 bad version", {
@@ -310,7 +329,11 @@ fn malformed_oversized_and_stalled_proxy_headers_are_closed_and_counted() {
             );
         }
         drop(stalled);
-        assert_eq!(echo.accepted(), 0, "{io}: no backend connection for any of them");
+        assert_eq!(
+            echo.accepted(),
+            0,
+            "{io}: no backend connection for any of them"
+        );
         lb.assert_fds_return(base, Duration::from_secs(3));
         assert_counts_settle(&lb, &io, "pp");
         let m = scrape(lb.admin_addr().unwrap());
@@ -386,7 +409,11 @@ fn backends_that_reset_never_accept_or_stall_free_everything() {
             w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         }
         // Stalled uploads: nothing moves until the 2 s idle timeout frees them. Quiet meanwhile.
-        assert_idle(&lb, Duration::from_millis(1000), &format!("{io}: stalled uploads"));
+        assert_idle(
+            &lb,
+            Duration::from_millis(1000),
+            &format!("{io}: stalled uploads"),
+        );
         lb.assert_fds_return(base, Duration::from_secs(6));
         for l in ["rst", "hole", "sink"] {
             assert_counts_settle(&lb, &io, l);
@@ -397,7 +424,10 @@ fn backends_that_reset_never_accept_or_stall_free_everything() {
             "ringlb_closes_total",
             &[("listener", "hole"), ("reason", "backend_timeout")],
         );
-        assert_eq!(timeouts, 10.0, "{io}: every black-holed client closed as backend_timeout");
+        assert_eq!(
+            timeouts, 10.0,
+            "{io}: every black-holed client closed as backend_timeout"
+        );
         let reset = metric_sum(
             &m,
             "ringlb_closes_total",
@@ -496,8 +526,8 @@ fn a_burst_over_max_connections_never_exceeds_it_and_everyone_is_served_or_close
                 std::thread::spawn(move || {
                     (0..50)
                         .filter_map(|_| {
-                            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                                .ok()?;
+                            let mut c =
+                                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
                             let _ = c.write_all(b"x");
                             Some(c)
                         })
@@ -515,13 +545,22 @@ fn a_burst_over_max_connections_never_exceeds_it_and_everyone_is_served_or_close
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(peak >= 15, "{io}: only {peak} served at the limit of 20");
-        assert!(peak <= 20, "{io}: {peak} backend connections open, max_connections is 20");
+        assert!(
+            peak <= 20,
+            "{io}: {peak} backend connections open, max_connections is 20"
+        );
         drop(clients);
         lb.assert_fds_return(base, Duration::from_secs(6));
-        must(Duration::from_secs(3), "echo connections all ended", || echo.live() == 0);
+        must(Duration::from_secs(3), "echo connections all ended", || {
+            echo.live() == 0
+        });
         assert_counts_settle(&lb, &io, "web");
         echo_ok(&lb, &io);
-        assert_idle(&lb, WINDOW, &format!("{io}: after a burst over max_connections"));
+        assert_idle(
+            &lb,
+            WINDOW,
+            &format!("{io}: after a burst over max_connections"),
+        );
     }
 }
 
@@ -610,17 +649,26 @@ fn descriptor_exhaustion_backs_off_quietly_and_recovers() {
         std::thread::sleep(SETTLE);
         assert!(
             lb.wait_for_log("accept failed", Duration::from_secs(2))
-                || lb.stderr_lines().iter().any(|l| l.contains("failed: Too many open files")),
+                || lb
+                    .stderr_lines()
+                    .iter()
+                    .any(|l| l.contains("failed: Too many open files")),
             "{io}: the LB never said it ran out of descriptors; stderr:\n{}",
             lb.stderr_tail(20)
         );
-        assert_idle(&lb, WINDOW, &format!("{io}: out of descriptors with a full backlog"));
+        assert_idle(
+            &lb,
+            WINDOW,
+            &format!("{io}: out of descriptors with a full backlog"),
+        );
         drop(clients);
         // Recovers: serves again once the clients are gone.
-        let ok = wait_until(Duration::from_secs(10), || {
-            try_echo(addr, 1024, 5).is_ok()
-        });
-        assert!(ok, "{io}: never served again; stderr:\n{}", lb.stderr_tail(20));
+        let ok = wait_until(Duration::from_secs(10), || try_echo(addr, 1024, 5).is_ok());
+        assert!(
+            ok,
+            "{io}: never served again; stderr:\n{}",
+            lb.stderr_tail(20)
+        );
         assert_idle(&lb, WINDOW, &format!("{io}: after descriptor exhaustion"));
     }
 }
@@ -685,7 +733,10 @@ fn listeners_removed_during_a_flood_leave_nothing_behind() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let held = tcp.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         udp.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        assert!(!held.is_empty(), "{io}: no connection reached the listener before removal");
+        assert!(
+            !held.is_empty(),
+            "{io}: no connection reached the listener before removal"
+        );
         try_echo(lb.addr("keep"), 4096, 1).expect("the listener that stays serves");
         // The removed TCP listener's connections go on until their clients leave.
         drop(held);
@@ -694,7 +745,11 @@ fn listeners_removed_during_a_flood_leave_nothing_behind() {
             TcpStream::connect_timeout(&gone, Duration::from_millis(300)).is_err(),
             "{io}: the removed listener still accepts"
         );
-        assert_idle(&lb, WINDOW, &format!("{io}: after removing flooded listeners"));
+        assert_idle(
+            &lb,
+            WINDOW,
+            &format!("{io}: after removing flooded listeners"),
+        );
         // Re-added under the same names: served.
         let mark = lb.log_len();
         common::ops::reload_ok(&lb, &all);
@@ -736,8 +791,15 @@ fn a_queued_client_that_half_closed_gets_its_answer() {
         second
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        second.read_to_end(&mut back).expect("answer after the queue");
-        assert!(back == req, "{io}: {} of {} bytes echoed", back.len(), req.len());
+        second
+            .read_to_end(&mut back)
+            .expect("answer after the queue");
+        assert!(
+            back == req,
+            "{io}: {} of {} bytes echoed",
+            back.len(),
+            req.len()
+        );
         assert_counts_settle(&lb, &io, "web");
     }
 }
@@ -758,8 +820,12 @@ fn proxy_header_edges_header_with_data_and_fin_and_the_size_limit() {
         c.write_all(&msg).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         let mut back = Vec::new();
-        c.read_to_end(&mut back).expect("echo after header+data+FIN");
-        assert_eq!(back, b"request-then-fin", "{io}: data after the header, then EOF");
+        c.read_to_end(&mut back)
+            .expect("echo after header+data+FIN");
+        assert_eq!(
+            back, b"request-then-fin",
+            "{io}: data after the header, then EOF"
+        );
         for (tlv_len, ok) in [(512 - 12, true), (512 - 12 + 1, false)] {
             // v2 header: 16 bytes, then 12 address bytes and a NOOP TLV padding to tlv_len.
             let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
@@ -818,7 +884,11 @@ fn udp_toward_a_dead_backend_and_maximum_datagrams() {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_idle(&lb, WINDOW, &format!("{io}: flows toward a dead UDP backend"));
+        assert_idle(
+            &lb,
+            WINDOW,
+            &format!("{io}: flows toward a dead UDP backend"),
+        );
         lb.assert_fds_return(base, Duration::from_secs(5));
         // 65,507 bytes: the largest IPv4 UDP payload, each way.
         let big: Vec<u8> = Pattern::bytes(9, 65_507 - 3);
@@ -827,7 +897,11 @@ fn udp_toward_a_dead_backend_and_maximum_datagrams() {
             .request(lb.addr("live"), &big, Duration::from_secs(2))
             .expect("a maximum-size datagram through the LB");
         assert_eq!(from, lb.addr("live"));
-        assert_eq!(reply.len(), 65_507, "{io}: the whole reply (name + payload)");
+        assert_eq!(
+            reply.len(),
+            65_507,
+            "{io}: the whole reply (name + payload)"
+        );
         assert_eq!(&reply[3..], &big[..], "{io}: payload intact");
         assert!(
             lb.wait_exit(Duration::from_millis(10)).is_none(),
@@ -870,7 +944,9 @@ fn resets_while_held_over_max_connections_are_freed() {
         }
         drop(owners);
         lb.assert_fds_return(base, Duration::from_secs(5));
-        must(Duration::from_secs(3), "echo connections all ended", || echo.live() == 0);
+        must(Duration::from_secs(3), "echo connections all ended", || {
+            echo.live() == 0
+        });
         let m = scrape(lb.admin_addr().unwrap());
         let reasons: Vec<String> = common::admin::samples(&m, "ringlb_closes_total", &[])
             .filter(|s| common::admin::sample_value(s) > 0.0)
