@@ -969,3 +969,112 @@ fn resets_while_held_over_max_connections_are_freed() {
         assert_idle(&lb, WINDOW, &format!("{io}: after resets while held"));
     }
 }
+
+// ---- shutdown under load ----------------------------------------------------------------------
+
+/// SIGTERM while 200 connections are open (idle, mid-download from a client that does not
+/// read, half-closed) and a reset flood is running: the LB stops within its drain timeout plus
+/// a margin, with exit code 0, and every client is closed.
+#[test]
+fn sigterm_under_load_exits_within_the_drain_timeout() {
+    raise_fd_limit();
+    for io in io_backends() {
+        let echo = EchoServer::start();
+        let sender = SenderThenClose::start(8 << 20, 1);
+        let mut lb = start_on(
+            &io,
+            &common::config::LbConfig::default()
+                .drain_timeout("1s")
+                .listener(listener("echo").backend(echo.addr()))
+                .listener(listener("big").backend(sender.addr()))
+                .to_toml(),
+        );
+        let (ea, ba) = (lb.addr("echo"), lb.addr("big"));
+        let mut open: Vec<TcpStream> = Vec::new();
+        for i in 0..150 {
+            let mut c = connect(ea);
+            ping(&mut c, 32, i);
+            if i % 3 == 0 {
+                half_close(&c);
+            }
+            open.push(c);
+        }
+        for _ in 0..50 {
+            let mut c = connect(ba);
+            c.write_all(b"GET").unwrap();
+            open.push(c);
+        }
+        let flood = std::thread::spawn(move || reset_flood(ea, 2000, 2, Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        lb.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = lb.wait_exit(Duration::from_secs(6));
+        let took = t0.elapsed();
+        let _ = flood
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        assert!(
+            status.is_some(),
+            "{io}: still running 6 s after SIGTERM with drain_timeout 1s; stderr:\n{}",
+            lb.stderr_tail(20)
+        );
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{io}: exit status after {took:?}; stderr:\n{}",
+            lb.stderr_tail(20)
+        );
+        for (i, c) in open.iter_mut().enumerate() {
+            assert!(
+                closed_within(c, Duration::from_secs(2)),
+                "{io}: client {i} still open after the LB exited"
+            );
+        }
+    }
+}
+
+// ---- queued clients when a reload replaces the full backend -----------------------------------
+
+/// The only backend is full and a client waits in the queue; a reload replaces that backend
+/// with one that has room: the waiting client is served at once, not after `queue_timeout`.
+#[test]
+fn a_reload_that_adds_room_serves_the_queue() {
+    for io in io_backends() {
+        let (full, roomy) = (EchoServer::start(), EchoServer::start());
+        let toml = |addr| {
+            common::ops::with_backend_fields(
+                &ringlb_config([listener("web").backend(addr).set("queue_timeout", "\"8s\"")]),
+                addr,
+                "max_connections = 1",
+            )
+        };
+        let lb = start_on(&io, &toml(full.addr()));
+        let addr = lb.addr("web");
+        let mut owner = connect(addr);
+        ping(&mut owner, 10, 1);
+        let mut waiting = connect(addr);
+        waiting.write_all(b"queued?").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(full.accepted(), 1, "{io}: the second client waits");
+        let t0 = Instant::now();
+        common::ops::reload_ok(
+            &lb,
+            &toml(roomy.addr()).replace("max_connections = 1", "weight = 1"),
+        );
+        let mut back = [0u8; 7];
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        waiting
+            .read_exact(&mut back)
+            .expect("served after the reload");
+        assert_eq!(&back, b"queued?");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{io}: the queued client waited {:?} after the reload gave it room",
+            t0.elapsed()
+        );
+        assert_eq!(roomy.accepted(), 1, "{io}: served by the new backend");
+        ping(&mut owner, 10, 2);
+    }
+}
