@@ -1078,3 +1078,54 @@ fn a_reload_that_adds_room_serves_the_queue() {
         ping(&mut owner, 10, 2);
     }
 }
+
+// ---- memory per connect -----------------------------------------------------------------------
+
+/// Connections that come and go must not leave memory behind, whatever `connect_timeout` is:
+/// three rounds of 15,000 short connections with `connect_timeout = "1h"`; after the first
+/// round (slabs and tables at their working size) the LB's RSS stays flat.
+#[test]
+#[ignore = "defect: epoll keeps one connect-deadline heap entry per connect until its connect_timeout passes (24 B each, ~1 MiB per 40k connects with 1h; the heap never shrinks)"]
+fn short_connections_leave_no_memory_behind_with_a_long_connect_timeout() {
+    raise_fd_limit();
+    for io in io_backends() {
+        let backend = QuickCloser::start();
+        let lb = start_on(
+            &io,
+            &ringlb_config([listener("web")
+                .backend(backend.addr())
+                .connect_timeout("1h")]),
+        );
+        let addr = lb.addr("web");
+        let round = || {
+            let ts: Vec<_> = (0..4)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        let t0 = Instant::now();
+                        for _ in 0..3750 {
+                            if t0.elapsed() > Duration::from_secs(30) {
+                                break;
+                            }
+                            let mut c = connect(addr);
+                            let mut name = Vec::new();
+                            let _ = c.read_to_end(&mut name);
+                        }
+                    })
+                })
+                .collect();
+            for t in ts {
+                t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            rss_kib(&lb)
+        };
+        let after_first = round();
+        round();
+        let after_third = round();
+        assert!(
+            after_third <= after_first + 256,
+            "{io}: RSS grew from {after_first} KiB to {after_third} KiB over 30,000 more short \
+             connections (none open now)"
+        );
+    }
+}

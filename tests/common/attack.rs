@@ -193,3 +193,53 @@ pub fn start_on_with_nofile(io: &str, toml: &str, nofile: u64) -> Lb {
         },
     )
 }
+
+/// A backend that answers every connection from its accept thread alone (no thread per
+/// connection, so tens of thousands of short connections cost nothing): writes `n` and closes.
+pub struct QuickCloser {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl QuickCloser {
+    pub fn start() -> QuickCloser {
+        let l = super::servers::loopback_listener(4096);
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("local_addr");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.write_all(b"n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        QuickCloser {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for QuickCloser {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if let Err(p) = t.join() {
+                if !std::thread::panicking() {
+                    std::panic::resume_unwind(p);
+                }
+            }
+        }
+    }
+}
