@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod admin;
+pub mod attack;
 pub mod config;
 pub mod http;
 pub mod lb;
