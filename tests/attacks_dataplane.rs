@@ -29,7 +29,6 @@ const WINDOW: Duration = Duration::from_millis(1500);
 /// 16 MiB: the download direction waits for the client to be writable on a socket whose peer has
 /// sent its FIN. The LB must wait quietly, then deliver every byte once the client reads.
 #[test]
-#[ignore = "defect: a worker spins (both backends) while a half-closed client does not read: its POLLOUT wait completes at once with POLLRDHUP"]
 fn half_closed_client_that_does_not_read_costs_no_cpu() {
     const LEN: u64 = 16 << 20;
     for io in io_backends() {
@@ -60,7 +59,6 @@ fn half_closed_client_that_does_not_read_costs_no_cpu() {
 /// client keeps uploading: the upload waits for the backend to be writable on a socket whose
 /// peer has sent its FIN.
 #[test]
-#[ignore = "defect: a worker spins (both backends) while a half-closed backend does not read: its POLLOUT wait completes at once with POLLRDHUP"]
 fn half_closed_backend_that_does_not_read_costs_no_cpu() {
     for io in io_backends() {
         let backend = Server::start("fin-then-slow", |s| {

@@ -140,6 +140,9 @@ pub trait Driver {
     fn recycle_buffer(&mut self, bid: u16);
     /// The size of every ring buffer (0 without a buffer ring).
     fn buffer_size(&self) -> u32;
+    /// Ends the multishot poll `token` names on `fd` (its last completion says -ECANCELED);
+    /// the cancel's own completion, if any, carries [`Op::Detached`].
+    fn cancel_poll(&mut self, fd: RawFd, token: Token);
     /// Shuts down the write side of socket `fd` (a FIN after what is queued), in the ring where
     /// the driver can (its completion, if any, carries [`Op::Detached`]), else at once.
     fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>);
@@ -256,6 +259,9 @@ impl Driver for Io {
     }
     fn buffer_size(&self) -> u32 {
         each!(self, x => x.buffer_size())
+    }
+    fn cancel_poll(&mut self, fd: RawFd, token: Token) {
+        each!(self, x => x.cancel_poll(fd, token))
     }
     fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
         each!(self, x => x.shutdown_write(fd))

@@ -44,6 +44,10 @@ pub enum Op {
     /// A half-close or close whose completion nothing waits for (its result is not needed:
     /// `shutdown(2)` and `close(2)` results were ignored before they went through the ring).
     Detached = 21,
+    /// A multishot POLLOUT on the destination of the up / down flow, waiting for wake-ups
+    /// (`Step::PollOutWakeups`).
+    PollOutWait0 = 22,
+    PollOutWait1 = 23,
 }
 
 impl Op {
@@ -71,6 +75,8 @@ impl Op {
             19 => UdpCancel,
             20 => UdpSend,
             21 => Detached,
+            22 => PollOutWait0,
+            23 => PollOutWait1,
             _ => return None,
         })
     }

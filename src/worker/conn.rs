@@ -49,6 +49,10 @@ pub enum Step {
     SpliceOut(u32),
     /// Arm POLLOUT on the destination.
     PollOut,
+    /// The POLLOUT came back without room (only the peer's half-close, a level io_uring polls
+    /// always report): wait for the destination's wake-ups instead (a multishot poll), which
+    /// come when room frees, not at once.
+    PollOutWakeups,
     /// Source EOF, all forwarded: shut down the destination's write side. Flow is done.
     ShutdownDest,
     /// The source failed (reset, error): -errno.
@@ -227,6 +231,11 @@ impl Flow {
     pub fn on_writable(&mut self, res: i32) -> Step {
         if res < 0 {
             return Step::DestFailed(res);
+        }
+        let room = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as i32;
+        if res & room == 0 {
+            self.phase = Phase::WaitWritable;
+            return Step::PollOutWakeups;
         }
         self.phase = Phase::Writing;
         Step::SpliceOut(self.pending)
@@ -481,6 +490,25 @@ mod tests {
         g.on_ring_read(10, false);
         assert_eq!(g.on_ring_sent(99), Some(Step::PollIn));
         assert_eq!(g.bytes, 10);
+    }
+
+    #[test]
+    fn a_pollout_without_room_waits_for_wakeups() {
+        let mut f = Flow::new();
+        f.start();
+        f.on_readable(libc::POLLIN as i32);
+        assert_eq!(f.on_spliced_in(1000), Step::SpliceOut(1000));
+        assert_eq!(f.on_spliced_out(-libc::EAGAIN), Step::PollOut);
+        // The destination half-closed: io_uring reports POLLRDHUP alone, no room.
+        assert_eq!(f.on_writable(libc::POLLRDHUP as i32), Step::PollOutWakeups);
+        assert_eq!(f.phase, Phase::WaitWritable);
+        assert_eq!(f.pending, 1000);
+        // Room at last (with the half-close still set).
+        let mask = (libc::POLLOUT | libc::POLLRDHUP) as i32;
+        assert_eq!(f.on_writable(mask), Step::SpliceOut(1000));
+        // An error or hang-up is for the splice to report.
+        f.on_spliced_out(-libc::EAGAIN);
+        assert_eq!(f.on_writable(libc::POLLHUP as i32), Step::SpliceOut(1000));
     }
 
     #[test]

@@ -268,6 +268,10 @@ struct Conn {
     pipes: [Option<Pipe>; 2],
     /// Per flow, the ring buffer its send is forwarding (`ringio.rs`).
     ring_bufs: [Option<ringio::RingBuf>; 2],
+    /// Per flow: a multishot POLLOUT on its destination is armed (until its last completion),
+    /// and whether the flow still waits on it (`Step::PollOutWakeups`).
+    out_multi: [bool; 2],
+    out_wait: [bool; 2],
     /// PROXY header bytes already consumed (only when it arrived in pieces).
     header: Option<Vec<u8>>,
     /// Operations submitted for this connection whose completion has not arrived.

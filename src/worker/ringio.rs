@@ -153,4 +153,50 @@ impl Worker {
         let step = Step::DestFailed(if res < 0 { res } else { -libc::EPIPE });
         self.apply(idx, d, step);
     }
+
+    /// A completion of the multishot POLLOUT flow `d` waits on (`Step::PollOutWakeups`): room
+    /// (or an error) ends the wait and cancels the poll; the half-close alone does not.
+    pub(super) fn on_out_wakeup(&mut self, idx: u32, d: Dir, c: Completion) {
+        let generation = self.slots[idx as usize].generation;
+        let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            return;
+        };
+        let di = d.index();
+        let Some(backend) = conn.backend.as_ref() else {
+            return;
+        };
+        let dst = match d {
+            Dir::Up => backend.as_raw_fd(),
+            Dir::Down => conn.client.as_raw_fd(),
+        };
+        let op = if d == Dir::Up {
+            Op::PollOutWait0
+        } else {
+            Op::PollOutWait1
+        };
+        let tok = Token::new(op, idx, generation);
+        let (res, more) = (c.result, c.more());
+        if !more {
+            conn.out_multi[di] = false;
+        }
+        if !conn.out_wait[di] {
+            return; // a completion after the wait ended (its cancel in flight)
+        }
+        let room = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as i32;
+        if res == -libc::ECANCELED || (res >= 0 && res & room == 0) {
+            // Our own cancel raced a new wait, or a wake-up without room: keep waiting.
+            if !more {
+                conn.out_multi[di] = true;
+                conn.inflight += 1;
+                self.io.poll_multi(dst, libc::POLLOUT as u32, tok);
+            }
+            return;
+        }
+        conn.out_wait[di] = false;
+        if more {
+            self.io.cancel_poll(dst, tok);
+        }
+        let step = conn.flows[di].on_writable(res);
+        self.apply(idx, d, step);
+    }
 }

@@ -71,6 +71,8 @@ impl Worker {
             flows: [Flow::new(), Flow::new()],
             pipes: [None, None],
             ring_bufs: [None, None],
+            out_multi: [false, false],
+            out_wait: [false, false],
             header: None,
             inflight: 0,
             closing: false,
@@ -212,7 +214,10 @@ impl Worker {
         let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
             return;
         };
-        conn.inflight -= 1;
+        // A multishot operation holds its place in flight until its last completion.
+        if !c.more() {
+            conn.inflight -= 1;
+        }
         if conn.closing {
             if let Some(bid) = c.buffer() {
                 self.io.recycle_buffer(bid);
@@ -228,6 +233,8 @@ impl Worker {
             Op::RecvBuf1 => return self.on_ring_recv(idx, Dir::Down, c),
             Op::SendBuf0 => return self.on_ring_send(idx, Dir::Up, c),
             Op::SendBuf1 => return self.on_ring_send(idx, Dir::Down, c),
+            Op::PollOutWait0 => return self.on_out_wakeup(idx, Dir::Up, c),
+            Op::PollOutWait1 => return self.on_out_wakeup(idx, Dir::Down, c),
             Op::Connect => {
                 self.on_connect(idx, res);
                 return;
@@ -434,6 +441,18 @@ impl Worker {
                     conn.inflight += 1;
                     self.io
                         .poll(dst, libc::POLLOUT as u32, tok(Op::PollOut0, Op::PollOut1));
+                    break None;
+                }
+                Step::PollOutWakeups => {
+                    conn.out_wait[di] = true;
+                    // One that is still armed (its cancel in flight) serves: when it ends,
+                    // `on_out_wakeup` arms the next.
+                    if !conn.out_multi[di] {
+                        conn.out_multi[di] = true;
+                        conn.inflight += 1;
+                        let t = tok(Op::PollOutWait0, Op::PollOutWait1);
+                        self.io.poll_multi(dst, libc::POLLOUT as u32, t);
+                    }
                     break None;
                 }
                 Step::ShutdownDest => {

@@ -145,7 +145,10 @@ impl Epoll {
         self.ctl(fd, events);
     }
 
-    /// Sets `fd`'s registration to `events` (0: out of the set).
+    /// Sets `fd`'s registration to `events` (0: out of the set). The peer's half-close
+    /// (`EPOLLRDHUP`) is asked for only with `EPOLLIN`: it is a level that never clears, so
+    /// registered for a socket we only wait to write to, every `epoll_wait` would return it (a
+    /// half-closed client that stops reading would spin the worker).
     fn ctl(&mut self, fd: RawFd, events: u32) {
         let was = self.state(fd).registered;
         let (op, ev) = match (was, events) {
@@ -155,7 +158,7 @@ impl Epoll {
             (_, e) => (libc::EPOLL_CTL_MOD, e),
         };
         let mut e = libc::epoll_event {
-            events: ev | libc::EPOLLRDHUP as u32,
+            events: ev | rdhup_with(ev),
             u64: fd as u64,
         };
         // SAFETY: `e` is a valid epoll_event on the stack for the call; the kernel copies it.
@@ -216,7 +219,7 @@ impl Epoll {
         // cost. An error with no waiter at all takes the fd out of the set.
         let wanted_before = st.wants();
         let want = self.state(fd).wants();
-        let unwanted = revents & !(wanted_before | ERR | libc::EPOLLRDHUP as u32) != 0;
+        let unwanted = revents & !(wanted_before | ERR | rdhup_with(wanted_before)) != 0;
         if unwanted || (failed && wanted_before == 0) {
             self.ctl(fd, want);
         }
@@ -529,6 +532,15 @@ impl Driver for Epoll {
         0
     }
 
+    fn cancel_poll(&mut self, fd: RawFd, token: Token) {
+        let st = self.state(fd);
+        if st.multi == token.0 {
+            st.multi = 0;
+            st.multi_events = 0;
+            self.complete(token.0, -libc::ECANCELED, 0);
+        }
+    }
+
     fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
         let _ = crate::sys::shutdown_write(fd);
     }
@@ -589,3 +601,12 @@ impl Driver for Epoll {
 
 #[cfg(test)]
 mod tests;
+
+/// `EPOLLRDHUP` if `events` waits for input, else nothing (see `Epoll::ctl`).
+fn rdhup_with(events: u32) -> u32 {
+    if events & IN != 0 {
+        libc::EPOLLRDHUP as u32
+    } else {
+        0
+    }
+}

@@ -459,6 +459,13 @@ impl Driver for Ring {
         self.bufs.as_ref().map_or(0, BufRing::size)
     }
 
+    fn cancel_poll(&mut self, _fd: RawFd, token: Token) {
+        let e = opcode::AsyncCancel::new(token.0)
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+        self.push(e);
+    }
+
     fn shutdown_write(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
         use std::os::fd::AsRawFd;
         if !self.features.ring_close {
