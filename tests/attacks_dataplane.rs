@@ -7,8 +7,9 @@
 //! What is checked after each: the process is alive and serves, its socket fds return to their
 //! baseline, it burns no CPU once the load has ended (a spinning worker is a defect even when
 //! every byte arrives), and the metrics count what happened.
-//! Tests marked `#[ignore = "defect: ..."]` reproduce a defect found by these attacks; they
-//! fail on today's code and are kept to be un-ignored with the fix.
+//! Five of these reproduced defects when they were written (half-closed peers that stop reading
+//! spun a worker, dead clients from the backlog got backends, held clients of a removed listener
+//! waited, epoll's deadline heap grew per connect); each failed before its fix.
 
 mod common;
 
@@ -914,7 +915,6 @@ fn udp_toward_a_dead_backend_and_maximum_datagrams() {
 /// are held (or wait in the kernel backlog), noticed gone, freed and counted; the places'
 /// owners are unaffected and the LB serves normally once they leave.
 #[test]
-#[ignore = "defect: clients that reset while queued in the kernel backlog (accept paused at max_connections) each get a backend connection once places free"]
 fn resets_while_held_over_max_connections_are_freed() {
     raise_fd_limit();
     for io in io_backends() {
@@ -1083,7 +1083,6 @@ fn a_reload_that_adds_room_serves_the_queue() {
 /// three rounds of 15,000 short connections with `connect_timeout = "1h"`; after the first
 /// round (slabs and tables at their working size) the LB's RSS stays flat.
 #[test]
-#[ignore = "defect: epoll keeps one connect-deadline heap entry per connect until its connect_timeout passes (24 B each, ~1 MiB per 40k connects with 1h; the heap never shrinks)"]
 fn short_connections_leave_no_memory_behind_with_a_long_connect_timeout() {
     raise_fd_limit();
     for io in io_backends() {
@@ -1135,7 +1134,6 @@ fn short_connections_leave_no_memory_behind_with_a_long_connect_timeout() {
 /// LB holds must not outlive the listener's `drain_timeout` (2 s here) waiting for a place in a
 /// listener that no longer exists (their `queue_timeout` is 30 s).
 #[test]
-#[ignore = "defect: held/queued clients of a removed listener are closed only at their queue_timeout, not at removal or the listener's drain_timeout"]
 fn a_listener_removed_while_clients_wait_over_its_limit_frees_them() {
     raise_fd_limit();
     for io in io_backends() {

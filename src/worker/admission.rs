@@ -78,6 +78,16 @@ impl Worker {
 
     /// Starts serving an admitted connection: PROXY header, queue, or connect.
     pub(super) fn start_conn(&mut self, li: usize, idx: u32) {
+        // A client that waited (held, or in the kernel backlog while accept was paused) may
+        // have given up meanwhile: it gets no backend connection. One poll(2) on its socket,
+        // only for connections that waited.
+        let waited = self.slots[idx as usize].conn.as_ref().is_some_and(|c| {
+            c.opened_ms < self.now_ms || self.now_ms < self.listeners[li].check_alive_until_ms
+        });
+        if waited && self.client_gone(idx) {
+            self.close_conn(idx, CloseReason::ClientAborted);
+            return;
+        }
         let settings = &self.listeners[li].reader.load().settings;
         let accept_proxy = settings.accept_proxy;
         if let (Some(_), Some(nets)) = (accept_proxy, settings.proxy_trusted.as_deref()) {
@@ -249,5 +259,23 @@ impl Worker {
             }
         }
         self.listeners[li].retrying = false;
+    }
+
+    /// Closes the clients of listener `li` still waiting for a place or a backend (held or
+    /// queued): the listener was removed, so nothing will serve them. Those already connecting
+    /// or proxying drain as usual.
+    pub(super) fn close_waiting(&mut self, li: usize) {
+        let held = std::mem::take(&mut self.listeners[li].held);
+        let queue = std::mem::take(&mut self.listeners[li].queue);
+        for (idx, generation) in held {
+            if self.still_waiting(idx, generation, Stage::Held) {
+                self.close_conn(idx, CloseReason::Draining);
+            }
+        }
+        for (idx, generation) in queue {
+            if self.still_waiting(idx, generation, Stage::Queued) {
+                self.close_conn(idx, CloseReason::Draining);
+            }
+        }
     }
 }

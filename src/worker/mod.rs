@@ -164,6 +164,10 @@ struct Listener {
     /// At the listener-wide max_connections: accept stays disarmed until below it.
     paused: bool,
     rearm_at_ms: u64,
+    /// Until then (worker ms; set when accept resumes after a pause), a connection is checked
+    /// for a client still there before it gets a backend: the kernel backlog it comes from may
+    /// hold clients that gave up while accept was paused.
+    check_alive_until_ms: u64,
     /// ASYNC_CANCELs naming the listening socket not yet completed: the socket may only close
     /// when this is 0 (a queued cancel must not meet a reused fd number).
     cancels: u32,
@@ -209,6 +213,7 @@ impl Listener {
             accepting: false,
             paused: false,
             rearm_at_ms: 0,
+            check_alive_until_ms: 0,
             cancels: 0,
             removed_at_ms: None,
             queue: VecDeque::new(),
@@ -695,6 +700,7 @@ impl Worker {
                         debug!("worker {}: listener \"{name}\" removed", self.id);
                         self.listeners[li].removed_at_ms = Some(self.now_ms);
                         self.close_listener(li);
+                        self.close_waiting(li);
                         if self.listeners[li].udp.is_some() {
                             self.close_all_flows(Some(li));
                         }

@@ -117,6 +117,7 @@ impl Worker {
             }
         } else if open < limit && l.paused {
             l.paused = false;
+            l.check_alive_until_ms = self.now_ms + 1000;
             if self.now_ms >= l.rearm_at_ms {
                 self.arm_accept(li);
             }

@@ -65,6 +65,25 @@ impl Worker {
         self.watch_who = who;
     }
 
+    /// True when the client of connection `idx` (still waiting for a backend) is gone: an
+    /// error, a hang-up, or a half-close with nothing sent.
+    pub(super) fn client_gone(&self, idx: u32) -> bool {
+        let Some(c) = self.slots[idx as usize].conn.as_ref() else {
+            return false;
+        };
+        let mut p = [libc::pollfd {
+            fd: c.client.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        }];
+        if sys::poll_now(&mut p).unwrap_or(0) == 0 {
+            return false;
+        }
+        let r = p[0].revents;
+        r & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0
+            || (r & libc::POLLRDHUP != 0 && sys::readable_bytes(c.client.as_raw_fd()) == 0)
+    }
+
     fn on_watched(&mut self, idx: u32, generation: u32, side: Side, revents: i16) {
         let slot = &self.slots[idx as usize];
         // An earlier entry's close may have freed (and a completion reused) this slot.

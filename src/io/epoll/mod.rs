@@ -90,6 +90,10 @@ pub struct Epoll {
     timers: Vec<(Token, Duration, Instant)>,
     /// Connect deadlines: (when, fd, sequence).
     deadlines: BinaryHeap<Reverse<(Instant, RawFd, u32)>>,
+    /// At this many entries the heap drops those of finished connects (which otherwise stay
+    /// until their timeout comes due: an hour's worth of short connections with a long
+    /// `connect_timeout`). Doubles with what stays, so the work is amortised.
+    compact_at: usize,
     next_seq: u32,
     recv: RecvSets,
     recvs: Vec<RecvWait>,
@@ -111,6 +115,7 @@ impl Epoll {
             timespecs: Vec::new(),
             timers: Vec::new(),
             deadlines: BinaryHeap::new(),
+            compact_at: COMPACT_MIN,
             next_seq: 0,
             recv: RecvSets::default(),
             recvs: Vec::new(),
@@ -321,6 +326,24 @@ impl Epoll {
     }
 }
 
+/// The deadline heap is compacted from this size on.
+const COMPACT_MIN: usize = 1024;
+
+impl Epoll {
+    /// Keeps only the deadlines of connects still in progress.
+    fn compact_deadlines(&mut self) {
+        let mut v = std::mem::take(&mut self.deadlines).into_vec();
+        v.retain(|Reverse((_, fd, seq))| {
+            self.fds
+                .get(*fd as usize)
+                .is_some_and(|st| st.connect != 0 && st.connect_seq == *seq)
+        });
+        v.shrink_to(v.len() * 2);
+        self.compact_at = (v.len() * 2).max(COMPACT_MIN);
+        self.deadlines = BinaryHeap::from(v);
+    }
+}
+
 /// The pending error of a socket (0: connected).
 fn so_error(fd: RawFd) -> i32 {
     let mut err: libc::c_int = 0;
@@ -404,6 +427,9 @@ impl Driver for Epoll {
         st.connect_seq = seq;
         let at = Instant::now() + self.timespecs[timeout.0];
         self.deadlines.push(Reverse((at, fd, seq)));
+        if self.deadlines.len() >= self.compact_at {
+            self.compact_deadlines();
+        }
         self.arm(fd);
     }
 
