@@ -602,8 +602,10 @@ fn a_udp_flood_beyond_max_flows_is_bounded_and_drains() {
         most = most.max(flows);
         assert!(most <= 64.0, "{io}: {most} flows kept, max_flows is 64");
         let sockets_now = lb.fd_counts().0;
+        // (+2: the admin connections of the scrapes above, which the admin server may not have
+        // closed yet; the baseline was taken before any.)
         assert!(
-            sockets_now <= base + 64,
+            sockets_now <= base + 64 + 2,
             "{io}: {sockets_now} sockets with max_flows 64 (baseline {base})"
         );
         let refused = metric_sum(&m, "ringlb_udp_flows_refused_total", &[("listener", "dns")]);
