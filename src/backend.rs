@@ -68,6 +68,9 @@ pub struct BackendStats {
     /// When the backend was removed from its listener by a reload (ms since the process epoch,
     /// +1 so that 0 means "present"). Workers close its connections `drain_timeout` later.
     removed_at: AtomicU64,
+    /// Since when the backend is drained or not ready (ms since the process epoch, +1; 0: it
+    /// is not). `drain_mode = "postgres"` closes its sessions at idle from then on.
+    winding_down: AtomicU64,
 }
 
 /// Counters the control plane keeps per backend (health checks, flips, ejections).
@@ -90,6 +93,7 @@ impl BackendStats {
             workers: (0..workers.max(1)).map(|_| Padded::default()).collect(),
             control: ControlCounters::default(),
             removed_at: AtomicU64::new(0),
+            winding_down: AtomicU64::new(0),
             up: std::sync::atomic::AtomicBool::new(true),
         }
     }
@@ -115,6 +119,29 @@ impl BackendStats {
         match self.removed_at.load(Ordering::Relaxed) {
             0 => None,
             t => Some(t - 1),
+        }
+    }
+
+    /// The backend is drained or not ready (`true`) as of `now_ms`, or eligible again; the
+    /// first time of a run of `true`s is kept (control plane, on every publish).
+    pub fn set_winding_down(&self, winding_down: bool, now_ms: u64) {
+        if !winding_down {
+            self.winding_down.store(0, Ordering::Relaxed);
+        } else if self.winding_down.load(Ordering::Relaxed) == 0 {
+            self.winding_down.store(now_ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when this backend takes no new connections but keeps its open ones (drained, not
+    /// ready, or removed by a reload; ms since the process epoch), if it does.
+    pub fn winding_down_since(&self) -> Option<u64> {
+        let w = match self.winding_down.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        };
+        match (w, self.removed_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -191,7 +218,7 @@ pub struct ListenerWorkerCounters {
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
 /// `CloseReason` to an index with `close_index`).
-pub const CLOSE_REASONS: [&str; 17] = [
+pub const CLOSE_REASONS: [&str; 18] = [
     "client_eof",
     "backend_eof",
     "client_reset",
@@ -209,6 +236,7 @@ pub const CLOSE_REASONS: [&str; 17] = [
     "client_aborted",
     "over_limit",
     "untrusted_proxy",
+    "drain_idle",
 ];
 
 /// Per-listener counters, outside snapshots, per worker.

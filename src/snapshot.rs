@@ -42,6 +42,9 @@ pub struct Settings {
     pub drain_timeout: Option<Duration>,
     /// Close open connections to a backend once it is marked down (`on_backend_down = "close"`).
     pub close_on_backend_down: bool,
+    /// `drain_mode = "postgres"`: follow each connection's PostgreSQL framing and close a
+    /// session of a drained, not ready or removed backend when it goes idle.
+    pub drain_postgres: bool,
     /// UDP: flows per listener (each worker takes its share).
     pub max_flows: u32,
 }

@@ -643,7 +643,7 @@ fn all_backends_down_closes_clients_at_once_and_fails_readiness() {
     let (status, body) = http_get(admin, "/readyz");
     assert_eq!(status, 503, "/readyz with every backend down: {body}");
     assert!(
-        body.contains("listener \"web\": no healthy backend (0/2 up)"),
+        body.contains("listener \"web\": no healthy backend (0/2 up: 2 down)"),
         "/readyz reason: {body:?}"
     );
     let (status, body) = http_get(admin, "/livez");

@@ -90,6 +90,10 @@ fn ready_check_flips_move_new_connections_and_keep_open_ones() {
     await_state(&lb, "web", b.addr(), "not_ready", SLACK);
     let (code, body) = http_get(adm, "/readyz");
     assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("listener \"web\": no healthy backend (0/2 up: 2 not_ready)"),
+        "/readyz names the state: {body:?}"
+    );
     let m = scrape(adm);
     let lbl = |st: &str, who: SocketAddr| {
         metric(

@@ -210,6 +210,24 @@ fn liveness_at(state: &AdminState, now_ms: u64) -> (bool, String) {
     }
 }
 
+/// Why the backends that are not up are not: `": 2 not_ready, 1 down"` (states in their
+/// `BackendState::ALL` order, those with none left out).
+fn not_up_states(members: &[crate::snapshot::Member]) -> String {
+    use crate::snapshot::BackendState;
+    let mut out = String::new();
+    for state in BackendState::ALL {
+        let n = members
+            .iter()
+            .filter(|m| m.state == state && !m.up)
+            .count();
+        if n > 0 && state != BackendState::Up {
+            out += if out.is_empty() { ": " } else { ", " };
+            out += &format!("{n} {}", state.name());
+        }
+    }
+    out
+}
+
 /// Ready = every listener is bound and has at least one backend up.
 pub fn readiness(state: &AdminState) -> (bool, String) {
     let mut problems = Vec::new();
@@ -225,9 +243,10 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
         let up = snap.up_count();
         if up == 0 {
             problems.push(format!(
-                "listener \"{}\": no healthy backend (0/{} up)",
+                "listener \"{}\": no healthy backend (0/{} up{})",
                 l.name,
-                snap.members.len()
+                snap.members.len(),
+                not_up_states(&snap.members)
             ));
         }
     }
@@ -320,6 +339,30 @@ mod tests {
         s.draining.store(true, Ordering::SeqCst);
         let (ok, text) = readiness(&s);
         assert!(!ok && text.contains("draining"), "{text}");
+    }
+
+    #[test]
+    fn not_ready_names_the_states_of_the_backends() {
+        use crate::snapshot::{BackendState, Member};
+        let member = |port: u16, state: BackendState| {
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            Member {
+                address,
+                weight: 1,
+                up: state == BackendState::Up,
+                state,
+                ramp_percent: 100,
+                max_connections: None,
+                stats: Arc::new(crate::backend::BackendStats::new(address, 1)),
+            }
+        };
+        let members = [
+            member(1, BackendState::NotReady),
+            member(2, BackendState::Down),
+            member(3, BackendState::NotReady),
+        ];
+        assert_eq!(not_up_states(&members), ": 2 not_ready, 1 down");
+        assert_eq!(not_up_states(&members[..0]), "");
     }
 
     #[test]

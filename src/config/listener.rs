@@ -170,6 +170,17 @@ pub(super) fn validate_listener(
             ))
         }
     };
+    let drain_postgres = match raw.drain_mode.as_deref() {
+        None | Some("tcp") => false,
+        Some("postgres") => true,
+        Some(s) => {
+            return Err(invalid(
+                scope,
+                "drain_mode",
+                format!("{s:?} is not a drain mode (expected \"tcp\" or \"postgres\")"),
+            ))
+        }
+    };
     let tcp_keepalive = validate_keepalive(scope, raw.tcp_keepalive)?;
     let queue_timeout = match raw.queue_timeout {
         None => DEFAULT_QUEUE_TIMEOUT,
@@ -242,6 +253,7 @@ pub(super) fn validate_listener(
         access_log,
         drain_timeout,
         close_on_backend_down,
+        drain_postgres,
         tcp_keepalive,
         queue_timeout,
         proxy_protocol,
@@ -276,6 +288,7 @@ fn check_transport_fields(
                     raw.max_connections.map(|n| n.to_string()),
                 ),
                 ("on_backend_down".into(), quoted(&raw.on_backend_down)),
+                ("drain_mode".into(), quoted(&raw.drain_mode)),
                 ("tcp_keepalive".into(), quoted(&raw.tcp_keepalive)),
                 ("queue_timeout".into(), quoted(&raw.queue_timeout)),
                 ("proxy_protocol".into(), quoted(&raw.proxy_protocol)),

@@ -171,6 +171,13 @@ pub struct Listener {
     /// `close_connections_on_host_health_failure`) closes them within a scan period, so that
     /// clients of a demoted database primary reconnect to the healthy one.
     pub close_on_backend_down: bool,
+    /// TCP only (`drain_mode`): `false` (`"tcp"`, the default) lets the connections of a
+    /// drained or not ready backend run until they end (a removed one's until
+    /// `drain_timeout`); `true` (`"postgres"`) reads the PostgreSQL framing of what is
+    /// forwarded and closes each such connection when its session is idle (a `ReadyForQuery`
+    /// with status `I`), bounded by `drain_timeout` for sessions that never go idle or are
+    /// encrypted. Every byte is then copied, never spliced.
+    pub drain_postgres: bool,
     /// TCP keepalive on both legs (client and backend sockets): idle time before the first probe
     /// (`TCP_KEEPIDLE`), a whole number of seconds between 1s and [`MAX_TCP_KEEPALIVE`]; probe
     /// interval and count are derived from it by the data plane. Default
@@ -314,8 +321,13 @@ impl Config {
                 );
                 let _ = writeln!(
                     out,
-                    "  drain_timeout {drain_timeout}, on_backend_down {}, tcp_keepalive {}, \
+                    "  drain_timeout {drain_timeout}{}, on_backend_down {}, tcp_keepalive {}, \
                      queue_timeout {}, proxy_protocol {}, accept_proxy_protocol {}",
+                    if l.drain_postgres {
+                        ", drain_mode postgres"
+                    } else {
+                        ""
+                    },
                     if l.close_on_backend_down {
                         "close"
                     } else {

@@ -48,6 +48,8 @@ fn explicit_values() {
     assert_eq!(l.proxy_protocol_timeout, Duration::from_millis(500));
     assert!(parse(&web_with("on_backend_down = \"close\"")).close_on_backend_down);
     assert!(!parse(&web_with("on_backend_down = \"keep\"")).close_on_backend_down);
+    assert!(parse(&web_with("drain_mode = \"postgres\"")).drain_postgres);
+    assert!(!parse(&web_with("drain_mode = \"tcp\"")).drain_postgres);
     assert_eq!(
         parse(&web_with("proxy_protocol = \"v1\"")).proxy_protocol,
         Some(Version::V1)
@@ -161,6 +163,7 @@ fn examples_use_every_new_setting() {
     any("proxy_protocol", &|l| l.proxy_protocol.is_some());
     any("accept_proxy_protocol", &|l| l.accept_proxy_protocol);
     any("on_backend_down = \"close\"", &|l| l.close_on_backend_down);
+    any("drain_mode = \"postgres\"", &|l| l.drain_postgres);
 }
 
 #[test]
@@ -186,6 +189,11 @@ fn bad_values_name_listener_field_and_value() {
             web_with("on_backend_down = \"shutdown\""),
             "listener \"web\": field \"on_backend_down\": \"shutdown\" is not a policy \
              (expected \"keep\" or \"close\")",
+        ),
+        (
+            web_with("drain_mode = \"pgbouncer\""),
+            "listener \"web\": field \"drain_mode\": \"pgbouncer\" is not a drain mode \
+             (expected \"tcp\" or \"postgres\")",
         ),
         (
             web_with("drain_timeout = \"forever\""),

@@ -69,6 +69,7 @@ pub struct RawListener {
     #[serde(default, deserialize_with = "duration_text")]
     pub drain_timeout: Option<String>,
     pub on_backend_down: Option<String>,
+    pub drain_mode: Option<String>,
     #[serde(default, deserialize_with = "duration_text")]
     pub tcp_keepalive: Option<String>,
     #[serde(default, deserialize_with = "duration_text")]

@@ -148,6 +148,7 @@ fn defaults_applied() {
         access_log: false,
         drain_timeout: None,
         close_on_backend_down: false,
+        drain_postgres: false,
         tcp_keepalive: Some(Duration::from_secs(60)),
         queue_timeout: Duration::from_secs(5),
         proxy_protocol: None,

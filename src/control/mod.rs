@@ -496,6 +496,12 @@ fn build_snapshot(
                 _ if weight == 0 => BackendState::Drained,
                 _ => BackendState::Up,
             };
+            // Live but taking no new connections: drain_mode = "postgres" closes its sessions
+            // as they go idle, from the first publish that says so.
+            stats.set_winding_down(
+                matches!(state, BackendState::NotReady | BackendState::Drained),
+                crate::backend::process_ms(),
+            );
             let ramp_percent = health.ramp(&l.name, b.address, up && weight > 0);
             Member {
                 address: b.address,
@@ -556,6 +562,7 @@ fn build_snapshot(
             proxy_trusted: l.accept_proxy_protocol_from.as_deref().map(Arc::from),
             drain_timeout: l.drain_timeout,
             close_on_backend_down: l.close_on_backend_down,
+            drain_postgres: l.drain_postgres,
             max_flows: l.max_flows,
         },
         tables,

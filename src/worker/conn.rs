@@ -80,6 +80,9 @@ pub struct Flow {
     /// The last ring receive filled its buffer: read on inline (a copy, which may then decide
     /// for splice) rather than wait in the ring again.
     ring_full: bool,
+    /// Every byte must pass through the worker's memory (copy or ring receive, never splice):
+    /// `drain_mode = "postgres"` reads the protocol's framing from them.
+    pub see_bytes: bool,
     /// Total bytes forwarded to the destination.
     pub bytes: u64,
 }
@@ -97,6 +100,7 @@ impl Flow {
             pending: 0,
             last_in: 0,
             ring_full: false,
+            see_bytes: false,
             bytes: 0,
         }
     }
@@ -141,9 +145,9 @@ impl Flow {
     /// Small messages are copied (recv into the worker's scratch, send straight on) rather
     /// than spliced: for a few hundred bytes two copies cost less than moving page references
     /// through a pipe. A flow copies until a read fills the scratch (a stream), then splices
-    /// until a splice-in comes back small.
+    /// until a splice-in comes back small. A flow that must see its bytes always copies.
     pub fn wants_copy(&self) -> bool {
-        self.pending == 0 && (self.last_in < COPY_BELOW || self.ring_full)
+        self.pending == 0 && (self.see_bytes || self.last_in < COPY_BELOW || self.ring_full)
     }
 
     /// A copy step: `read` bytes (0 = EOF, or -errno) were read from the source into the
@@ -297,6 +301,9 @@ pub enum CloseReason {
     OverLimit,
     /// `accept_proxy_protocol_from`: the peer is not a trusted proxy.
     UntrustedProxy,
+    /// `drain_mode = "postgres"`: the backend is draining and the session went idle (between
+    /// transactions); both sides see a clean close.
+    DrainIdle,
 }
 
 impl CloseReason {
@@ -319,6 +326,7 @@ impl CloseReason {
             CloseReason::ClientAborted => "client gave up while waiting",
             CloseReason::OverLimit => "over max_connections (hold list full)",
             CloseReason::UntrustedProxy => "PROXY header from an untrusted peer",
+            CloseReason::DrainIdle => "drained at an idle session",
         }
     }
 
@@ -431,6 +439,24 @@ mod tests {
         assert_eq!(f.on_spliced_in(500), Step::SpliceOut(500));
         assert_eq!(f.on_spliced_out(500), Step::PollIn);
         assert!(f.wants_copy(), "small reads go back to copying");
+    }
+
+    #[test]
+    fn a_flow_that_sees_its_bytes_never_splices() {
+        let mut f = Flow::new();
+        f.see_bytes = true;
+        f.start();
+        f.on_readable(1);
+        assert!(f.wants_copy());
+        // A stream (full reads) stays on the copy path.
+        assert_eq!(f.on_copied(16384, 16384, true), Step::SpliceIn);
+        assert!(f.wants_copy());
+        f.on_ring_read(4096, true);
+        assert_eq!(f.on_ring_sent(4096), Some(Step::SpliceIn));
+        assert!(f.wants_copy());
+        // Bytes parked in the pipe (already seen) are spliced out first.
+        assert_eq!(f.on_copied(1000, 400, false), Step::PollOut);
+        assert!(!f.wants_copy());
     }
 
     #[test]
@@ -571,6 +597,7 @@ mod tests {
             (CloseReason::ClientAborted, "client_aborted"),
             (CloseReason::OverLimit, "over_limit"),
             (CloseReason::UntrustedProxy, "untrusted_proxy"),
+            (CloseReason::DrainIdle, "drain_idle"),
         ];
         assert_eq!(all.len(), CLOSE_REASONS.len());
         for (r, label) in all {

@@ -14,6 +14,7 @@
 
 mod admission;
 pub mod conn;
+mod pgdrain;
 mod pipes;
 mod ringio;
 mod tcp;
@@ -291,6 +292,8 @@ struct Conn {
     deadline_ms: u64,
     /// Counted in the listener's shared open count (false while Held).
     counted: bool,
+    /// `drain_mode = "postgres"`: the session's framing, fed with every byte forwarded.
+    pg: Option<pgdrain::PgTracker>,
 }
 
 struct Slot {
@@ -320,7 +323,7 @@ struct Worker {
     free_recv_sets: Vec<crate::io::RecvSetId>,
     /// Per-listener (drain timeout, removed at, close on backend down) for the timeout scan,
     /// reused.
-    scan_buf: Vec<(Option<u64>, Option<u64>, bool)>,
+    scan_buf: Vec<(Option<u64>, Option<u64>, bool, bool)>,
     /// The peer watch's poll set and what each entry names (slot, generation, side), reused.
     watch_fds: Vec<libc::pollfd>,
     watch_who: Vec<(u32, u32, conn::Side)>,

@@ -56,6 +56,9 @@ impl Worker {
             Some(bid) if res > 0 => {
                 let n = res as u32;
                 conn.last_active_ms = now;
+                if let Some(pg) = conn.pg.as_mut() {
+                    pg.forwarded(d, self.io.buffer_data(bid, 0, n));
+                }
                 conn.flows[di].on_ring_read(n, n >= size);
                 conn.ring_bufs[di] = Some(RingBuf {
                     bid,

@@ -6,6 +6,7 @@
 //! when enabled by the operator, is the one info line per closed connection).
 
 use super::conn::{CloseReason, Dir, Flow, Side, Step};
+use super::pgdrain::PgTracker;
 use super::{Conn, Shortage, Slot, Stage, Worker, MAX_CONNECT_ATTEMPTS};
 use crate::backend::{bump, BackendStats};
 use crate::io::{Completion, Driver, Op, Token};
@@ -83,6 +84,7 @@ impl Worker {
             opened_ms: self.now_ms,
             deadline_ms: 0,
             counted: !over,
+            pg: None,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -281,8 +283,14 @@ impl Worker {
                 conn.client_addr, conn.backend_addr, conn.attempts
             );
             let li = conn.listener as usize;
-            let send_proxy = self.listeners[li].reader.load().settings.send_proxy;
+            let settings = &self.listeners[li].reader.load().settings;
+            let (send_proxy, drain_postgres) = (settings.send_proxy, settings.drain_postgres);
             let conn = self.slots[idx as usize].conn.as_mut().expect("live");
+            if drain_postgres {
+                // Every byte through the worker's memory, where the framing is read.
+                conn.pg = Some(PgTracker::new());
+                conn.flows.iter_mut().for_each(|f| f.see_bytes = true);
+            }
             if let Some(version) = send_proxy {
                 if !send_proxy_header(conn, version) {
                     self.close_conn(idx, CloseReason::BackendReset);
@@ -375,6 +383,9 @@ impl Worker {
                     };
                     if read > 0 {
                         conn.last_active_ms = now;
+                        if let Some(pg) = conn.pg.as_mut() {
+                            pg.forwarded(d, &copy_buf[..read as usize]);
+                        }
                         let sent_ok = sent.max(0);
                         count_bytes(&conn.member, wid, d, sent_ok);
                         if sent_ok < read && (sent >= 0 || sent == -libc::EAGAIN) {
@@ -425,6 +436,16 @@ impl Worker {
                 Step::SpliceIn | Step::SpliceOut(_) => {
                     // Budget spent with data likely waiting: let the ring report readiness.
                     step = conn.flows[di].yield_to_ring(step);
+                }
+                Step::PollIn
+                    if d == Dir::Down
+                        && conn.pg.as_ref().is_some_and(PgTracker::is_idle)
+                        && conn.member.as_ref().is_some_and(|m| m.winding_down_since().is_some()) =>
+                {
+                    // Everything the backend sent (its ReadyForQuery last) is with the client,
+                    // the session is idle and the backend is being drained: close here.
+                    pool.release(&mut conn.pipes[di]);
+                    break Some(CloseReason::DrainIdle);
                 }
                 Step::PollIn => {
                     pool.release(&mut conn.pipes[di]);
@@ -519,6 +540,12 @@ impl Worker {
         }
         if let (true, Some(b)) = (reset_backend, &conn.backend) {
             sys::set_linger_zero(b.as_fd());
+        }
+        if let (CloseReason::DrainIdle, Some(b)) = (reason, &conn.backend) {
+            // The session is idle: end it as a client would (Terminate), so the server logs
+            // no lost connection, and let the client see its EOF at once.
+            let _ = sys::send_nb(b.as_raw_fd(), &super::pgdrain::TERMINATE);
+            self.io.shutdown_write(conn.client.as_fd());
         }
         if conn.inflight == 0 {
             self.finalize(idx);

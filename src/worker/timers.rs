@@ -4,6 +4,7 @@
 //! Must not: block or allocate on the tick (the scan reuses its buffer).
 
 use super::conn::CloseReason;
+use super::pgdrain::PgTracker;
 use super::{Stage, Worker, DRAIN, HARD_STOP, SCAN_MS, TICK};
 use crate::backend::process_ms;
 use crate::io::{Completion, Driver, Op, Token};
@@ -81,13 +82,19 @@ impl Worker {
     /// drain timeout of a removed listener or a removed backend.
     pub(super) fn scan_timeouts(&mut self) {
         let now_process = process_ms();
-        // Per listener: (drain timeout in ms, removed at, close on backend down).
+        // Per listener: (drain timeout in ms, removed at, close on backend down, drain_mode
+        // postgres).
         let mut per_listener = std::mem::take(&mut self.scan_buf);
         per_listener.clear();
         per_listener.extend(self.listeners.iter_mut().map(|l| {
             let settings = &l.reader.load().settings;
             let drain = settings.drain_timeout.map(|d| d.as_millis() as u64);
-            (drain, l.removed_at_ms, settings.close_on_backend_down)
+            (
+                drain,
+                l.removed_at_ms,
+                settings.close_on_backend_down,
+                settings.drain_postgres,
+            )
         }));
         for idx in 0..self.slots.len() as u32 {
             let Some(c) = &self.slots[idx as usize].conn else {
@@ -96,7 +103,8 @@ impl Worker {
             if c.closing {
                 continue;
             }
-            let (drain, listener_removed, close_on_down) = per_listener[c.listener as usize];
+            let (drain, listener_removed, close_on_down, drain_postgres) =
+                per_listener[c.listener as usize];
             let reason = match c.stage {
                 Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
                 Stage::Queued | Stage::Held if self.now_ms >= c.deadline_ms => {
@@ -112,9 +120,24 @@ impl Worker {
                         };
                     let backend_down =
                         close_on_down && c.member.as_ref().is_some_and(|m| !m.is_up());
-                    if idle {
+                    // drain_mode = "postgres": a session of a backend that is drained, not
+                    // ready or removed closes when idle with nothing in flight, or at the
+                    // drain timeout if it never is (an encrypted one never is).
+                    let pg_since = c
+                        .member
+                        .as_ref()
+                        .filter(|_| drain_postgres && c.pg.is_some())
+                        .and_then(|m| m.winding_down_since());
+                    let pg_idle = pg_since.is_some()
+                        && c.pg.as_ref().is_some_and(PgTracker::is_idle)
+                        && c.flows.iter().all(|f| f.pending == 0)
+                        && c.ring_bufs.iter().all(Option::is_none);
+                    let pg_timed_out = matches!((drain, pg_since), (Some(d), Some(t)) if now_process >= t + d);
+                    if pg_idle {
+                        Some(CloseReason::DrainIdle)
+                    } else if idle {
                         Some(CloseReason::IdleTimeout)
-                    } else if listener_drained || backend_drained {
+                    } else if listener_drained || backend_drained || pg_timed_out {
                         Some(CloseReason::Draining)
                     } else if backend_down {
                         Some(CloseReason::BackendDown)
