@@ -351,6 +351,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn winding_down_keeps_its_first_time_and_counts_a_removal() {
+        let b = BackendStats::new("127.0.0.1:1".parse().unwrap(), 1);
+        assert_eq!(b.winding_down_since(), None);
+        b.set_winding_down(true, 0);
+        b.set_winding_down(true, 500);
+        assert_eq!(b.winding_down_since(), Some(0), "the first publish that said so");
+        b.set_winding_down(false, 600);
+        assert_eq!(b.winding_down_since(), None);
+        b.set_removed(Some(700));
+        assert_eq!(b.winding_down_since(), Some(700));
+        b.set_winding_down(true, 800);
+        assert_eq!(b.winding_down_since(), Some(700), "the earlier of the two");
+    }
+
+    #[test]
     fn registry_keeps_counters_by_address() {
         let r = Registry::new(2);
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();

@@ -200,16 +200,27 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
 
     // Round robin: half the sessions on each cluster, all running transactions.
     let active = |who: SocketAddr| {
-        per_backend(&scrape(admin), "ringlb_active_connections", LISTENER, &[who])[0]
-            .unwrap_or(0.0)
+        per_backend(
+            &scrape(admin),
+            "ringlb_active_connections",
+            LISTENER,
+            &[who],
+        )[0]
+        .unwrap_or(0.0)
     };
     let spread = wait_until(Duration::from_secs(10), || {
         active(a.addr()) >= 1.0 && active(b.addr()) >= 1.0
     });
     std::thread::sleep(Duration::from_millis(500));
     let on_b = active(b.addr());
-    assert!(spread && on_b >= 1.0, "sessions on b before the drain: {on_b}");
-    let committed_before: usize = reports.iter().map(|r| r.lock().unwrap().committed.len()).sum();
+    assert!(
+        spread && on_b >= 1.0,
+        "sessions on b before the drain: {on_b}"
+    );
+    let committed_before: usize = reports
+        .iter()
+        .map(|r| r.lock().unwrap().committed.len())
+        .sum();
     assert!(committed_before > 0, "no transaction before the drain");
 
     let t_drain = Instant::now();
@@ -245,8 +256,15 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
     );
     assert!(failed.is_empty(), "failed transactions: {failed:?}");
     // Each session of b was closed between transactions, by ringlb, and replaced.
-    assert!(idle_closes >= on_b, "drain_idle {idle_closes} < {on_b} sessions on b");
-    assert_eq!(f64::from(reconnects), idle_closes, "one reconnect per idle close");
+    assert!(
+        idle_closes >= on_b,
+        "drain_idle {idle_closes} < {on_b} sessions on b"
+    );
+    assert_eq!(
+        f64::from(reconnects),
+        idle_closes,
+        "one reconnect per idle close"
+    );
     for reason in ["draining", "backend_reset", "client_reset", "idle_timeout"] {
         assert_eq!(closes(admin, reason), 0.0, "closes with reason {reason}");
     }
@@ -265,7 +283,11 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
         after.iter().filter(|p| **p != a.port()).count()
     );
     assert_eq!(active(b.addr()), 0.0);
-    assert_eq!(active(a.addr()), 0.0, "the clients closed when they stopped");
+    assert_eq!(
+        active(a.addr()),
+        0.0,
+        "the clients closed when they stopped"
+    );
 }
 
 /// A fake backend: answers an SSLRequest with `answer`, then (whatever follows) sends a
@@ -321,7 +343,9 @@ fn wait_closed(s: &mut TcpStream) -> (Duration, bool) {
         match s.read(&mut buf) {
             Ok(0) => return (t.elapsed(), true),
             Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
                 panic!("not closed within 10 s")
             }
             Err(_) => return (t.elapsed(), false),
@@ -352,7 +376,10 @@ fn an_encrypted_session_falls_back_to_drain_timeout() {
     // The readable session was already idle: closed within a scan, cleanly.
     let (after, clean) = wait_closed(&mut p);
     assert!(clean, "the plain session was reset, not closed");
-    assert!(after < Duration::from_millis(1200), "plain closed after {after:?}");
+    assert!(
+        after < Duration::from_millis(1200),
+        "plain closed after {after:?}"
+    );
     // The encrypted one looked idle to a naive reader, but is not read: drain_timeout.
     let (after, _) = wait_closed(&mut t);
     assert!(
@@ -361,10 +388,21 @@ fn an_encrypted_session_falls_back_to_drain_timeout() {
     );
     let s = scrape(admin);
     let count = |l: &str, reason: &str| {
-        metric(&s, "ringlb_closes_total", &[("listener", l), ("reason", reason)]).unwrap_or(0.0)
+        metric(
+            &s,
+            "ringlb_closes_total",
+            &[("listener", l), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
     };
-    assert_eq!((count("plain", "drain_idle"), count("plain", "draining")), (1.0, 0.0));
-    assert_eq!((count("tls", "drain_idle"), count("tls", "draining")), (0.0, 1.0));
+    assert_eq!(
+        (count("plain", "drain_idle"), count("plain", "draining")),
+        (1.0, 0.0)
+    );
+    assert_eq!(
+        (count("tls", "drain_idle"), count("tls", "draining")),
+        (0.0, 1.0)
+    );
     drop((p, t));
     plain_h.join().unwrap();
     tls_h.join().unwrap();

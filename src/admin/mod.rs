@@ -216,10 +216,7 @@ fn not_up_states(members: &[crate::snapshot::Member]) -> String {
     use crate::snapshot::BackendState;
     let mut out = String::new();
     for state in BackendState::ALL {
-        let n = members
-            .iter()
-            .filter(|m| m.state == state && !m.up)
-            .count();
+        let n = members.iter().filter(|m| m.state == state && !m.up).count();
         if n > 0 && state != BackendState::Up {
             out += if out.is_empty() { ": " } else { ", " };
             out += &format!("{n} {}", state.name());

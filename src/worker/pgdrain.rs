@@ -98,7 +98,10 @@ impl Framer {
                 return (take, Some(Event::Bad));
             }
             self.left = len - 8;
-            (take, Some(Event::Untyped(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))))
+            (
+                take,
+                Some(Event::Untyped(u32::from_be_bytes([h[4], h[5], h[6], h[7]]))),
+            )
         }
     }
 

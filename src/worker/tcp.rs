@@ -440,7 +440,10 @@ impl Worker {
                 Step::PollIn
                     if d == Dir::Down
                         && conn.pg.as_ref().is_some_and(PgTracker::is_idle)
-                        && conn.member.as_ref().is_some_and(|m| m.winding_down_since().is_some()) =>
+                        && conn
+                            .member
+                            .as_ref()
+                            .is_some_and(|m| m.winding_down_since().is_some()) =>
                 {
                     // Everything the backend sent (its ReadyForQuery last) is with the client,
                     // the session is idle and the backend is being drained: close here.

@@ -132,7 +132,8 @@ impl Worker {
                         && c.pg.as_ref().is_some_and(PgTracker::is_idle)
                         && c.flows.iter().all(|f| f.pending == 0)
                         && c.ring_bufs.iter().all(Option::is_none);
-                    let pg_timed_out = matches!((drain, pg_since), (Some(d), Some(t)) if now_process >= t + d);
+                    let pg_timed_out =
+                        matches!((drain, pg_since), (Some(d), Some(t)) if now_process >= t + d);
                     if pg_idle {
                         Some(CloseReason::DrainIdle)
                     } else if idle {
