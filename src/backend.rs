@@ -356,7 +356,11 @@ mod tests {
         assert_eq!(b.winding_down_since(), None);
         b.set_winding_down(true, 0);
         b.set_winding_down(true, 500);
-        assert_eq!(b.winding_down_since(), Some(0), "the first publish that said so");
+        assert_eq!(
+            b.winding_down_since(),
+            Some(0),
+            "the first publish that said so"
+        );
         b.set_winding_down(false, 600);
         assert_eq!(b.winding_down_since(), None);
         b.set_removed(Some(700));

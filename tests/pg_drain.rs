@@ -293,6 +293,11 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
 /// A fake backend: answers an SSLRequest with `answer`, then (whatever follows) sends a
 /// ReadyForQuery(I) after each chunk the client sends, and holds the connection open.
 fn fake_backend(answer: u8) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    fake_backend_with(answer, b'I')
+}
+
+/// [`fake_backend`] whose ReadyForQuery carries `status` (`T`: a session in a transaction).
+fn fake_backend_with(answer: u8, status: u8) -> (SocketAddr, std::thread::JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let h = std::thread::spawn(move || {
@@ -307,7 +312,7 @@ fn fake_backend(answer: u8) -> (SocketAddr, std::thread::JoinHandle<()>) {
             }
             // After 'N' this is a plain startup answered by an idle session; after 'S' the
             // same bytes are TLS records as far as ringlb may know.
-            let _ = s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
+            let _ = s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, status]);
         }
     });
     (addr, h)
@@ -331,7 +336,7 @@ fn negotiated_session(addr: SocketAddr, expect: u8) -> TcpStream {
     s.write_all(&startup_message()).unwrap();
     let mut answer = [0u8; 15];
     s.read_exact(&mut answer).unwrap();
-    assert_eq!(&answer[9..], &[b'Z', 0, 0, 0, 5, b'I']);
+    assert_eq!(&answer[9..14], &[b'Z', 0, 0, 0, 5]);
     s
 }
 
@@ -406,4 +411,58 @@ fn an_encrypted_session_falls_back_to_drain_timeout() {
     drop((p, t));
     plain_h.join().unwrap();
     tls_h.join().unwrap();
+}
+
+#[test]
+fn a_backend_removed_by_reload_loses_idle_sessions_at_once_and_busy_ones_at_drain_timeout() {
+    let (idle, idle_h) = fake_backend_with(b'N', b'I');
+    let (busy, busy_h) = fake_backend_with(b'N', b'T');
+    let cfg = |name: &str, b: SocketAddr| {
+        listener(name)
+            .backend(b)
+            .set("drain_mode", "\"postgres\"")
+            .set("drain_timeout", "\"1500ms\"")
+    };
+    let lb = Lb::start(&ringlb_config([cfg("idle", idle), cfg("busy", busy)]));
+    let admin = lb.admin_addr().expect("admin address");
+    let mut i = negotiated_session(lb.addr("idle"), b'N');
+    let mut b = negotiated_session(lb.addr("busy"), b'N');
+    // Both backends leave the file (a refusing address takes their place).
+    let elsewhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    common::ops::reload_ok(
+        &lb,
+        &ringlb_config([cfg("idle", elsewhere), cfg("busy", elsewhere)]),
+    );
+    let (after, clean) = wait_closed(&mut i);
+    assert!(clean, "the idle session was reset, not closed");
+    assert!(
+        after < Duration::from_millis(1200),
+        "idle closed after {after:?}"
+    );
+    // In a transaction (status T): kept until drain_timeout.
+    let (after, _) = wait_closed(&mut b);
+    assert!(
+        after >= Duration::from_millis(900),
+        "busy closed after {after:?}"
+    );
+    let s = scrape(admin);
+    let count = |l: &str, reason: &str| {
+        metric(
+            &s,
+            "ringlb_closes_total",
+            &[("listener", l), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (count("idle", "drain_idle"), count("idle", "draining")),
+        (1.0, 0.0)
+    );
+    assert_eq!(
+        (count("busy", "drain_idle"), count("busy", "draining")),
+        (0.0, 1.0)
+    );
+    drop((i, b));
+    idle_h.join().unwrap();
+    busy_h.join().unwrap();
 }
