@@ -466,3 +466,50 @@ fn a_backend_removed_by_reload_loses_idle_sessions_at_once_and_busy_ones_at_drai
     idle_h.join().unwrap();
     busy_h.join().unwrap();
 }
+
+#[test]
+fn a_backend_that_turns_not_ready_loses_its_idle_session() {
+    // The liveness and readiness checks go to an HTTP agent beside the fake server (as
+    // Patroni's REST API sits beside PostgreSQL); the fake server sees only the session.
+    let agent = common::http::HttpServer::start("agent");
+    agent.set("/ready", 200);
+    let (pg, pg_h) = fake_backend_with(b'N', b'I');
+    let health = format!(
+        "{{ interval = \"100ms\", timeout = \"100ms\", address = \"{a}\", ready = {{ \
+         interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1, address = \"{a}\", \
+         http = {{ path = \"/ready\" }} }} }}",
+        a = agent.addr()
+    );
+    let l = listener("pg")
+        .backend(pg)
+        .set("drain_mode", "\"postgres\"")
+        .set("health", &health)
+        .set("passive", "{ consecutive_failures = 0 }");
+    let lb = Lb::start(&ringlb_config([l]));
+    let admin = lb.admin_addr().expect("admin address");
+    let ready = wait_until(Duration::from_secs(5), || {
+        common::admin::http_get(admin, "/readyz").0 == 200
+    });
+    assert!(ready, "never ready: {}", lb.stderr_tail(20));
+    let mut s = negotiated_session(lb.addr("pg"), b'N');
+    agent.set("/ready", 503);
+    let (_, clean) = wait_closed(&mut s);
+    assert!(clean, "the idle session was reset, not closed");
+    let m = scrape(admin);
+    assert_eq!(
+        metric(
+            &m,
+            "ringlb_closes_total",
+            &[("listener", "pg"), ("reason", "drain_idle")]
+        ),
+        Some(1.0)
+    );
+    let (code, body) = common::admin::http_get(admin, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("listener \"pg\": no healthy backend (0/1 up: 1 not_ready)"),
+        "{body:?}"
+    );
+    drop(s);
+    pg_h.join().unwrap();
+}
