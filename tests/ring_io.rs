@@ -419,3 +419,101 @@ fn a_backend_reset_under_parked_ring_sends_resets_the_clients() {
     }
     lb.assert_fds_return(base, Duration::from_secs(3));
 }
+
+/// `n` UDP round trips of `size`-byte datagrams from one client through the LB to an echo
+/// backend: each reply is `NAME ` + the datagram, byte for byte.
+fn udp_ping_pong(lb: &Lb, n: usize, size: usize) {
+    let c = common::udp::UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+    for i in 0..n {
+        let msg = Pattern::bytes(i as u64, size);
+        c.exchange(lb.addr("u"), &msg, Duration::from_secs(5));
+    }
+}
+
+fn udp_lb(env: &[(&str, &str)], backend: std::net::SocketAddr, ring: bool) -> Lb {
+    let cfg = common::config::LbConfig::default()
+        .workers(1)
+        .listener(common::udp::udp_listener("u").backend(backend))
+        .to_toml();
+    // The suite's own RINGLB_IO_DISABLE must not switch the ring case off.
+    Lb::start_with(&cfg, env, |c| {
+        if ring {
+            c.env_remove("RINGLB_IO_DISABLE");
+        }
+    })
+}
+
+/// UDP replies come through the ring too (multishot receive into ring buffers): per datagram no
+/// `recvmmsg`, `recvfrom` or `recvmsg` on io_uring (client datagrams were in the ring already),
+/// against one `recvmmsg` per reply with `ring_udp` off and on epoll. Replies still leave in one
+/// `sendmmsg` per batch (here one per reply: one datagram in flight).
+#[test]
+fn udp_replies_make_no_recv_syscall_on_io_uring() {
+    let echo = common::udp::UdpEcho::start("e");
+    for (what, env, ring) in [
+        ("io_uring", vec![("RINGLB_IO", "io_uring")], true),
+        (
+            "io_uring without ring_udp",
+            vec![("RINGLB_IO", "io_uring"), ("RINGLB_IO_DISABLE", "ring_udp")],
+            false,
+        ),
+        ("epoll", vec![("RINGLB_IO", "epoll")], false),
+    ] {
+        let lb = udp_lb(&env, echo.addr(), ring);
+        if ring {
+            assert!(
+                lb.wait_for_log("ring udp recv", Duration::from_secs(1)),
+                "the io line lists ring udp recv: {}",
+                lb.stderr_tail(5)
+            );
+        }
+        // The flow exists before strace attaches.
+        udp_ping_pong(&lb, 1, 64);
+        let counts = syscalls_during(lb.pid(), || udp_ping_pong(&lb, TRIPS, 64));
+        eprintln!("{what}: {counts:?}");
+        let recvs: u64 = ["recvmmsg", "recvfrom", "recvmsg"]
+            .iter()
+            .map(|n| counts.get(*n).copied().unwrap_or(0))
+            .sum();
+        let sends = counts.get("sendmmsg").copied().unwrap_or(0);
+        if ring {
+            assert!(
+                recvs < 20,
+                "{what}: {TRIPS} round trips made {recvs} receive syscalls: {counts:?}"
+            );
+            assert!(
+                counts.get("io_uring_enter").copied().unwrap_or(0) > 0 && sends >= TRIPS as u64,
+                "{what}: strace saw the worker batch replies: {counts:?}"
+            );
+        } else {
+            assert!(
+                recvs >= TRIPS as u64,
+                "{what}: {recvs} receive syscalls for {TRIPS} round trips: {counts:?}"
+            );
+        }
+    }
+}
+
+/// Datagrams of every size up to the largest a reply can carry (the echo adds `e `), in a seeded
+/// order, on whichever backend the suite runs: every reply comes back whole (a ring buffer
+/// smaller than a datagram would cut it short).
+#[test]
+fn udp_datagrams_of_every_size_come_back_whole() {
+    let echo = common::udp::UdpEcho::start("e");
+    let lb = udp_lb(&[], echo.addr(), false);
+    let c = common::udp::UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+    let mut x = 0x9e37_79b9u64;
+    for i in 0..200u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let size = match i % 4 {
+            0 => 1 + (x % 100) as usize,
+            1 => 1 + (x % 4096) as usize,
+            2 => 60_000 + (x % 5_505) as usize,
+            _ => 65_505,
+        };
+        let msg = Pattern::bytes(i, size);
+        c.exchange(lb.addr("u"), &msg, Duration::from_secs(5));
+    }
+}

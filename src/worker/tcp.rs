@@ -255,6 +255,7 @@ impl Worker {
             | Op::AcceptCancel
             | Op::UdpRecv
             | Op::UdpPoll
+            | Op::UdpReply
             | Op::UdpCancel
             | Op::UdpSend
             | Op::Detached => return,

@@ -131,6 +131,7 @@ impl Worker {
         match op {
             Op::UdpRecv => self.on_udp_recv(c),
             Op::UdpPoll | Op::UdpCancel => self.on_flow_event(op, c),
+            Op::UdpReply => self.on_flow_reply(c),
             Op::UdpSend => self.on_flow_sent(c),
             _ => {}
         }
@@ -431,11 +432,75 @@ impl Worker {
             u.flows += 1;
         }
         self.link_front(idx);
-        let slot = &self.flows.slots[idx as usize];
-        let fd = slot.flow.as_ref().expect("just stored").socket.as_raw_fd();
-        let tok = Token::new(Op::UdpPoll, idx, slot.generation);
-        self.io.poll_multi(fd, libc::POLLIN as u32, tok);
+        self.arm_replies(idx);
         Some(idx)
+    }
+
+    /// Starts waiting for flow `idx`'s replies (its in-flight count already includes this): a
+    /// multishot ring receive where the driver has one, else a multishot poll.
+    fn arm_replies(&mut self, idx: u32) {
+        let slot = &self.flows.slots[idx as usize];
+        let fd = slot.flow.as_ref().expect("flow").socket.as_raw_fd();
+        let tok = Token::new(Op::UdpReply, idx, slot.generation);
+        if !self.io.recv_replies(fd, tok) {
+            let tok = Token::new(Op::UdpPoll, idx, slot.generation);
+            self.io.poll_multi(fd, libc::POLLIN as u32, tok);
+        }
+    }
+
+    /// A reply the ring received on a flow's upstream socket (into a ring buffer, which goes
+    /// back at once: the reply is copied into the outbox), or the end of that receive.
+    fn on_flow_reply(&mut self, c: Completion) {
+        let idx = c.token.index();
+        let bid = c.buffer();
+        let ended = !c.more();
+        if self.flow_of(&c).is_none() || self.flow_op_ended(idx, ended) {
+            if let Some(bid) = bid {
+                self.io.recycle_reply(bid);
+            }
+            return;
+        }
+        if let Some(bid) = bid {
+            if self.outbox.out.len() >= OUTBOX_SLOTS {
+                self.flush_replies();
+            }
+            let generation = self.flows.slots[idx as usize].generation;
+            let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
+            let at = self.outbox.out.len();
+            let data = self.io.reply_data(bid, c.result.max(0) as u32);
+            let len = data.len();
+            self.outbox.buf[at * MAX_DATAGRAM..at * MAX_DATAGRAM + len].copy_from_slice(data);
+            self.io.recycle_reply(bid);
+            self.outbox.out.push(crate::sys::OutDatagram {
+                offset: at * MAX_DATAGRAM,
+                len,
+                to: f.client,
+                from: f.local,
+            });
+            self.outbox.from.push((f.listener, idx, generation));
+            f.member.connect_succeeded();
+            self.touch(idx, self.now_ms);
+        } else if c.result < 0 && c.result != -libc::ENOBUFS {
+            let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
+            if c.result == -libc::ECONNREFUSED {
+                // ICMP port unreachable: the backend is not there (passive health).
+                f.member.connect_failed();
+            }
+            debug!(
+                "udp flow {}: upstream {}: {}",
+                f.client,
+                f.member.address,
+                std::io::Error::from_raw_os_error(-c.result)
+            );
+            self.close_flow(idx);
+            return;
+        }
+        if ended {
+            // Out of buffers (the replies wait in the socket), or the kernel stopped it: again.
+            let f = self.flows.slots[idx as usize].flow.as_mut().expect("flow");
+            f.inflight += 1;
+            self.arm_replies(idx);
+        }
     }
 
     /// Upstream sockets UDP flows may hold on this worker: its share of half the descriptor

@@ -558,6 +558,17 @@ impl Driver for Epoll {
         0
     }
 
+    /// No buffer ring here: the worker polls and takes replies with `recvmmsg`.
+    fn recv_replies(&mut self, _fd: RawFd, _token: Token) -> bool {
+        false
+    }
+
+    fn reply_data(&self, _bid: u16, _len: u32) -> &[u8] {
+        &[]
+    }
+
+    fn recycle_reply(&mut self, _bid: u16) {}
+
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         let st = self.state(fd);
         if st.multi == token.0 {
