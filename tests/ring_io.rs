@@ -517,3 +517,26 @@ fn udp_datagrams_of_every_size_come_back_whole() {
         c.exchange(lb.addr("u"), &msg, Duration::from_secs(5));
     }
 }
+
+/// With only 2 reply buffers (`RINGLB_UDP_RING_BUFS`), 40 clients at once keep running the
+/// flows' ring receives out of buffers (-ENOBUFS): the replies wait in their sockets and the
+/// worker re-arms, so every client still gets every reply, byte for byte.
+#[test]
+fn udp_replies_survive_an_exhausted_reply_ring() {
+    const CLIENTS: usize = 40;
+    const EACH: usize = 50;
+    let echo = common::udp::UdpEcho::start("e");
+    let lb = udp_lb(&[("RINGLB_UDP_RING_BUFS", "2")], echo.addr(), false);
+    let to = lb.addr("u");
+    std::thread::scope(|s| {
+        for i in 0..CLIENTS {
+            s.spawn(move || {
+                let c = common::udp::UdpClient::bind(common::udp::client_ip(40, i));
+                for seq in 0..EACH {
+                    let msg = Pattern::bytes((i * EACH + seq) as u64, 1 + (i * 37 + seq) % 1400);
+                    c.exchange(to, &msg, Duration::from_secs(5));
+                }
+            });
+        }
+    });
+}

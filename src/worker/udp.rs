@@ -496,10 +496,19 @@ impl Worker {
             return;
         }
         if ended {
-            // Out of buffers (the replies wait in the socket), or the kernel stopped it: again.
-            let f = self.flows.slots[idx as usize].flow.as_mut().expect("flow");
-            f.inflight += 1;
-            self.arm_replies(idx);
+            if c.result == -libc::ENOBUFS {
+                // Out of buffers: other flows' replies filled them between two reaps. This
+                // flow's waiting replies are taken by syscall once (re-arming alone would only
+                // meet the next -ENOBUFS while the burst lasts), then the ring takes over again.
+                self.drain_replies(idx);
+            }
+            let Some(f) = self.flows.slots[idx as usize].flow.as_mut() else {
+                return;
+            };
+            if !f.closing {
+                f.inflight += 1;
+                self.arm_replies(idx);
+            }
         }
     }
 

@@ -479,12 +479,13 @@ impl Driver for Ring {
             return false;
         }
         if self.dgrams.is_none() {
-            let r = BufRing::new(
-                &self.ring.submitter(),
-                DGRAM_BUFS,
-                DGRAM_BUF_SIZE,
-                DGRAM_BGID,
-            );
+            // RINGLB_UDP_RING_BUFS (a power of two): a debug knob for tests that exhaust them.
+            let count = std::env::var("RINGLB_UDP_RING_BUFS")
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok())
+                .filter(|n| n.is_power_of_two() && *n <= 32768)
+                .unwrap_or(DGRAM_BUFS);
+            let r = BufRing::new(&self.ring.submitter(), count, DGRAM_BUF_SIZE, DGRAM_BGID);
             match r {
                 Ok(b) => self.dgrams = Some(b),
                 Err(_) => {
