@@ -2,12 +2,14 @@
 //! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
 //! client address) maps each client to a connected upstream socket. A datagram goes upstream by
 //! an io_uring `SEND` straight from its receive buffer, with that buffer's next `recvmsg` linked
-//! behind it (one `io_uring_enter` for a batch of datagrams); the flow's replies (multishot
-//! poll, then non-blocking `recvmmsg` into the worker's outbox) go back to the client from the
-//! listener's socket, one `sendmmsg` per batch of completions. Flows expire after
+//! behind it (one `io_uring_enter` for a batch of datagrams); the flow's replies (a multishot
+//! ring `RECV` into provided buffers, copied into the worker's outbox; where the driver has
+//! none, a multishot poll, then non-blocking `recvmmsg` into the outbox) go back to the client
+//! from the listener's socket, one `sendmmsg` per batch of completions. Flows expire after
 //! `idle_timeout`; `max_flows` bounds the table by evicting the least recently used flow.
 //! Nothing is allocated per datagram.
-//! Must not: block, log per datagram, or free a flow's socket while a poll or send names it.
+//! Must not: block, log per datagram, free a flow's socket while a poll, receive or send names
+//! it, or keep a reply buffer past the completion that handed it over.
 
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
