@@ -150,6 +150,13 @@ pub trait Driver {
     fn reply_data(&self, bid: u16, len: u32) -> &[u8];
     /// Gives reply buffer `bid` back to the driver.
     fn recycle_reply(&mut self, bid: u16);
+    /// Sets socket options `(level, name, value)` on `fd` in the ring, where the driver can
+    /// (their completions, if any, carry [`Op::Detached`]; failures are ignored, as a
+    /// best-effort `setsockopt` would be): true. Only right before an operation on `fd` the
+    /// caller waits for (a connect): the ring starts entries in order, so the options are set
+    /// before it, and `fd` stays open until then. False, and nothing done, where it cannot:
+    /// the caller makes the syscalls.
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool;
     /// Ends the multishot poll `token` names on `fd` (its last completion says -ECANCELED);
     /// the cancel's own completion, if any, carries [`Op::Detached`].
     fn cancel_poll(&mut self, fd: RawFd, token: Token);
@@ -277,6 +284,9 @@ impl Driver for Io {
     }
     fn recycle_reply(&mut self, bid: u16) {
         each!(self, x => x.recycle_reply(bid))
+    }
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool {
+        each!(self, x => x.set_options(fd, opts))
     }
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         each!(self, x => x.cancel_poll(fd, token))

@@ -74,6 +74,9 @@ pub struct Features {
     /// Replies on UDP flow sockets received by a multishot ring `RECV` into provided buffers
     /// (6.0); else a multishot poll, then `recvmmsg`.
     pub ring_udp: bool,
+    /// Socket options of backend sockets as `URING_CMD` SQEs (`SOCKET_URING_OP_SETSOCKOPT`,
+    /// 6.7), in the same submission as the connect; else `setsockopt(2)` per option.
+    pub ring_sockopt: bool,
 }
 
 impl Features {
@@ -84,6 +87,7 @@ impl Features {
         ring_recv: true,
         ring_close: true,
         ring_udp: true,
+        ring_sockopt: true,
     };
 
     fn list(&self) -> Vec<&'static str> {
@@ -95,6 +99,7 @@ impl Features {
             (self.ring_recv, "ring recv/send"),
             (self.ring_close, "ring shutdown/close"),
             (self.ring_udp, "ring udp recv"),
+            (self.ring_sockopt, "ring setsockopt"),
         ] {
             v.push(if on { name } else { "" });
         }
@@ -121,6 +126,9 @@ impl Features {
         }
         if !self.ring_udp {
             v.push("ring udp recv (poll, then recvmmsg for UDP replies instead)");
+        }
+        if !self.ring_sockopt {
+            v.push("ring setsockopt (setsockopt syscalls for backend sockets instead)");
         }
         v
     }
@@ -232,6 +240,7 @@ fn disable_from_env(f: &mut Features) {
             "ring_recv" => f.ring_recv = false,
             "ring_close" => f.ring_close = false,
             "ring_udp" => f.ring_udp = false,
+            "ring_sockopt" => f.ring_sockopt = false,
             _ => {}
         }
     }
@@ -334,6 +343,7 @@ fn probe_uring() -> Result<Features, Unavailable> {
     let ring_close =
         probe.is_supported(opcode::Shutdown::CODE) && probe.is_supported(opcode::Close::CODE);
     let ring_udp = probe.is_supported(opcode::Recv::CODE) && probe_recv_multi(&mut ring)?;
+    let ring_sockopt = probe.is_supported(opcode::SetSockOpt::CODE) && probe_sockopt(&mut ring)?;
     Ok(Features {
         multishot_accept,
         multishot_timeout,
@@ -341,6 +351,7 @@ fn probe_uring() -> Result<Features, Unavailable> {
         ring_recv,
         ring_close,
         ring_udp,
+        ring_sockopt,
     })
 }
 
@@ -408,4 +419,23 @@ fn probe_recv_multi(ring: &mut IoUring) -> Result<bool, Unavailable> {
     let r = one_flags(ring, e, 7);
     cancel_all(ring, sock.as_raw_fd());
     Ok(r.is_some_and(|(res, flags)| res == 5 && io_uring::cqueue::more(flags)))
+}
+
+/// `SOCKET_URING_OP_SETSOCKOPT` (6.7) at the TCP level: TCP_NODELAY set through the ring on a
+/// fresh TCP socket reads back as set.
+fn probe_sockopt(ring: &mut IoUring) -> Result<bool, Unavailable> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(Unavailable::Resource)?;
+    let one: libc::c_int = 1;
+    let e = opcode::SetSockOpt::new(
+        types::Fd(sock.as_raw_fd()),
+        libc::IPPROTO_TCP as u32,
+        libc::TCP_NODELAY as u32,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as u32,
+    )
+    .build()
+    .user_data(8);
+    let r = one_flags(ring, e, 8);
+    Ok(r.is_some_and(|(res, _)| res == 0) && sock.tcp_nodelay().unwrap_or(false))
 }

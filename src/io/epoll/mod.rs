@@ -569,6 +569,11 @@ impl Driver for Epoll {
 
     fn recycle_reply(&mut self, _bid: u16) {}
 
+    /// No ring: the caller makes the syscalls.
+    fn set_options(&mut self, _fd: RawFd, _opts: &[(i32, i32, i32)]) -> bool {
+        false
+    }
+
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         let st = self.state(fd);
         if st.multi == token.0 {

@@ -9,11 +9,12 @@
 //! kernel's while published, the worker's from the receive completion that names one until it
 //! recycles it, which it does only after the send reading it has completed; UDP reply buffers
 //! in `dgrams`, the kernel's while published, the worker's from the completion that names one
-//! until it has copied the reply out and recycled it), lives as long as the ring, and never
-//! moves; file descriptors named by an SQE belong to the caller's connection entry, which the
-//! worker does not free or close until every operation it submitted for that entry has
-//! completed. This module never logs and never allocates per operation (the backlog
-//! and tables grow, then are reused).
+//! until it has copied the reply out and recycled it; setsockopt values in `opt_values`),
+//! lives as long as the ring, and never moves; file descriptors named by an SQE belong to the
+//! caller's connection entry, which the worker does not free or close until every operation it
+//! submitted for that entry has completed (a setsockopt's fd: until the connect queued behind
+//! it has). This module never logs and never allocates per operation (the backlog and tables
+//! grow, then are reused).
 //!
 //! Must not: know about connections, listeners or backends. It moves SQEs and CQEs, nothing else.
 
@@ -107,6 +108,10 @@ pub struct Ring {
     bufs: Option<BufRing>,
     /// Buffers for replies on UDP flow sockets (`ring_udp`), made when the first flow opens.
     dgrams: Option<BufRing>,
+    /// Option values setsockopt SQEs point at (`ring_sockopt`): one box per distinct value,
+    /// kept for the ring's life, so an SQE still waiting in the backlog reads a live value.
+    #[allow(clippy::vec_box)]
+    opt_values: Vec<Box<libc::c_int>>,
 }
 
 /// Ring buffers per worker, and their size: a flow whose reads stay under 4 KiB goes through
@@ -177,6 +182,7 @@ impl Ring {
             ring,
             bufs,
             dgrams: None,
+            opt_values: Vec::new(),
             fault: Fault::from_env(),
             enters: 0,
             backlog: VecDeque::new(),
@@ -503,6 +509,33 @@ impl Driver for Ring {
 
     fn reply_data(&self, bid: u16, len: u32) -> &[u8] {
         self.dgrams.as_ref().map_or(&[], |b| b.data(bid, 0, len))
+    }
+
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool {
+        if !self.features.ring_sockopt {
+            return false;
+        }
+        for &(level, name, value) in opts {
+            let i = match self.opt_values.iter().position(|v| **v == value) {
+                Some(i) => i,
+                None => {
+                    self.opt_values.push(Box::new(value));
+                    self.opt_values.len() - 1
+                }
+            };
+            let ptr = &*self.opt_values[i] as *const libc::c_int;
+            let e = opcode::SetSockOpt::new(
+                types::Fd(fd),
+                level as u32,
+                name as u32,
+                ptr.cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+            self.push(e);
+        }
+        true
     }
 
     fn recycle_reply(&mut self, bid: u16) {
