@@ -505,3 +505,33 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fact `bind_tcp` rests on (no setsockopt per accepted client): on Linux a socket
+    /// accepted from the listener comes with its TCP_NODELAY and its keepalive settings (on,
+    /// idle time, interval, probes), read back with getsockopt on a real accepted socket.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let cfg = Config::parse(
+            "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\ntcp_keepalive = \"120s\"\n\
+             [[listeners.backends]]\naddress = \"127.0.0.1:9\"\n",
+        )
+        .expect("config");
+        let l = &cfg.listeners[0];
+        let s = bind_tcp("127.0.0.1:0".parse().unwrap(), l).expect("bind");
+        s.set_nonblocking(false).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (acc, _) = s.accept().expect("accept");
+        assert!(acc.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(acc.keepalive().unwrap(), "SO_KEEPALIVE");
+        let idle = acc.tcp_keepalive_time().unwrap();
+        assert_eq!(idle, Duration::from_secs(120), "TCP_KEEPIDLE");
+        let interval = acc.tcp_keepalive_interval().unwrap();
+        assert_eq!(interval, Duration::from_secs(20), "TCP_KEEPINTVL");
+        assert_eq!(acc.tcp_keepalive_retries().unwrap(), 6, "TCP_KEEPCNT");
+    }
+}

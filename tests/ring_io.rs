@@ -112,9 +112,10 @@ fn short_conns(lb: &Lb, n: usize) {
     }
 }
 
-/// Half-closes and closes go through the ring too: per short connection no `shutdown` or
-/// `close` syscall on io_uring (the one half-close and both closes are SQEs), against one
-/// half-close and two closes per connection with the feature off.
+/// Half-closes, closes and the backend socket's options go through the ring too: per short
+/// connection no `shutdown`, `close` or `setsockopt` syscall on io_uring (the one half-close,
+/// both closes and the 5 options, TCP_NODELAY and keepalive, are SQEs), against one half-close,
+/// two closes and 5 setsockopt per connection with the features off.
 #[test]
 fn short_connections_half_close_and_close_in_the_ring() {
     const CONNS: usize = 200;
@@ -122,10 +123,10 @@ fn short_connections_half_close_and_close_in_the_ring() {
     for (what, env, ring) in [
         ("io_uring", vec![("RINGLB_IO", "io_uring")], true),
         (
-            "io_uring without ring_close",
+            "io_uring without ring_close and ring_sockopt",
             vec![
                 ("RINGLB_IO", "io_uring"),
-                ("RINGLB_IO_DISABLE", "ring_close"),
+                ("RINGLB_IO_DISABLE", "ring_close,ring_sockopt"),
             ],
             false,
         ),
@@ -145,16 +146,21 @@ fn short_connections_half_close_and_close_in_the_ring() {
         eprintln!("{what}: {counts:?}");
         let closes = counts.get("close").copied().unwrap_or(0);
         let shutdowns = counts.get("shutdown").copied().unwrap_or(0);
+        let opts = counts.get("setsockopt").copied().unwrap_or(0);
         if ring {
             assert!(
-                closes + shutdowns < 20,
-                "{what}: {closes} close + {shutdowns} shutdown for {CONNS} connections: {counts:?}"
+                closes + shutdowns + opts < 20,
+                "{what}: {closes} close + {shutdowns} shutdown + {opts} setsockopt for {CONNS} \
+                 connections: {counts:?}"
             );
         } else {
             assert!(
                 // (strace may attach a moment after the first connection started)
-                closes >= 2 * CONNS as u64 - 4 && shutdowns >= CONNS as u64 - 2,
-                "{what}: {closes} close, {shutdowns} shutdown for {CONNS} connections: {counts:?}"
+                closes >= 2 * CONNS as u64 - 4
+                    && shutdowns >= CONNS as u64 - 2
+                    && opts >= 5 * (CONNS as u64 - 2),
+                "{what}: {closes} close, {shutdowns} shutdown, {opts} setsockopt for {CONNS} \
+                 connections: {counts:?}"
             );
         }
         // Nothing leaks either way: back to the sockets it had before.
@@ -418,4 +424,125 @@ fn a_backend_reset_under_parked_ring_sends_resets_the_clients() {
         );
     }
     lb.assert_fds_return(base, Duration::from_secs(3));
+}
+
+/// `n` UDP round trips of `size`-byte datagrams from one client through the LB to an echo
+/// backend: each reply is `NAME ` + the datagram, byte for byte.
+fn udp_ping_pong(lb: &Lb, n: usize, size: usize) {
+    let c = common::udp::UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+    for i in 0..n {
+        let msg = Pattern::bytes(i as u64, size);
+        c.exchange(lb.addr("u"), &msg, Duration::from_secs(5));
+    }
+}
+
+fn udp_lb(env: &[(&str, &str)], backend: std::net::SocketAddr, ring: bool) -> Lb {
+    let cfg = common::config::LbConfig::default()
+        .workers(1)
+        .listener(common::udp::udp_listener("u").backend(backend))
+        .to_toml();
+    // The suite's own RINGLB_IO_DISABLE must not switch the ring case off.
+    Lb::start_with(&cfg, env, |c| {
+        if ring {
+            c.env_remove("RINGLB_IO_DISABLE");
+        }
+    })
+}
+
+/// UDP replies come through the ring too (multishot receive into ring buffers): per datagram no
+/// `recvmmsg`, `recvfrom` or `recvmsg` on io_uring (client datagrams were in the ring already),
+/// against one `recvmmsg` per reply with `ring_udp` off and on epoll. Replies still leave in one
+/// `sendmmsg` per batch (here one per reply: one datagram in flight).
+#[test]
+fn udp_replies_make_no_recv_syscall_on_io_uring() {
+    let echo = common::udp::UdpEcho::start("e");
+    for (what, env, ring) in [
+        ("io_uring", vec![("RINGLB_IO", "io_uring")], true),
+        (
+            "io_uring without ring_udp",
+            vec![("RINGLB_IO", "io_uring"), ("RINGLB_IO_DISABLE", "ring_udp")],
+            false,
+        ),
+        ("epoll", vec![("RINGLB_IO", "epoll")], false),
+    ] {
+        let lb = udp_lb(&env, echo.addr(), ring);
+        if ring {
+            assert!(
+                lb.wait_for_log("ring udp recv", Duration::from_secs(1)),
+                "the io line lists ring udp recv: {}",
+                lb.stderr_tail(5)
+            );
+        }
+        // The flow exists before strace attaches.
+        udp_ping_pong(&lb, 1, 64);
+        let counts = syscalls_during(lb.pid(), || udp_ping_pong(&lb, TRIPS, 64));
+        eprintln!("{what}: {counts:?}");
+        let recvs: u64 = ["recvmmsg", "recvfrom", "recvmsg"]
+            .iter()
+            .map(|n| counts.get(*n).copied().unwrap_or(0))
+            .sum();
+        let sends = counts.get("sendmmsg").copied().unwrap_or(0);
+        if ring {
+            assert!(
+                recvs < 20,
+                "{what}: {TRIPS} round trips made {recvs} receive syscalls: {counts:?}"
+            );
+            assert!(
+                counts.get("io_uring_enter").copied().unwrap_or(0) > 0 && sends >= TRIPS as u64,
+                "{what}: strace saw the worker batch replies: {counts:?}"
+            );
+        } else {
+            assert!(
+                recvs >= TRIPS as u64,
+                "{what}: {recvs} receive syscalls for {TRIPS} round trips: {counts:?}"
+            );
+        }
+    }
+}
+
+/// Datagrams of every size up to the largest a reply can carry (the echo adds `e `), in a seeded
+/// order, on whichever backend the suite runs: every reply comes back whole (a ring buffer
+/// smaller than a datagram would cut it short).
+#[test]
+fn udp_datagrams_of_every_size_come_back_whole() {
+    let echo = common::udp::UdpEcho::start("e");
+    let lb = udp_lb(&[], echo.addr(), false);
+    let c = common::udp::UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+    let mut x = 0x9e37_79b9u64;
+    for i in 0..200u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let size = match i % 4 {
+            0 => 1 + (x % 100) as usize,
+            1 => 1 + (x % 4096) as usize,
+            2 => 60_000 + (x % 5_505) as usize,
+            _ => 65_505,
+        };
+        let msg = Pattern::bytes(i, size);
+        c.exchange(lb.addr("u"), &msg, Duration::from_secs(5));
+    }
+}
+
+/// With only 2 reply buffers (`RINGLB_UDP_RING_BUFS`), 40 clients at once keep running the
+/// flows' ring receives out of buffers (-ENOBUFS): the replies wait in their sockets and the
+/// worker re-arms, so every client still gets every reply, byte for byte.
+#[test]
+fn udp_replies_survive_an_exhausted_reply_ring() {
+    const CLIENTS: usize = 40;
+    const EACH: usize = 50;
+    let echo = common::udp::UdpEcho::start("e");
+    let lb = udp_lb(&[("RINGLB_UDP_RING_BUFS", "2")], echo.addr(), false);
+    let to = lb.addr("u");
+    std::thread::scope(|s| {
+        for i in 0..CLIENTS {
+            s.spawn(move || {
+                let c = common::udp::UdpClient::bind(common::udp::client_ip(40, i));
+                for seq in 0..EACH {
+                    let msg = Pattern::bytes((i * EACH + seq) as u64, 1 + (i * 37 + seq) % 1400);
+                    c.exchange(to, &msg, Duration::from_secs(5));
+                }
+            });
+        }
+    });
 }

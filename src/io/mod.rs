@@ -140,6 +140,23 @@ pub trait Driver {
     fn recycle_buffer(&mut self, bid: u16);
     /// The size of every ring buffer (0 without a buffer ring).
     fn buffer_size(&self) -> u32;
+    /// Receives datagrams on the connected UDP socket `fd` until cancelled or failed, each into
+    /// a buffer the driver picks when it arrives (an idle socket holds none): one completion per
+    /// datagram (bytes, with [`Completion::buffer`]), `more()` while it goes on; a completion
+    /// without it ends it (-ENOBUFS: every buffer was in use; re-arm). False, and nothing
+    /// done, where the driver cannot (epoll, or the feature is off): poll and `recvmmsg` then.
+    fn recv_replies(&mut self, fd: RawFd, token: Token) -> bool;
+    /// The first `len` bytes of reply buffer `bid`.
+    fn reply_data(&self, bid: u16, len: u32) -> &[u8];
+    /// Gives reply buffer `bid` back to the driver.
+    fn recycle_reply(&mut self, bid: u16);
+    /// Sets socket options `(level, name, value)` on `fd` in the ring, where the driver can
+    /// (their completions, if any, carry [`Op::Detached`]; failures are ignored, as a
+    /// best-effort `setsockopt` would be): true. Only right before an operation on `fd` the
+    /// caller waits for (a connect): the ring starts entries in order, so the options are set
+    /// before it, and `fd` stays open until then. False, and nothing done, where it cannot:
+    /// the caller makes the syscalls.
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool;
     /// Ends the multishot poll `token` names on `fd` (its last completion says -ECANCELED);
     /// the cancel's own completion, if any, carries [`Op::Detached`].
     fn cancel_poll(&mut self, fd: RawFd, token: Token);
@@ -258,6 +275,18 @@ impl Driver for Io {
     }
     fn buffer_size(&self) -> u32 {
         each!(self, x => x.buffer_size())
+    }
+    fn recv_replies(&mut self, fd: RawFd, token: Token) -> bool {
+        each!(self, x => x.recv_replies(fd, token))
+    }
+    fn reply_data(&self, bid: u16, len: u32) -> &[u8] {
+        each!(self, x => x.reply_data(bid, len))
+    }
+    fn recycle_reply(&mut self, bid: u16) {
+        each!(self, x => x.recycle_reply(bid))
+    }
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool {
+        each!(self, x => x.set_options(fd, opts))
     }
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         each!(self, x => x.cancel_poll(fd, token))

@@ -71,6 +71,12 @@ pub struct Features {
     /// Half-closes and closes of connection sockets as SQEs (`SHUTDOWN` 5.11, `CLOSE` 5.6);
     /// else `shutdown(2)` and `close(2)` on the worker thread.
     pub ring_close: bool,
+    /// Replies on UDP flow sockets received by a multishot ring `RECV` into provided buffers
+    /// (6.0); else a multishot poll, then `recvmmsg`.
+    pub ring_udp: bool,
+    /// Socket options of backend sockets as `URING_CMD` SQEs (`SOCKET_URING_OP_SETSOCKOPT`,
+    /// 6.7), in the same submission as the connect; else `setsockopt(2)` per option.
+    pub ring_sockopt: bool,
 }
 
 impl Features {
@@ -80,6 +86,8 @@ impl Features {
         multishot_poll: true,
         ring_recv: true,
         ring_close: true,
+        ring_udp: true,
+        ring_sockopt: true,
     };
 
     fn list(&self) -> Vec<&'static str> {
@@ -90,6 +98,8 @@ impl Features {
             (self.multishot_poll, "multishot poll"),
             (self.ring_recv, "ring recv/send"),
             (self.ring_close, "ring shutdown/close"),
+            (self.ring_udp, "ring udp recv"),
+            (self.ring_sockopt, "ring setsockopt"),
         ] {
             v.push(if on { name } else { "" });
         }
@@ -113,6 +123,12 @@ impl Features {
         }
         if !self.ring_close {
             v.push("ring shutdown/close (shutdown and close syscalls instead)");
+        }
+        if !self.ring_udp {
+            v.push("ring udp recv (poll, then recvmmsg for UDP replies instead)");
+        }
+        if !self.ring_sockopt {
+            v.push("ring setsockopt (setsockopt syscalls for backend sockets instead)");
         }
         v
     }
@@ -223,6 +239,8 @@ fn disable_from_env(f: &mut Features) {
             "multishot_poll" => f.multishot_poll = false,
             "ring_recv" => f.ring_recv = false,
             "ring_close" => f.ring_close = false,
+            "ring_udp" => f.ring_udp = false,
+            "ring_sockopt" => f.ring_sockopt = false,
             _ => {}
         }
     }
@@ -324,12 +342,16 @@ fn probe_uring() -> Result<Features, Unavailable> {
         && super::uring::BufRing::new(&ring.submitter(), 1, 64, 0).is_ok();
     let ring_close =
         probe.is_supported(opcode::Shutdown::CODE) && probe.is_supported(opcode::Close::CODE);
+    let ring_udp = probe.is_supported(opcode::Recv::CODE) && probe_recv_multi(&mut ring)?;
+    let ring_sockopt = probe.is_supported(opcode::SetSockOpt::CODE) && probe_sockopt(&mut ring)?;
     Ok(Features {
         multishot_accept,
         multishot_timeout,
         multishot_poll,
         ring_recv,
         ring_close,
+        ring_udp,
+        ring_sockopt,
     })
 }
 
@@ -378,4 +400,42 @@ fn cancel_all(ring: &mut IoUring, fd: i32) {
         .build()
         .user_data(99);
     let _ = one(ring, c, 99);
+}
+
+/// Multishot `RECV` with provided buffers on a datagram socket (6.0): a datagram the socket
+/// sent itself arrives with `more()`; an older kernel refuses the flag with -EINVAL.
+fn probe_recv_multi(ring: &mut IoUring) -> Result<bool, Unavailable> {
+    // Buffer group 1 on the probe ring (group 0 is the stream probe's).
+    let Ok(_bufs) = super::uring::BufRing::new(&ring.submitter(), 1, 64, 1) else {
+        return Ok(false);
+    };
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(Unavailable::Resource)?;
+    let me = sock.local_addr().map_err(Unavailable::Resource)?;
+    sock.connect(me).map_err(Unavailable::Resource)?;
+    sock.send(b"probe").map_err(Unavailable::Resource)?;
+    let e = opcode::RecvMulti::new(types::Fd(sock.as_raw_fd()), 1)
+        .build()
+        .user_data(7);
+    let r = one_flags(ring, e, 7);
+    cancel_all(ring, sock.as_raw_fd());
+    Ok(r.is_some_and(|(res, flags)| res == 5 && io_uring::cqueue::more(flags)))
+}
+
+/// `SOCKET_URING_OP_SETSOCKOPT` (6.7) at the TCP level: TCP_NODELAY set through the ring on a
+/// fresh TCP socket reads back as set.
+fn probe_sockopt(ring: &mut IoUring) -> Result<bool, Unavailable> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(Unavailable::Resource)?;
+    let one: libc::c_int = 1;
+    let e = opcode::SetSockOpt::new(
+        types::Fd(sock.as_raw_fd()),
+        libc::IPPROTO_TCP as u32,
+        libc::TCP_NODELAY as u32,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as u32,
+    )
+    .build()
+    .user_data(8);
+    let r = one_flags(ring, e, 8);
+    Ok(r.is_some_and(|(res, _)| res == 0) && sock.tcp_nodelay().unwrap_or(false))
 }

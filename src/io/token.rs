@@ -48,6 +48,8 @@ pub enum Op {
     /// (`Step::PollOutWakeups`).
     PollOutWait0 = 22,
     PollOutWait1 = 23,
+    /// A multishot ring receive of replies on a UDP flow's upstream socket; index = flow slot.
+    UdpReply = 24,
 }
 
 impl Op {
@@ -77,6 +79,7 @@ impl Op {
             21 => Detached,
             22 => PollOutWait0,
             23 => PollOutWait1,
+            24 => UdpReply,
             _ => return None,
         })
     }

@@ -488,7 +488,7 @@ impl Worker {
                 }
                 self.drop_socket_if_done(li);
             }
-            Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpCancel | Op::UdpSend)) => {
+            Some(op @ (Op::UdpRecv | Op::UdpPoll | Op::UdpReply | Op::UdpCancel | Op::UdpSend)) => {
                 self.on_udp_completion(op, c)
             }
             // A ring half-close or close: nothing waits for it.

@@ -165,7 +165,7 @@ impl Worker {
         let connect_timeout = snap.settings.connect_timeout;
         let keepalive = snap.settings.tcp_keepalive;
         let stats = member.stats.clone();
-        let sock = match backend_socket(addr, keepalive) {
+        let sock = match backend_socket(addr, keepalive, &mut self.io) {
             Ok(s) => s,
             Err(e) => {
                 let li = conn.listener as usize;
@@ -257,6 +257,7 @@ impl Worker {
             | Op::AcceptCancel
             | Op::UdpRecv
             | Op::UdpPoll
+            | Op::UdpReply
             | Op::UdpCancel
             | Op::UdpSend
             | Op::Detached => return,
@@ -657,16 +658,37 @@ pub(super) fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: 
     }
 }
 
-/// A non-blocking, close-on-exec TCP socket for a backend, with TCP_NODELAY and keepalive.
+/// A non-blocking, close-on-exec TCP socket for a backend, with TCP_NODELAY and keepalive: set
+/// in the ring where the driver can (the connect that follows is queued behind them), else by
+/// `setsockopt`. Option failures are ignored either way (the connection works without them).
 fn backend_socket(
     addr: SocketAddr,
     keepalive: Option<Duration>,
+    io: &mut impl Driver,
 ) -> std::io::Result<socket2::Socket> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking().cloexec(),
         None,
     )?;
+    let (tcp, sol) = (libc::IPPROTO_TCP, libc::SOL_SOCKET);
+    let mut opts = [(tcp, libc::TCP_NODELAY, 1); 5];
+    let n = match keepalive {
+        Some(idle) => {
+            let (time, interval, retries) = keepalive_secs(idle);
+            opts[1..].copy_from_slice(&[
+                (sol, libc::SO_KEEPALIVE, 1),
+                (tcp, libc::TCP_KEEPIDLE, time as i32),
+                (tcp, libc::TCP_KEEPINTVL, interval as i32),
+                (tcp, libc::TCP_KEEPCNT, retries as i32),
+            ]);
+            5
+        }
+        None => 1,
+    };
+    if io.set_options(sock.as_raw_fd(), &opts[..n]) {
+        return Ok(sock);
+    }
     let _ = sock.set_tcp_nodelay(true);
     if let Some(idle) = keepalive {
         let _ = sock.set_tcp_keepalive(&keepalive_params(idle));
@@ -674,13 +696,20 @@ fn backend_socket(
     Ok(sock)
 }
 
+/// Keepalive probing for an idle time, in seconds: (idle, interval idle/6 clamped to 1 ..= 75,
+/// 6 probes).
+fn keepalive_secs(idle: Duration) -> (u64, u64, u32) {
+    let interval = (idle / 6).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    (idle.as_secs(), interval.as_secs(), 6)
+}
+
 /// Keepalive probing for an idle time: interval idle/6 (1 s ..= 75 s), 6 probes.
 pub fn keepalive_params(idle: Duration) -> socket2::TcpKeepalive {
-    let interval = (idle / 6).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    let (time, interval, retries) = keepalive_secs(idle);
     socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval(interval)
-        .with_retries(6)
+        .with_time(Duration::from_secs(time))
+        .with_interval(Duration::from_secs(interval))
+        .with_retries(retries)
 }
 
 /// Writes the PROXY header to a just-connected backend. The socket's send buffer is empty, so a

@@ -2,12 +2,14 @@
 //! io_uring `recvmsg` into ring-owned buffers (a few in flight); a flow table keyed by (listener,
 //! client address) maps each client to a connected upstream socket. A datagram goes upstream by
 //! an io_uring `SEND` straight from its receive buffer, with that buffer's next `recvmsg` linked
-//! behind it (one `io_uring_enter` for a batch of datagrams); the flow's replies (multishot
-//! poll, then non-blocking `recvmmsg` into the worker's outbox) go back to the client from the
-//! listener's socket, one `sendmmsg` per batch of completions. Flows expire after
+//! behind it (one `io_uring_enter` for a batch of datagrams); the flow's replies (a multishot
+//! ring `RECV` into provided buffers, copied into the worker's outbox; where the driver has
+//! none, a multishot poll, then non-blocking `recvmmsg` into the outbox) go back to the client
+//! from the listener's socket, one `sendmmsg` per batch of completions. Flows expire after
 //! `idle_timeout`; `max_flows` bounds the table by evicting the least recently used flow.
 //! Nothing is allocated per datagram.
-//! Must not: block, log per datagram, or free a flow's socket while a poll or send names it.
+//! Must not: block, log per datagram, free a flow's socket while a poll, receive or send names
+//! it, or keep a reply buffer past the completion that handed it over.
 
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
@@ -131,6 +133,7 @@ impl Worker {
         match op {
             Op::UdpRecv => self.on_udp_recv(c),
             Op::UdpPoll | Op::UdpCancel => self.on_flow_event(op, c),
+            Op::UdpReply => self.on_flow_reply(c),
             Op::UdpSend => self.on_flow_sent(c),
             _ => {}
         }
@@ -431,11 +434,84 @@ impl Worker {
             u.flows += 1;
         }
         self.link_front(idx);
-        let slot = &self.flows.slots[idx as usize];
-        let fd = slot.flow.as_ref().expect("just stored").socket.as_raw_fd();
-        let tok = Token::new(Op::UdpPoll, idx, slot.generation);
-        self.io.poll_multi(fd, libc::POLLIN as u32, tok);
+        self.arm_replies(idx);
         Some(idx)
+    }
+
+    /// Starts waiting for flow `idx`'s replies (its in-flight count already includes this): a
+    /// multishot ring receive where the driver has one, else a multishot poll.
+    fn arm_replies(&mut self, idx: u32) {
+        let slot = &self.flows.slots[idx as usize];
+        let fd = slot.flow.as_ref().expect("flow").socket.as_raw_fd();
+        let tok = Token::new(Op::UdpReply, idx, slot.generation);
+        if !self.io.recv_replies(fd, tok) {
+            let tok = Token::new(Op::UdpPoll, idx, slot.generation);
+            self.io.poll_multi(fd, libc::POLLIN as u32, tok);
+        }
+    }
+
+    /// A reply the ring received on a flow's upstream socket (into a ring buffer, which goes
+    /// back at once: the reply is copied into the outbox), or the end of that receive.
+    fn on_flow_reply(&mut self, c: Completion) {
+        let idx = c.token.index();
+        let bid = c.buffer();
+        let ended = !c.more();
+        if self.flow_of(&c).is_none() || self.flow_op_ended(idx, ended) {
+            if let Some(bid) = bid {
+                self.io.recycle_reply(bid);
+            }
+            return;
+        }
+        if let Some(bid) = bid {
+            if self.outbox.out.len() >= OUTBOX_SLOTS {
+                self.flush_replies();
+            }
+            let generation = self.flows.slots[idx as usize].generation;
+            let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
+            let at = self.outbox.out.len();
+            let data = self.io.reply_data(bid, c.result.max(0) as u32);
+            let len = data.len();
+            self.outbox.buf[at * MAX_DATAGRAM..at * MAX_DATAGRAM + len].copy_from_slice(data);
+            self.io.recycle_reply(bid);
+            self.outbox.out.push(crate::sys::OutDatagram {
+                offset: at * MAX_DATAGRAM,
+                len,
+                to: f.client,
+                from: f.local,
+            });
+            self.outbox.from.push((f.listener, idx, generation));
+            f.member.connect_succeeded();
+            self.touch(idx, self.now_ms);
+        } else if c.result < 0 && c.result != -libc::ENOBUFS {
+            let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
+            if c.result == -libc::ECONNREFUSED {
+                // ICMP port unreachable: the backend is not there (passive health).
+                f.member.connect_failed();
+            }
+            debug!(
+                "udp flow {}: upstream {}: {}",
+                f.client,
+                f.member.address,
+                std::io::Error::from_raw_os_error(-c.result)
+            );
+            self.close_flow(idx);
+            return;
+        }
+        if ended {
+            if c.result == -libc::ENOBUFS {
+                // Out of buffers: other flows' replies filled them between two reaps. This
+                // flow's waiting replies are taken by syscall once (re-arming alone would only
+                // meet the next -ENOBUFS while the burst lasts), then the ring takes over again.
+                self.drain_replies(idx);
+            }
+            let Some(f) = self.flows.slots[idx as usize].flow.as_mut() else {
+                return;
+            };
+            if !f.closing {
+                f.inflight += 1;
+                self.arm_replies(idx);
+            }
+        }
     }
 
     /// Upstream sockets UDP flows may hold on this worker: its share of half the descriptor

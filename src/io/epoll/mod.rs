@@ -558,6 +558,22 @@ impl Driver for Epoll {
         0
     }
 
+    /// No buffer ring here: the worker polls and takes replies with `recvmmsg`.
+    fn recv_replies(&mut self, _fd: RawFd, _token: Token) -> bool {
+        false
+    }
+
+    fn reply_data(&self, _bid: u16, _len: u32) -> &[u8] {
+        &[]
+    }
+
+    fn recycle_reply(&mut self, _bid: u16) {}
+
+    /// No ring: the caller makes the syscalls.
+    fn set_options(&mut self, _fd: RawFd, _opts: &[(i32, i32, i32)]) -> bool {
+        false
+    }
+
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         let st = self.state(fd);
         if st.multi == token.0 {

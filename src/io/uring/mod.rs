@@ -7,11 +7,14 @@
 //! the `Ring` itself (socket addresses in `AddrTable`, timespecs in `timespecs`, UDP receive
 //! slots in `recv`, which are also the buffers UDP sends read from; ring buffers in `bufs`, the
 //! kernel's while published, the worker's from the receive completion that names one until it
-//! recycles it, which it does only after the send reading it has completed), lives as long as
-//! the ring, and never moves; file descriptors named by an SQE belong to the caller's connection
-//! entry, which the worker does not free or close until every operation it submitted for that
-//! entry has completed. This module never logs and never allocates per operation (the backlog
-//! and tables grow, then are reused).
+//! recycles it, which it does only after the send reading it has completed; UDP reply buffers
+//! in `dgrams`, the kernel's while published, the worker's from the completion that names one
+//! until it has copied the reply out and recycled it; setsockopt values in `opt_values`),
+//! lives as long as the ring, and never moves; file descriptors named by an SQE belong to the
+//! caller's connection entry, which the worker does not free or close until every operation it
+//! submitted for that entry has completed (a setsockopt's fd: until the connect queued behind
+//! it has). This module never logs and never allocates per operation (the backlog and tables
+//! grow, then are reused).
 //!
 //! Must not: know about connections, listeners or backends. It moves SQEs and CQEs, nothing else.
 
@@ -103,6 +106,12 @@ pub struct Ring {
     features: Features,
     /// Buffers for small-message receives and the sends that forward them (`ring_recv`).
     bufs: Option<BufRing>,
+    /// Buffers for replies on UDP flow sockets (`ring_udp`), made when the first flow opens.
+    dgrams: Option<BufRing>,
+    /// Option values setsockopt SQEs point at (`ring_sockopt`): one box per distinct value,
+    /// kept for the ring's life, so an SQE still waiting in the backlog reads a live value.
+    #[allow(clippy::vec_box)]
+    opt_values: Vec<Box<libc::c_int>>,
 }
 
 /// Ring buffers per worker, and their size: a flow whose reads stay under 4 KiB goes through
@@ -112,6 +121,16 @@ pub struct Ring {
 /// 4 KiB = 512 KiB per worker, touched only as messages use them.
 const RING_BUFS: u16 = 128;
 const RING_BUF_SIZE: u32 = 4096;
+
+/// Ring buffers for UDP replies, and their size (a datagram larger than its buffer would be cut
+/// short, so each holds the largest). A reply's buffer goes back as soon as its bytes are in
+/// the outbox, so these only cover the replies that arrive between two reaps; when they run
+/// out a flow's receive ends with -ENOBUFS, the replies wait in its socket and the worker
+/// re-arms. Only the pages replies touch become resident: 64 B replies make 64 × 4 KiB.
+const DGRAM_BUFS: u16 = 64;
+const DGRAM_BUF_SIZE: u32 = 65536;
+/// Buffer group of `dgrams` (`bufs` is group 0).
+const DGRAM_BGID: u16 = 1;
 
 impl Drop for Ring {
     fn drop(&mut self) {
@@ -162,6 +181,8 @@ impl Ring {
         Ok(Ring {
             ring,
             bufs,
+            dgrams: None,
+            opt_values: Vec::new(),
             fault: Fault::from_env(),
             enters: 0,
             backlog: VecDeque::new(),
@@ -457,6 +478,70 @@ impl Driver for Ring {
 
     fn buffer_size(&self) -> u32 {
         self.bufs.as_ref().map_or(0, BufRing::size)
+    }
+
+    fn recv_replies(&mut self, fd: RawFd, token: Token) -> bool {
+        if !self.features.ring_udp {
+            return false;
+        }
+        if self.dgrams.is_none() {
+            // RINGLB_UDP_RING_BUFS (a power of two): a debug knob for tests that exhaust them.
+            let count = std::env::var("RINGLB_UDP_RING_BUFS")
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok())
+                .filter(|n| n.is_power_of_two() && *n <= 32768)
+                .unwrap_or(DGRAM_BUFS);
+            let r = BufRing::new(&self.ring.submitter(), count, DGRAM_BUF_SIZE, DGRAM_BGID);
+            match r {
+                Ok(b) => self.dgrams = Some(b),
+                Err(_) => {
+                    self.features.ring_udp = false;
+                    return false;
+                }
+            }
+        }
+        let e = opcode::RecvMulti::new(types::Fd(fd), DGRAM_BGID)
+            .build()
+            .user_data(token.0);
+        self.push(e);
+        true
+    }
+
+    fn reply_data(&self, bid: u16, len: u32) -> &[u8] {
+        self.dgrams.as_ref().map_or(&[], |b| b.data(bid, 0, len))
+    }
+
+    fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool {
+        if !self.features.ring_sockopt {
+            return false;
+        }
+        for &(level, name, value) in opts {
+            let i = match self.opt_values.iter().position(|v| **v == value) {
+                Some(i) => i,
+                None => {
+                    self.opt_values.push(Box::new(value));
+                    self.opt_values.len() - 1
+                }
+            };
+            let ptr = &*self.opt_values[i] as *const libc::c_int;
+            let e = opcode::SetSockOpt::new(
+                types::Fd(fd),
+                level as u32,
+                name as u32,
+                ptr.cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+            self.push(e);
+        }
+        true
+    }
+
+    fn recycle_reply(&mut self, bid: u16) {
+        if let Some(b) = self.dgrams.as_mut() {
+            b.recycle(bid);
+        }
     }
 
     fn cancel_poll(&mut self, _fd: RawFd, token: Token) {
