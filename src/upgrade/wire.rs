@@ -73,12 +73,17 @@ pub fn recv(channel: &OwnedFd) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
     let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
     let (len, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let r = recvmsg::<()>(
+        let r = match recvmsg::<()>(
             channel.as_raw_fd(),
             &mut iov,
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
+        ) {
+            Ok(r) => r,
+            // The peer closed with messages of ours unread: the end of the stream too.
+            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         let mut fds = Vec::new();
         for c in r.cmsgs()? {
             if let ControlMessageOwned::ScmRights(raw) = c {
