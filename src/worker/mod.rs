@@ -647,7 +647,11 @@ impl Worker {
         let Some(client) = c.accepted_fd() else {
             return;
         };
-        if self.draining || self.listeners[li].removed_at_ms.is_some() {
+        // Accepted before the drain's cancel took effect (a multishot accept's completions
+        // already queued): the kernel completed the handshake, so the client is served. After a
+        // binary upgrade this is a connection of the shared accept queue the new process will
+        // never see; on SIGTERM it is one the listener had already taken.
+        if self.hard_stop_at_ms.is_some() || self.listeners[li].removed_at_ms.is_some() {
             return; // dropped: closed
         }
         self.admit(li, client);
