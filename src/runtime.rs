@@ -283,6 +283,8 @@ fn spec_for(
         stats: stats.clone(),
         needs_client_addr: l.balance == Policy::Maglev,
         udp: l.protocol == Protocol::Udp,
+        // Started by a binary upgrade: UDP listeners wait for the previous process's flows.
+        hold_udp: l.protocol == Protocol::Udp && upgrade::is_upgrade(),
     }
 }
 
@@ -326,7 +328,9 @@ impl ListenerHost for Host {
         self.handover.remove(&l.name);
         keep_for_upgrade(&self.handover, l, &bound.sockets);
         for (w, sock) in self.workers.iter().zip(bound.sockets) {
-            w.send(Command::AddListener(spec_for(l, sock, &published, &stats)));
+            let mut spec = spec_for(l, sock, &published, &stats);
+            spec.hold_udp = false; // added by a reload: no flows to wait for
+            w.send(Command::AddListener(spec));
         }
         let mut views: Vec<ListenerView> = self.views.load().as_ref().clone();
         views.retain(|v| v.name != l.name);
@@ -517,12 +521,27 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     if upgrade::is_upgrade() {
         // systemd: this process is the service now (NotifyAccess=all lets it say so).
         notify::main_pid(std::process::id());
-        upgrade::ready(registry.clone());
-        info!("upgrade: told the previous process that pid {} serves", std::process::id());
+        let adopt_to = shared.clone();
+        upgrade::ready(
+            registry.clone(),
+            workers,
+            Box::new(move |w, flows| {
+                if let Some(sh) = adopt_to.get(w) {
+                    sh.send(Command::AdoptFlows(flows));
+                }
+            }),
+        );
+        info!(
+            "upgrade: told the previous process that pid {} serves",
+            std::process::id()
+        );
     }
     notify::ready(&ready);
     // A binary upgrade in progress (its thread) and the requests waiting for its outcome.
-    type Attempt = (JoinHandle<Result<upgrade::Started, String>>, Vec<upgrade::Reply>);
+    type Attempt = (
+        JoinHandle<Result<upgrade::Started, String>>,
+        Vec<upgrade::Reply>,
+    );
     let mut attempt: Option<Attempt> = None;
     let mut upgraded: Option<u32> = None;
 
@@ -586,7 +605,6 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                     for r in replies {
                         let _ = r.send(Ok(pid));
                     }
-                    started.report_counts(registry.clone());
                     admin_upgrade.upgrade.stop_accepting();
                     if let Some(h) = admin_handle.as_mut() {
                         h.keep_socket_file();
@@ -594,6 +612,11 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                     upgraded = Some(pid);
                     drain_deadline = Some(Instant::now() + drain_timeout);
                     draining.store(true, Ordering::SeqCst);
+                    // UDP first: stop receiving, give the flows away, then the TCP drain.
+                    shared.iter().for_each(|w| w.request_stop(DRAIN));
+                    let flows = export_flows(&shared);
+                    started.send_flows(flows);
+                    started.report_counts(registry.clone());
                     drain_workers(&shared, "upgrade", drain_timeout);
                 }
                 Err(why) => {
@@ -675,7 +698,10 @@ fn drain_workers(shared: &[Arc<Shared>], why: &str, drain_timeout: Duration) {
 /// handed over (it drains).
 fn upgrade_requested(
     reply: Option<upgrade::Reply>,
-    attempt: &mut Option<(JoinHandle<Result<upgrade::Started, String>>, Vec<upgrade::Reply>)>,
+    attempt: &mut Option<(
+        JoinHandle<Result<upgrade::Started, String>>,
+        Vec<upgrade::Reply>,
+    )>,
     upgraded: Option<u32>,
     draining: Option<Instant>,
     handover: &Arc<upgrade::Sockets>,
@@ -687,7 +713,10 @@ fn upgrade_requested(
         }
     };
     if let Some(pid) = upgraded {
-        return refuse(reply, format!("already upgraded: pid {pid} serves, this one drains"));
+        return refuse(
+            reply,
+            format!("already upgraded: pid {pid} serves, this one drains"),
+        );
     }
     if draining.is_some() {
         return refuse(reply, "this process is draining (stopping)".into());
@@ -708,4 +737,20 @@ fn upgrade_requested(
             }
         }
     }
+}
+
+/// Asks every worker (already draining) for its UDP flows: (worker, flow).
+fn export_flows(shared: &[Arc<Shared>]) -> Vec<(usize, worker::HandedFlow)> {
+    let mut out = Vec::new();
+    for (id, w) in shared.iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        if !w.send(Command::ExportFlows(tx)) {
+            continue;
+        }
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(flows) => out.extend(flows.into_iter().map(|f| (id, f))),
+            Err(_) => warn!("upgrade: worker {id} did not hand its UDP flows over"),
+        }
+    }
+    out
 }

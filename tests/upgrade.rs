@@ -5,7 +5,7 @@
 mod common;
 
 use common::admin::{http_post, try_http_request};
-use common::{listener, EchoServer, LbConfig, Lb, TempFile};
+use common::{listener, EchoServer, Lb, LbConfig, TempFile};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::{Read, Write};
@@ -132,7 +132,10 @@ fn sigusr2_under_load_loses_no_connection_and_the_old_exits_0() {
         "old process did not exit 0: {status:?}; stderr:\n{}",
         lb.stderr_tail(30)
     );
-    assert!(total > after_exit, "the new process serves once the old one is gone");
+    assert!(
+        total > after_exit,
+        "the new process serves once the old one is gone"
+    );
     assert!(alive(pid), "new process {pid} runs");
     echo_once(addr, b"after\n").expect("the new process serves");
 }
@@ -241,9 +244,17 @@ fn a_new_binary_that_fails_leaves_the_old_serving_and_post_upgrade_says_why() {
 
     // A config the new process refuses: the answer names it.
     let real = common::ringlb_bin();
-    std::fs::write(&path, format!("#!/bin/bash\nexec -a \"$0\" {real} \"$@\"\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("#!/bin/bash\nexec -a \"$0\" {real} \"$@\"\n"),
+    )
+    .unwrap();
     let good = std::fs::read_to_string(lb.config_path()).unwrap();
-    std::fs::write(lb.config_path(), format!("{good}\n[[listener]]\nname = 7\n")).unwrap();
+    std::fs::write(
+        lb.config_path(),
+        format!("{good}\n[[listener]]\nname = 7\n"),
+    )
+    .unwrap();
     let (code, body) = http_post(admin, "/upgrade");
     assert_eq!(code, 500, "{body}");
     assert!(body.contains("configuration"), "{body}");
@@ -270,7 +281,8 @@ fn sd_notify_gets_mainpid_then_ready_from_the_new_process() {
     let path = dir.join(format!("ringlb-upgrade-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let recv_all = |within: Duration| {
         let mut got = Vec::new();
         let t0 = Instant::now();
@@ -286,7 +298,10 @@ fn sd_notify_gets_mainpid_then_ready_from_the_new_process() {
     let level = std::env::var("RINGLB_TEST_RUST_LOG").unwrap_or_else(|_| "info".into());
     let mut lb = Lb::start_with_env(
         &config(&echo),
-        &[("RUST_LOG", &level), ("NOTIFY_SOCKET", path.to_str().unwrap())],
+        &[
+            ("RUST_LOG", &level),
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ],
     );
     let first = recv_all(Duration::from_millis(500));
     assert!(first.iter().any(|m| m.starts_with("READY=1")), "{first:?}");
@@ -310,4 +325,104 @@ fn sd_notify_gets_mainpid_then_ready_from_the_new_process() {
         "the draining old process must not tell systemd the service stops: {after:?}"
     );
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_udp_flow_keeps_its_backend_and_upstream_port_across_the_upgrade() {
+    use common::udp::{udp_listener, UdpClient, UdpEcho};
+    let (a, b) = (UdpEcho::start("a"), UdpEcho::start("b"));
+    let toml = LbConfig::default()
+        .drain_timeout("20s")
+        .listener(
+            udp_listener("dns")
+                .balance("round_robin")
+                .backend(a.addr())
+                .backend(b.addr()),
+        )
+        .to_toml();
+    let mut lb = Lb::start(&toml);
+    let addr = lb.addr("dns");
+    let clients: Vec<UdpClient> = (0..2)
+        .map(|_| UdpClient::bind(std::net::Ipv4Addr::LOCALHOST))
+        .collect();
+    // (client, sequence) -> backend name; None = no reply within the timeout.
+    let mut answers: Vec<Vec<Option<String>>> = vec![Vec::new(), Vec::new()];
+    let exchange = |answers: &mut Vec<Vec<Option<String>>>, seq: usize| {
+        for (c, client) in clients.iter().enumerate() {
+            let payload = format!("client {c} datagram {seq}");
+            let got = client
+                .request(addr, payload.as_bytes(), Duration::from_secs(1))
+                .ok()
+                .map(|(_, reply)| String::from_utf8_lossy(&reply).into_owned());
+            let name = got.and_then(|r| r.strip_suffix(&payload).map(|n| n.trim_end().to_string()));
+            answers[c].push(name);
+        }
+    };
+    let mut seq = 0;
+    for _ in 0..20 {
+        exchange(&mut answers, seq);
+        seq += 1;
+    }
+    lb.signal(Signal::SIGUSR2);
+    let t0 = Instant::now();
+    // Datagrams right through the switch and the old process's exit.
+    let mut new = None;
+    let mut status = None;
+    while t0.elapsed() < Duration::from_secs(15) && seq < 5000 {
+        exchange(&mut answers, seq);
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(5));
+        if new.is_none() && lb.wait_for_log("is ready and serves", Duration::ZERO) {
+            new = Some(new_pid(&lb));
+        }
+        if new.is_some() && status.is_none() {
+            status = lb.wait_exit_only(Duration::ZERO);
+            if status.is_some() {
+                for _ in 0..20 {
+                    exchange(&mut answers, seq);
+                    seq += 1;
+                }
+                break;
+            }
+        }
+    }
+    let _new = NewProcess(new);
+    assert!(new.is_some(), "no upgrade; stderr:\n{}", lb.stderr_tail(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "old exit: {status:?}; stderr:\n{}",
+        lb.stderr_tail(30)
+    );
+    assert!(
+        lb.wait_for_log("handed 2 UDP flow(s)", Duration::ZERO),
+        "{}",
+        lb.stderr_tail(30)
+    );
+    for (c, got) in answers.iter().enumerate() {
+        let lost = got.iter().filter(|g| g.is_none()).count();
+        println!(
+            "client {c}: {} datagrams, {lost} lost across the upgrade",
+            got.len()
+        );
+        assert_eq!(lost, 0, "client {c} lost datagrams: {got:?}");
+        let first = got[0].clone().expect("first reply");
+        assert!(
+            got.iter().all(|g| g.as_deref() == Some(first.as_str())),
+            "client {c} changed backend: {got:?}"
+        );
+        let backend = if first == "a" { &a } else { &b };
+        let mut ports: Vec<SocketAddr> = (0..seq)
+            .flat_map(|s| backend.senders_of(format!("client {c} datagram {s}").as_bytes()))
+            .collect();
+        ports.dedup();
+        assert_eq!(
+            ports.len(),
+            1,
+            "client {c}: upstream source changed: {ports:?}"
+        );
+    }
+    assert_ne!(
+        answers[0][0], answers[1][0],
+        "round robin gave the two flows different backends"
+    );
 }

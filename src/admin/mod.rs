@@ -190,7 +190,10 @@ async fn upgrade_request(state: &AdminState) -> (u16, String) {
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(Ok(pid))) => (
             200,
-            format!("upgraded: pid {pid} serves; this process ({}) drains\n", std::process::id()),
+            format!(
+                "upgraded: pid {pid} serves; this process ({}) drains\n",
+                std::process::id()
+            ),
         ),
         Ok(Ok(Err((status, why)))) => (status, format!("{why}\n")),
         Ok(Err(_)) => (503, "the runtime dropped the request\n".into()),

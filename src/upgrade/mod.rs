@@ -11,7 +11,10 @@
 //! 2. the new process loads and validates its config, takes those sockets (binding only what the
 //!    old did not have), starts its workers and answers `Ready { pid }` (or `Failed`, or exits);
 //! 3. only then does the old one stop accepting and receiving (closing its own descriptors, not
-//!    the shared sockets), drain its TCP connections up to `runtime.drain_timeout` and exit 0.
+//!    the shared sockets), hand over its UDP flows (client, listener, backend, connected
+//!    upstream socket; the new process's UDP listeners receive only once they are in, so no
+//!    client of a flow gets a new one), drain its TCP connections up to `runtime.drain_timeout`
+//!    and exit 0.
 //!    While it drains it sends its open connections per backend every [`COUNTS_EVERY`]; the new
 //!    process adds them to its own per-backend counts (so `least_connections` sees the whole
 //!    load) and takes them away again when the next report is lower, or all of them when the
@@ -27,6 +30,7 @@
 pub mod wire;
 
 use crate::backend::Registry;
+use crate::worker::HandedFlow;
 use log::{info, warn};
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -52,7 +56,9 @@ static ORIGIN: OnceLock<(OsString, Option<PathBuf>)> = OnceLock::new();
 
 /// Remembers how this process was started (call first thing in `main`).
 pub fn record_origin() {
-    let argv0 = std::env::args_os().next().unwrap_or_else(|| "ringlb".into());
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "ringlb".into());
     let _ = ORIGIN.set((argv0, std::env::current_dir().ok()));
 }
 
@@ -61,7 +67,9 @@ pub fn record_origin() {
 pub fn resolve_exe() -> io::Result<PathBuf> {
     let (argv0, cwd) = ORIGIN.get_or_init(|| {
         (
-            std::env::args_os().next().unwrap_or_else(|| "ringlb".into()),
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "ringlb".into()),
             std::env::current_dir().ok(),
         )
     });
@@ -174,7 +182,8 @@ impl Trigger {
 
     /// Tells the admin endpoint to stop accepting.
     pub fn stop_accepting(&self) {
-        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Asks for an upgrade; false if the runtime is gone.
@@ -197,6 +206,33 @@ pub struct Started {
 }
 
 impl Started {
+    /// Hands the UDP flows (worker, flow) over, then says they are all there. Their sockets
+    /// close here as the flows are dropped; they live on in the new process.
+    pub fn send_flows(&self, flows: Vec<(usize, HandedFlow)>) {
+        let n = flows.len();
+        for chunk in flows.chunks(wire::FDS_PER_MESSAGE) {
+            let fds: Vec<RawFd> = chunk.iter().map(|(_, f)| f.socket.as_raw_fd()).collect();
+            let entries = chunk
+                .iter()
+                .map(|(w, f)| wire::FlowEntry {
+                    worker: *w,
+                    listener: f.listener.to_string(),
+                    client: f.client,
+                    local: f.local,
+                    backend: f.backend,
+                })
+                .collect();
+            if let Err(e) = wire::send(&self.channel, &Message::Flows { flows: entries }, &fds) {
+                warn!("upgrade: cannot hand UDP flows over: {e}");
+                return;
+            }
+        }
+        match wire::send(&self.channel, &Message::FlowsDone, &[]) {
+            Ok(()) => info!("upgrade: handed {n} UDP flow(s) to pid {}", self.pid),
+            Err(e) => warn!("upgrade: cannot hand UDP flows over: {e}"),
+        }
+    }
+
     /// Reports this process's open connections per (listener, backend) to the new process
     /// every [`COUNTS_EVERY`] until this process exits (the channel's end tells the new one
     /// that they are gone). Runs on its own thread.
@@ -226,8 +262,11 @@ pub fn attempt(sockets: &Sockets) -> Result<Started, String> {
     let exe = resolve_exe().map_err(|e| format!("cannot find the binary to start: {e}"))?;
     let (ours, theirs) = wire::pair().map_err(|e| format!("cannot create the channel: {e}"))?;
     // The new process's end must survive exec.
-    nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-        .map_err(|e| format!("cannot pass the channel: {e}"))?;
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map_err(|e| format!("cannot pass the channel: {e}"))?;
     let argv0 = ORIGIN
         .get()
         .map(|(a, _)| a.clone())
@@ -257,7 +296,8 @@ pub fn attempt(sockets: &Sockets) -> Result<Started, String> {
         }
     }
     let timeout = nix::sys::time::TimeVal::new(0, 200_000);
-    let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
+    let _ =
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         match wire::recv(&ours) {
@@ -273,7 +313,9 @@ pub fn attempt(sockets: &Sockets) -> Result<Started, String> {
             }
             Ok(Some(_)) => {}
             Ok(None) => return Err(fail(&mut child, "exited before it was ready".into())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
             Err(e) => return Err(fail(&mut child, format!("channel failed ({e})"))),
         }
         if Instant::now() >= deadline {
@@ -419,9 +461,13 @@ impl Inherited {
     }
 }
 
-/// Tells the old process that this one serves, then follows its connection counts on a thread
-/// of its own until it exits (see the module comment).
-pub fn ready(registry: std::sync::Arc<Registry>) {
+/// Where the new process's runtime takes the previous process's UDP flows: called once per
+/// worker (0..workers) when they have all arrived (or the channel ended), with that worker's.
+pub type Adopt = Box<dyn Fn(usize, Vec<HandedFlow>) + Send>;
+
+/// Tells the old process that this one serves, then, on a thread of its own, takes its UDP flows
+/// in and follows its connection counts until it exits (see the module comment).
+pub fn ready(registry: std::sync::Arc<Registry>, workers: usize, adopt: Adopt) {
     let Some(c) = channel() else {
         return;
     };
@@ -432,10 +478,45 @@ pub fn ready(registry: std::sync::Arc<Registry>) {
     }
     let spawned = std::thread::Builder::new()
         .name("ringlb-upgrade".into())
-        .spawn(move || follow_counts(c, &registry));
+        .spawn(move || {
+            take_flows(c, workers, &adopt);
+            follow_counts(c, &registry)
+        });
     if let Err(e) = spawned {
         warn!("upgrade: cannot follow the previous process's connection counts: {e}");
     }
+}
+
+/// Receives the flows until `FlowsDone` (or the end of the channel), then hands each worker
+/// its own (the same worker index as in the old process: the same `SO_REUSEPORT` socket, so
+/// the kernel keeps steering the client there).
+fn take_flows(c: &OwnedFd, workers: usize, adopt: &Adopt) {
+    let workers = workers.max(1);
+    let mut per: Vec<Vec<HandedFlow>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut n = 0;
+    loop {
+        match wire::recv(c) {
+            Ok(Some((Message::Flows { flows }, fds))) => {
+                for (e, socket) in flows.into_iter().zip(fds) {
+                    n += 1;
+                    per[e.worker % workers].push(HandedFlow {
+                        listener: e.listener.into(),
+                        client: e.client,
+                        local: e.local,
+                        backend: e.backend,
+                        socket,
+                    });
+                }
+            }
+            Ok(Some((Message::FlowsDone, _))) => break,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for (w, flows) in per.into_iter().enumerate() {
+        adopt(w, flows);
+    }
+    info!("upgrade: took {n} UDP flow(s) from the previous process");
 }
 
 /// Applies the old process's reports: each backend's count here is raised by what the old one
@@ -452,7 +533,9 @@ fn follow_counts(c: &OwnedFd, registry: &Registry) {
                 for (key, &n) in &seen {
                     let before = added.get(key).copied().unwrap_or(0);
                     if n != before {
-                        registry.get(&key.0, key.1).add_active(n as i64 - before as i64);
+                        registry
+                            .get(&key.0, key.1)
+                            .add_active(n as i64 - before as i64);
                     }
                 }
                 for (key, before) in &added {

@@ -35,6 +35,16 @@ pub struct Entry {
     pub worker: usize,
 }
 
+/// One UDP flow as the old process describes it (its socket travels as a descriptor).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowEntry {
+    pub worker: usize,
+    pub listener: String,
+    pub client: SocketAddr,
+    pub local: Option<std::net::IpAddr>,
+    pub backend: SocketAddr,
+}
+
 /// One message on the channel.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
@@ -46,6 +56,11 @@ pub enum Message {
     Ready { pid: u32 },
     /// New → old: the new process cannot serve, and why (it exits after sending this).
     Failed { reason: String },
+    /// Old → new: UDP flows (worker, listener, client, the address the client sent to,
+    /// backend); the message's descriptors are their connected upstream sockets, in order.
+    Flows { flows: Vec<FlowEntry> },
+    /// Old → new: every flow has been sent (the new process starts receiving on UDP).
+    FlowsDone,
     /// Old → new: the old process's open connections per (listener, backend), sent while it
     /// drains; the last one before it exits is all zeroes.
     Counts {
@@ -90,7 +105,9 @@ pub fn recv(channel: &OwnedFd) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
                 fds.extend(raw.into_iter().map(crate::sys::own_received_fd));
             }
         }
-        let truncated = r.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let truncated = r
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         (r.bytes, fds, truncated)
     };
     if len == 0 && fds.is_empty() {
@@ -103,10 +120,7 @@ pub fn recv(channel: &OwnedFd) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
         ));
     }
     let msg = serde_json::from_slice(&buf[..len]).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("handover message: {e}"),
-        )
+        io::Error::new(io::ErrorKind::InvalidData, format!("handover message: {e}"))
     })?;
     Ok(Some((msg, fds)))
 }
@@ -149,6 +163,9 @@ mod tests {
             Some((Message::Ready { pid: 7 }, _))
         ));
         drop(b);
-        assert!(recv(&a).unwrap().is_none(), "end of stream once the peer closed");
+        assert!(
+            recv(&a).unwrap().is_none(),
+            "end of stream once the peer closed"
+        );
     }
 }

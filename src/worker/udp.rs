@@ -9,6 +9,8 @@
 //! Nothing is allocated per datagram.
 //! Must not: block, log per datagram, or free a flow's socket while a poll or send names it.
 
+mod handover;
+
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
 use crate::io::{recv_slot_of, recv_token, Completion, Driver, Op, RecvSetId, Token};
