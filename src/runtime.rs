@@ -694,14 +694,17 @@ fn drain_workers(shared: &[Arc<Shared>], why: &str, drain_timeout: Duration) {
     );
 }
 
+/// A binary upgrade in progress (its thread) and the requests waiting for its outcome.
+type Attempt = (
+    JoinHandle<Result<upgrade::Started, String>>,
+    Vec<upgrade::Reply>,
+);
+
 /// Starts an upgrade on its own thread, or refuses (409) while one runs or after this process
 /// handed over (it drains).
 fn upgrade_requested(
     reply: Option<upgrade::Reply>,
-    attempt: &mut Option<(
-        JoinHandle<Result<upgrade::Started, String>>,
-        Vec<upgrade::Reply>,
-    )>,
+    attempt: &mut Option<Attempt>,
     upgraded: Option<u32>,
     draining: Option<Instant>,
     handover: &Arc<upgrade::Sockets>,
