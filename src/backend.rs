@@ -180,6 +180,12 @@ impl BackendStats {
         self.active.0.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Adds (or, negative, takes away) connections another process carries to this backend: a
+    /// binary upgrade's previous process while it drains (`crate::upgrade`).
+    pub fn add_active(&self, n: i64) {
+        self.active.0.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The counters of worker `id` (the calling worker's own slot).
     pub fn worker(&self, id: usize) -> &WorkerCounters {
         &self.workers[id % self.workers.len()].0

@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 /// Logging goes to stderr; set RUST_LOG (error, warn, info, debug, trace) to choose how much
 /// (default: info). The [log] section of the config chooses text or JSON and where the access
 /// log goes. Signals: SIGHUP reloads the config, SIGTERM/SIGINT drain, SIGUSR1 reopens the access
-/// log file.
+/// log file, SIGUSR2 upgrades to the binary now at this one's path (sockets handed over).
 #[derive(Debug, Parser)]
 #[command(name = "ringlb", version, long_version = LONG_VERSION.as_str())]
 pub struct Cli {
@@ -88,6 +88,10 @@ signal closes everything.
 .TP
 \fBSIGUSR1\fR
 Reopen the access log file (log.access_log), for logrotate.
+.TP
+\fBSIGUSR2\fR
+Binary upgrade: start the binary now at this one's path with the same arguments, hand it every
+listening socket; once it is ready, drain and exit 0 (if it fails, keep serving and log why).
 .SH ENVIRONMENT
 .TP
 \fBRUST_LOG\fR

@@ -22,6 +22,7 @@
 //! - [`runtime`]: starts control and workers, handles signals and shutdown fan-out.
 //! - [`logging`]: the logger (text or JSON lines, the access log's writer thread).
 //! - [`notify`]: systemd's sd_notify protocol (ready, reloading, stopping, watchdog).
+//! - [`upgrade`]: hitless binary upgrade (sockets and counts handed to the new process).
 //! - [`worker`]: the per-core loop and the pure connection state machine.
 //! - [`io`]: the I/O drivers behind one interface (io_uring, epoll), chosen once at start.
 //! - [`io`] and [`sys`]: the only places with `unsafe`.
@@ -45,6 +46,7 @@ pub mod snapshot;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 
 pub mod worker;
 

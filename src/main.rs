@@ -9,6 +9,8 @@ use ringlb::logging;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Where this binary was started from: a binary upgrade starts that path again.
+    ringlb::upgrade::record_origin();
     let cli = Cli::parse();
     let (path, demo) = match &cli.command {
         Command::Run { config } => (config, false),
@@ -40,6 +42,11 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
             } else {
                 eprintln!("error: {}", logging::one_line(&e.to_string()));
+                // Started by a binary upgrade: the old process says why in its answer.
+                ringlb::upgrade::report_failure(&format!(
+                    "configuration: {}",
+                    logging::one_line(&e.to_string())
+                ));
             }
             return ExitCode::from(2);
         }
@@ -91,6 +98,7 @@ fn run(config: Config, path: &std::path::Path, demo: bool) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             logging::fatal(&logging::error_chain(&e));
+            ringlb::upgrade::report_failure(&logging::error_chain(&e));
             ExitCode::from(1)
         }
     }

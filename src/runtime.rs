@@ -5,7 +5,10 @@
 //! Signals are blocked in every thread and taken synchronously here with `sigtimedwait`, so no
 //! async-signal-safety concerns reach the rest of the crate. SIGTERM/SIGINT drain (a second one
 //! stops hard); SIGHUP reloads the config file; SIGUSR1 reopens the access log file. Tells systemd
-//! (sd_notify, when `NOTIFY_SOCKET` is set) when it is ready and when it stops.
+//! (sd_notify, when `NOTIFY_SOCKET` is set) when it is ready and when it stops. SIGUSR2 (and
+//! `POST /upgrade`) starts a binary upgrade (`crate::upgrade`): the new process gets this one's
+//! listening sockets; once it is ready this process drains as on SIGTERM, without telling
+//! systemd it stops (the new process sent `MAINPID=`).
 //! Must not: touch rings or connections; it talks to workers only through `worker::Shared`.
 
 use crate::admin::{self, AdminState, ListenerView};
@@ -16,6 +19,7 @@ use crate::control::{self, Bound, Control, ListenerHost, Request};
 use crate::notify;
 use crate::snapshot::Published;
 use crate::sys;
+use crate::upgrade;
 use crate::worker::{self, Command, ListenerSpec, Shared, WorkerSpec, DRAIN, HARD_STOP};
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
@@ -52,6 +56,8 @@ pub enum RuntimeError {
     },
     #[error("signal setup failed: {0}")]
     Signals(nix::Error),
+    #[error("binary upgrade: {0}")]
+    Upgrade(String),
 }
 
 /// What to do about an admin socket someone else holds.
@@ -154,6 +160,59 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
+/// Serves a listener on the sockets a binary upgrade's previous process handed over (`socks`, in
+/// worker order, already bound where the listener wants), binding more when this config runs
+/// more workers; sockets beyond the worker count close.
+fn adopt_listener(
+    l: &Listener,
+    workers: usize,
+    socks: Vec<std::os::fd::OwnedFd>,
+) -> Result<Bound, RuntimeError> {
+    let mut sockets: Vec<Socket> = socks.into_iter().map(Socket::from).collect();
+    let actual = sockets[0]
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(l.bind);
+    if sockets.len() > workers {
+        warn!(
+            "listener \"{}\": the previous process had {} sockets, this one runs {workers} \
+             workers; connections queued on the other {} are lost",
+            l.name,
+            sockets.len(),
+            sockets.len() - workers
+        );
+        sockets.truncate(workers);
+    }
+    let err = |source| RuntimeError::Bind {
+        listener: l.name.clone(),
+        addr: actual,
+        source,
+    };
+    while sockets.len() < workers {
+        let s = match l.protocol {
+            Protocol::Tcp => bind_tcp(actual, l),
+            Protocol::Udp => bind_udp(actual),
+        };
+        sockets.push(s.map_err(err)?);
+    }
+    Ok(Bound {
+        sockets,
+        addr: actual,
+    })
+}
+
+/// Keeps a duplicate of each of a listener's sockets for a later binary upgrade.
+fn keep_for_upgrade(handover: &upgrade::Sockets, l: &Listener, sockets: &[Socket]) {
+    let kind = match l.protocol {
+        Protocol::Tcp => upgrade::Kind::Tcp,
+        Protocol::Udp => upgrade::Kind::Udp,
+    };
+    for (w, sock) in sockets.iter().enumerate() {
+        handover.add(kind.clone(), &l.name, w, sock);
+    }
+}
+
 /// Binds `workers` sockets for one listener; `port 0` is resolved by the first bind and reused
 /// by the rest. Returns them and the actual address. With `probe`, first checks whether another
 /// process already has the address with `SO_REUSEPORT`: our bind then succeeds and the kernel
@@ -224,6 +283,8 @@ fn spec_for(
         stats: stats.clone(),
         needs_client_addr: l.balance == Policy::Maglev,
         udp: l.protocol == Protocol::Udp,
+        // Started by a binary upgrade: UDP listeners wait for the previous process's flows.
+        hold_udp: l.protocol == Protocol::Udp && upgrade::is_upgrade(),
     }
 }
 
@@ -232,6 +293,7 @@ fn spec_for(
 struct Host {
     workers: Vec<Arc<Shared>>,
     views: Arc<ArcSwap<Vec<ListenerView>>>,
+    handover: Arc<upgrade::Sockets>,
 }
 
 impl ListenerHost for Host {
@@ -263,8 +325,12 @@ impl ListenerHost for Host {
         stats: Arc<ListenerStats>,
     ) {
         log_listening(l, bound.addr, self.workers.len());
+        self.handover.remove(&l.name);
+        keep_for_upgrade(&self.handover, l, &bound.sockets);
         for (w, sock) in self.workers.iter().zip(bound.sockets) {
-            w.send(Command::AddListener(spec_for(l, sock, &published, &stats)));
+            let mut spec = spec_for(l, sock, &published, &stats);
+            spec.hold_udp = false; // added by a reload: no flows to wait for
+            w.send(Command::AddListener(spec));
         }
         let mut views: Vec<ListenerView> = self.views.load().as_ref().clone();
         views.retain(|v| v.name != l.name);
@@ -280,6 +346,7 @@ impl ListenerHost for Host {
 
     fn remove(&mut self, name: &str) {
         info!("listener \"{name}\" removed: stops accepting; its open connections drain");
+        self.handover.remove(name);
         for w in &self.workers {
             w.send(Command::RemoveListener {
                 name: Arc::from(name),
@@ -302,12 +369,25 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         Ok(_) => {}
         Err(e) => warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
+    // Started by a binary upgrade: the previous process's sockets.
+    let mut inherited = upgrade::Inherited::receive().map_err(RuntimeError::Upgrade)?;
+    let handover = Arc::new(upgrade::Sockets::default());
     // The admin socket first: a second ringlb on the same host fails here, before it binds
     // (or logs) any listener.
-    let admin_listener = admin::bind(&config.admin.bind).map_err(|source| RuntimeError::Admin {
-        bind: config.admin.bind.clone(),
-        source,
-    })?;
+    let adopted = inherited
+        .as_mut()
+        .and_then(|i| i.take_admin())
+        .and_then(|fd| admin::adopt(&config.admin.bind, fd));
+    let admin_listener = match adopted {
+        Some(l) => Some(l),
+        None => admin::bind(&config.admin.bind).map_err(|source| RuntimeError::Admin {
+            bind: config.admin.bind.clone(),
+            source,
+        })?,
+    };
+    if let Some(l) = &admin_listener {
+        handover.add(upgrade::Kind::Admin, "", 0, l.fd());
+    }
     let workers = config.runtime.workers;
     let control = Control::new(&config);
     let mut views: Vec<ListenerView> = Vec::new();
@@ -316,7 +396,16 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let mut per_worker: Vec<Vec<ListenerSpec>> = (0..workers).map(|_| Vec::new()).collect();
     for cl in &control.listeners {
         let l = &cl.config;
-        let bound = bind_listener(l, workers, true)?;
+        let socks = inherited
+            .as_mut()
+            .map(|i| i.take_listener(&l.name, l.protocol == Protocol::Udp, l.bind))
+            .unwrap_or_default();
+        let bound = if socks.is_empty() {
+            bind_listener(l, workers, true)?
+        } else {
+            adopt_listener(l, workers, socks)?
+        };
+        keep_for_upgrade(&handover, l, &bound.sockets);
         log_listening(l, bound.addr, workers);
         views.push(ListenerView {
             name: l.name.clone(),
@@ -336,6 +425,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGUSR1,
+        Signal::SIGUSR2,
     ] {
         sigs.add(s);
     }
@@ -367,6 +457,8 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let control_hb = Arc::new(AtomicU64::new(process_ms()));
     let views = Arc::new(ArcSwap::from_pointee(views));
     let draining = Arc::new(AtomicBool::new(false));
+    let (trigger, upgrade_rx) = upgrade::Trigger::new();
+    let registry = control.registry.clone();
     let admin_state = Arc::new(AdminState {
         draining: draining.clone(),
         listeners: views.clone(),
@@ -377,10 +469,12 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
         requests: Mutex::new(req_tx.clone()),
         server: admin::ServerStats::default(),
         io: io.clone(),
+        upgrade: trigger,
     });
+    let admin_upgrade = admin_state.clone();
     let admin_at = admin_listener.as_ref().map(|l| l.local());
     // Held until `run` returns: dropping it removes the admin unix socket.
-    let _admin = match admin_listener {
+    let mut admin_handle = match admin_listener {
         None => None,
         Some(l) => Some(admin::serve(l, admin_state).map_err(|source| {
             shared.iter().for_each(|w| w.request_stop(HARD_STOP));
@@ -397,6 +491,7 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let host = Box::new(Host {
         workers: shared.clone(),
         views,
+        handover: handover.clone(),
     });
     let watchdog = notify::Watchdog::from_env(shared.iter().map(|s| s.heartbeat.clone()).collect());
     let control_handle = {
@@ -416,8 +511,39 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
     let ready = format!(
         "ready: {n_listeners} listener(s), {workers} worker(s), drain timeout {drain_timeout:?}"
     );
+    if let Some(i) = &inherited {
+        for name in i.leftover() {
+            info!("listener \"{name}\" of the previous process is not in this config: closed");
+        }
+    }
+    drop(inherited);
     info!("{ready}");
+    if upgrade::is_upgrade() {
+        // systemd: this process is the service now (NotifyAccess=all lets it say so).
+        notify::main_pid(std::process::id());
+        let adopt_to = shared.clone();
+        upgrade::ready(
+            registry.clone(),
+            workers,
+            Box::new(move |w, flows| {
+                if let Some(sh) = adopt_to.get(w) {
+                    sh.send(Command::AdoptFlows(flows));
+                }
+            }),
+        );
+        info!(
+            "upgrade: told the previous process that pid {} serves",
+            std::process::id()
+        );
+    }
     notify::ready(&ready);
+    // A binary upgrade in progress (its thread) and the requests waiting for its outcome.
+    type Attempt = (
+        JoinHandle<Result<upgrade::Started, String>>,
+        Vec<upgrade::Reply>,
+    );
+    let mut attempt: Option<Attempt> = None;
+    let mut upgraded: Option<u32> = None;
 
     // Main loop: wait for signals, watch workers.
     let mut drain_deadline: Option<Instant> = None;
@@ -433,25 +559,17 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                     info!("SIGUSR1 received: reopening the access log");
                     crate::logging::reopen_access_log();
                 }
+                Ok(Signal::SIGUSR2) => {
+                    info!("SIGUSR2 received: binary upgrade");
+                    upgrade_requested(None, &mut attempt, upgraded, drain_deadline, &handover);
+                }
                 Ok(s) => {
                     if drain_deadline.is_none() {
                         notify::stopping(&format!("{s} received: draining"));
                         drain_deadline = Some(Instant::now() + drain_timeout);
                         draining.store(true, Ordering::SeqCst);
-                        shared.iter().for_each(|w| w.request_stop(DRAIN));
-                        // Say "draining" only once every worker's listening socket is closed.
-                        let t0 = Instant::now();
-                        while t0.elapsed() < Duration::from_secs(2)
-                            && !shared
-                                .iter()
-                                .all(|w| w.listeners_closed.load(Ordering::SeqCst))
-                        {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
-                        info!(
-                            "{s} received: listeners closed, new connections are refused; draining {live} open connection(s) for up to {drain_timeout:?} (send again to stop at once)"
-                        );
+                        handover.clear();
+                        drain_workers(&shared, &format!("{s} received"), drain_timeout);
                     } else if !hard {
                         info!("{s} received again: closing every connection now");
                         hard = true;
@@ -459,6 +577,57 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                     }
                 }
                 Err(_) => {}
+            }
+        }
+        while let Ok(reply) = upgrade_rx.try_recv() {
+            info!("POST /upgrade: binary upgrade");
+            upgrade_requested(
+                Some(reply),
+                &mut attempt,
+                upgraded,
+                drain_deadline,
+                &handover,
+            );
+        }
+        if attempt.as_ref().is_some_and(|(h, _)| h.is_finished()) {
+            let Some((h, replies)) = attempt.take() else {
+                unreachable!("checked above")
+            };
+            let outcome = h
+                .join()
+                .unwrap_or_else(|_| Err("the upgrade thread panicked".into()));
+            match outcome {
+                Ok(started) => {
+                    let pid = started.pid;
+                    info!(
+                        "upgrade: pid {pid} is ready and serves; this process stops accepting \
+                         and drains (up to {drain_timeout:?})"
+                    );
+                    for r in replies {
+                        let _ = r.send(Ok(pid));
+                    }
+                    admin_upgrade.upgrade.stop_accepting();
+                    if let Some(h) = admin_handle.as_mut() {
+                        h.keep_socket_file();
+                    }
+                    upgraded = Some(pid);
+                    drain_deadline = Some(Instant::now() + drain_timeout);
+                    draining.store(true, Ordering::SeqCst);
+                    // UDP first: stop receiving, give the flows away, then the TCP drain.
+                    shared.iter().for_each(|w| w.request_stop(DRAIN));
+                    // The new process holds the sockets now.
+                    handover.clear();
+                    let flows = export_flows(&shared);
+                    started.send_flows(flows);
+                    started.report_counts(registry.clone());
+                    drain_workers(&shared, "upgrade", drain_timeout);
+                }
+                Err(why) => {
+                    error!("upgrade failed: {why}; this process keeps serving");
+                    for r in replies {
+                        let _ = r.send(Err((500, format!("upgrade failed: {why}"))));
+                    }
+                }
             }
         }
         if let Some(d) = drain_deadline {
@@ -499,11 +668,97 @@ pub fn run(config: Config, path: &std::path::Path) -> Result<(), RuntimeError> {
                 }
                 control_stop.store(true, Ordering::Relaxed);
                 let _ = control_handle.join();
-                info!("all connections closed; exiting");
+                match upgraded {
+                    Some(pid) => info!("all connections closed; exiting (pid {pid} serves)"),
+                    None => info!("all connections closed; exiting"),
+                }
                 return Ok(());
             }
         }
     }
+}
+
+/// Stops every worker accepting (their listening descriptors close; sockets a binary upgrade
+/// handed over stay open in the new process) and says so once every one has.
+fn drain_workers(shared: &[Arc<Shared>], why: &str, drain_timeout: Duration) {
+    shared.iter().for_each(|w| w.request_stop(DRAIN));
+    // Say "draining" only once every worker's listening socket is closed.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2)
+        && !shared
+            .iter()
+            .all(|w| w.listeners_closed.load(Ordering::SeqCst))
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let live: u64 = shared.iter().map(|s| s.live.load(Ordering::Relaxed)).sum();
+    info!(
+        "{why}: listeners closed, new connections are refused; draining {live} open connection(s) for up to {drain_timeout:?} (send again to stop at once)"
+    );
+}
+
+/// A binary upgrade in progress (its thread) and the requests waiting for its outcome.
+type Attempt = (
+    JoinHandle<Result<upgrade::Started, String>>,
+    Vec<upgrade::Reply>,
+);
+
+/// Starts an upgrade on its own thread, or refuses (409) while one runs or after this process
+/// handed over (it drains).
+fn upgrade_requested(
+    reply: Option<upgrade::Reply>,
+    attempt: &mut Option<Attempt>,
+    upgraded: Option<u32>,
+    draining: Option<Instant>,
+    handover: &Arc<upgrade::Sockets>,
+) {
+    let refuse = |reply: Option<upgrade::Reply>, why: String| {
+        warn!("upgrade refused: {why}");
+        if let Some(r) = reply {
+            let _ = r.send(Err((409, why)));
+        }
+    };
+    if let Some(pid) = upgraded {
+        return refuse(
+            reply,
+            format!("already upgraded: pid {pid} serves, this one drains"),
+        );
+    }
+    if draining.is_some() {
+        return refuse(reply, "this process is draining (stopping)".into());
+    }
+    if attempt.is_some() {
+        return refuse(reply, "an upgrade is already in progress".into());
+    }
+    let sockets = handover.clone();
+    match std::thread::Builder::new()
+        .name("ringlb-upgrade".into())
+        .spawn(move || upgrade::attempt(&sockets))
+    {
+        Ok(h) => *attempt = Some((h, reply.into_iter().collect())),
+        Err(e) => {
+            error!("upgrade failed: cannot start its thread: {e}");
+            if let Some(r) = reply {
+                let _ = r.send(Err((500, format!("cannot start the upgrade thread: {e}"))));
+            }
+        }
+    }
+}
+
+/// Asks every worker (already draining) for its UDP flows: (worker, flow).
+fn export_flows(shared: &[Arc<Shared>]) -> Vec<(usize, worker::HandedFlow)> {
+    let mut out = Vec::new();
+    for (id, w) in shared.iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        if !w.send(Command::ExportFlows(tx)) {
+            continue;
+        }
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(flows) => out.extend(flows.into_iter().map(|f| (id, f))),
+            Err(_) => warn!("upgrade: worker {id} did not hand its UDP flows over"),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

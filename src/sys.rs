@@ -491,6 +491,22 @@ fn as_result(n: isize) -> i32 {
     }
 }
 
+/// Takes ownership of a descriptor the kernel just installed in this process (received by
+/// `SCM_RIGHTS`, or inherited across exec and named by the binary-upgrade environment variable).
+/// The caller guarantees nothing else owns `fd`.
+pub fn own_received_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was installed by the kernel for this process moments ago (SCM_RIGHTS) or left
+    // open for it across exec; no other `OwnedFd` names it, so this one may close it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Whether `fd` is an open descriptor of this process (checked before taking ownership of a
+/// number read from the environment).
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD reads the descriptor's flags; it touches no memory.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ mod status;
 
 pub use metrics::metrics;
 pub use server::{
-    bind, serve, AdminHandle, AdminListener, ServerStats, Where, HEAD_TIMEOUT, MAX_BODY,
+    adopt, bind, serve, AdminHandle, AdminListener, ServerStats, Where, HEAD_TIMEOUT, MAX_BODY,
     MAX_CONNECTIONS, MAX_HEAD, WRITE_STALL,
 };
 pub use status::status_json;
@@ -69,6 +69,8 @@ pub struct AdminState {
     pub server: ServerStats,
     /// The I/O backend every worker runs, and why.
     pub io: crate::io::Choice,
+    /// `POST /upgrade` goes here; also says when the admin socket was handed over.
+    pub upgrade: crate::upgrade::Trigger,
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -78,6 +80,8 @@ const TEXT: &str = "text/plain; charset=utf-8";
 enum Answer {
     Now(u16, &'static str, String),
     Control(Box<dyn FnOnce(Reply) -> Request + Send>),
+    /// `POST /upgrade`: answered by the runtime once the new process is ready or failed.
+    Upgrade,
 }
 
 fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
@@ -104,6 +108,7 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
         "/reload" if post => Answer::Control(Box::new(|reply| Request::Reload {
             reply: Some(reply),
         })),
+        "/upgrade" if post => Answer::Upgrade,
         p if post && p.starts_with("/backends/") => match parse_backend_action(p) {
             Some((listener, backend, drain)) => Answer::Control(Box::new(move |reply| {
                 Request::Drain {
@@ -119,13 +124,13 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Answer {
                 "expected POST /backends/<listener>/<ip:port>/drain or .../undrain\n".into(),
             ),
         },
-        "/" | "/livez" | "/readyz" | "/metrics" | "/status" | "/reload" => {
+        "/" | "/livez" | "/readyz" | "/metrics" | "/status" | "/reload" | "/upgrade" => {
             Answer::Now(405, TEXT, "method not allowed\n".into())
         }
         _ => Answer::Now(
             404,
             TEXT,
-            "not found; try / (stats page) /livez /readyz /metrics /status, POST /reload, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
+            "not found; try / (stats page) /livez /readyz /metrics /status, POST /reload, POST /upgrade, POST /backends/<listener>/<ip:port>/drain|undrain\n".into(),
         ),
     }
 }
@@ -170,6 +175,29 @@ async fn control_request(
             503,
             format!("control thread did not answer in {CONTROL_WAIT:?} (it goes on)\n"),
         ),
+    }
+}
+
+/// Asks the runtime for a binary upgrade and awaits the outcome: 200 with the new pid, 409 while
+/// one runs, 500 with the reason it failed.
+async fn upgrade_request(state: &AdminState) -> (u16, String) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if !state.upgrade.request(tx) {
+        return (503, "the runtime is not running\n".into());
+    }
+    // The runtime gives up on the new process after READY_TIMEOUT; a little more here.
+    let wait = crate::upgrade::READY_TIMEOUT + Duration::from_secs(5);
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(Ok(pid))) => (
+            200,
+            format!(
+                "upgraded: pid {pid} serves; this process ({}) drains\n",
+                std::process::id()
+            ),
+        ),
+        Ok(Ok(Err((status, why)))) => (status, format!("{why}\n")),
+        Ok(Err(_)) => (503, "the runtime dropped the request\n".into()),
+        Err(_) => (503, format!("no outcome within {wait:?}\n")),
     }
 }
 
@@ -294,6 +322,7 @@ mod tests {
             requests: Mutex::new(std::sync::mpsc::channel().0),
             server: ServerStats::default(),
             io: crate::io::Choice::epoll_for_tests(),
+            upgrade: crate::upgrade::Trigger::new().0,
         }
     }
 

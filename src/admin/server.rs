@@ -96,6 +96,15 @@ pub enum Where {
 }
 
 impl AdminListener {
+    /// The listening socket (kept by the runtime for a binary upgrade).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            AdminListener::Tcp(l) => l.as_fd(),
+            AdminListener::Unix(l, _) => l.as_fd(),
+        }
+    }
+
     pub fn local(&self) -> Where {
         match self {
             AdminListener::Tcp(l) => Where::Tcp(
@@ -119,6 +128,33 @@ pub fn bind(bind: &AdminBind) -> io::Result<Option<AdminListener>> {
             Ok(Some(AdminListener::Tcp(l)))
         }
         AdminBind::Unix(path) => bind_unix(path).map(Some),
+    }
+}
+
+/// Serves the admin socket a binary upgrade's previous process handed over, if it is what
+/// `bind` asks for (same address, or the same unix path); `None` otherwise (the caller binds).
+pub fn adopt(bind: &AdminBind, fd: std::os::fd::OwnedFd) -> Option<AdminListener> {
+    match bind {
+        AdminBind::None => None,
+        AdminBind::Tcp(addr) => {
+            let l = std::net::TcpListener::from(fd);
+            let at = l.local_addr().ok()?;
+            (at == *addr || (addr.port() == 0 && at.ip() == addr.ip()))
+                .then_some(AdminListener::Tcp(l))
+        }
+        AdminBind::Unix(path) => {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            let at = l.local_addr().ok()?;
+            if at.as_pathname() != Some(path.as_path()) {
+                return None;
+            }
+            let m = std::fs::symlink_metadata(path).ok()?;
+            let file = SocketFile {
+                path: path.to_path_buf(),
+                id: (m.dev(), m.ino()),
+            };
+            Some(AdminListener::Unix(l, file))
+        }
     }
 }
 
@@ -177,6 +213,13 @@ fn bind_unix(path: &Path) -> io::Result<AdminListener> {
 /// thread itself ends with the process.
 pub struct AdminHandle {
     _file: Option<SocketFile>,
+}
+
+impl AdminHandle {
+    /// Leaves the unix socket file in place at exit: a binary upgrade's new process serves it.
+    pub fn keep_socket_file(&mut self) {
+        std::mem::forget(self._file.take());
+    }
 }
 
 /// Starts serving `listener` on the `ringlb-admin` thread.
@@ -242,7 +285,23 @@ where
     let mut backoff = Duration::ZERO;
     let mut last_warning: Option<Instant> = None;
     loop {
-        match accept().await {
+        // A binary upgrade handed the socket to the new process: stop accepting (the socket
+        // stays open there), let open requests finish (a few seconds at most), return.
+        if state.upgrade.accepting_stopped() {
+            let t0 = Instant::now();
+            while state.server.open.load(Ordering::Relaxed) > 0
+                && t0.elapsed() < Duration::from_secs(5)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            info!("admin: the new process serves the admin endpoint now");
+            return;
+        }
+        // Accept is cancel-safe: a connection not taken stays queued for the next call.
+        let Ok(accepted) = tokio::time::timeout(Duration::from_millis(100), accept()).await else {
+            continue;
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 if !backoff.is_zero() {
                     info!("admin: accepting connections again");
@@ -398,6 +457,10 @@ async fn handle(state: &AdminState, peer: Peer, req: Request<Incoming>) -> Resp 
     // 3. The endpoint.
     match route(state, &parts.method, parts.uri.path()) {
         Answer::Now(status, ctype, body) => respond(status, ctype, body),
+        Answer::Upgrade => {
+            let (status, body) = super::upgrade_request(state).await;
+            respond(status, super::TEXT, body)
+        }
         Answer::Control(make) => {
             let pending = &state.server.pending_mutations;
             if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_MUTATIONS {

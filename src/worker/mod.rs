@@ -78,6 +78,23 @@ pub enum Command {
     RemoveListener {
         name: Arc<str>,
     },
+    /// Binary upgrade, old process (DRAIN already requested): stop receiving on UDP listeners
+    /// and give every UDP flow away.
+    ExportFlows(Sender<Vec<HandedFlow>>),
+    /// Binary upgrade, new process: take these flows in, then receive on the UDP listeners
+    /// held until now.
+    AdoptFlows(Vec<HandedFlow>),
+}
+
+/// A UDP flow crossing a binary upgrade: the client, its listener and backend, and (a
+/// duplicate of) the upstream socket connected to that backend.
+pub struct HandedFlow {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    /// The address the client sent to (wildcard listeners answer from it).
+    pub local: Option<std::net::IpAddr>,
+    pub backend: SocketAddr,
+    pub socket: OwnedFd,
 }
 
 /// State a worker shares with the runtime (not with other workers).
@@ -140,6 +157,9 @@ pub struct ListenerSpec {
     pub needs_client_addr: bool,
     /// A UDP listener (datagrams and flows) rather than TCP.
     pub udp: bool,
+    /// UDP: do not receive until [`Command::AdoptFlows`] (a binary upgrade's flows arrive
+    /// first, so no client of an existing flow gets a new one).
+    pub hold_udp: bool,
 }
 
 /// Everything a worker needs to run.
@@ -187,6 +207,8 @@ struct Listener {
     retrying: bool,
     /// UDP listeners: receive buffers and flow-list heads.
     udp: Option<udp::UdpListener>,
+    /// Not receiving until a binary upgrade's flows are taken in ([`ListenerSpec::hold_udp`]).
+    hold_udp: bool,
 }
 
 impl Listener {
@@ -205,6 +227,7 @@ impl Listener {
         });
         Listener {
             udp,
+            hold_udp: spec.hold_udp,
             name: spec.name,
             socket: Some(spec.socket),
             reader: Reader::new(spec.published),
@@ -512,7 +535,7 @@ impl Worker {
     fn arm_accept(&mut self, li: usize) {
         let l = &mut self.listeners[li];
         if let Some(u) = &l.udp {
-            if u.inflight == 0 {
+            if u.inflight == 0 && !l.hold_udp {
                 self.arm_udp(li);
             }
             return;
@@ -650,7 +673,11 @@ impl Worker {
         let Some(client) = c.accepted_fd() else {
             return;
         };
-        if self.draining || self.listeners[li].removed_at_ms.is_some() {
+        // Accepted before the drain's cancel took effect (a multishot accept's completions
+        // already queued): the kernel completed the handshake, so the client is served. After a
+        // binary upgrade this is a connection of the shared accept queue the new process will
+        // never see; on SIGTERM it is one the listener had already taken.
+        if self.hard_stop_at_ms.is_some() || self.listeners[li].removed_at_ms.is_some() {
             return; // dropped: closed
         }
         self.admit(li, client);
@@ -709,6 +736,10 @@ impl Worker {
                         }
                     }
                 }
+                Ok(Command::ExportFlows(reply)) => {
+                    let _ = reply.send(self.export_flows());
+                }
+                Ok(Command::AdoptFlows(flows)) => self.adopt_flows(flows),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }

@@ -11,6 +11,8 @@
 //! Must not: block, log per datagram, free a flow's socket while a poll, receive or send names
 //! it, or keep a reply buffer past the completion that handed it over.
 
+mod handover;
+
 use super::{Worker, UDP_RECV_SLOTS};
 use crate::backend::{bump, BackendStats};
 use crate::io::{recv_slot_of, recv_token, Completion, Driver, Op, RecvSetId, Token};

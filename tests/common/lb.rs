@@ -326,6 +326,23 @@ impl Lb {
         self.status
     }
 
+    /// Like [`Lb::wait_exit`], without waiting for stderr to end: after a binary upgrade the new
+    /// process still writes to it.
+    pub fn wait_exit_only(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while self.status.is_none() {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(st);
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.status
+    }
+
     /// Counts of `socket:` and `pipe:` entries in /proc/PID/fd.
     pub fn fd_counts(&self) -> (usize, usize) {
         let dir = format!("/proc/{}/fd", self.pid());
