@@ -227,7 +227,7 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
             problems.push(format!(
                 "listener \"{}\": no healthy backend (0/{} up)",
                 l.name,
-                snap.members.len()
+                snap.member_count()
             ));
         }
     }

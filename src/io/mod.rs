@@ -140,7 +140,8 @@ pub trait Driver {
     fn recycle_buffer(&mut self, bid: u16);
     /// The size of every ring buffer (0 without a buffer ring).
     fn buffer_size(&self) -> u32;
-    /// Ends the multishot poll `token` names on `fd` (its last completion says -ECANCELED);
+    /// Ends the multishot poll, or the one-shot POLLIN, `token` names on `fd` (its last
+    /// completion says -ECANCELED);
     /// the cancel's own completion, if any, carries [`Op::Detached`].
     fn cancel_poll(&mut self, fd: RawFd, token: Token);
     /// Shuts down the write side of socket `fd` (a FIN after what is queued), in the ring where

@@ -48,6 +48,8 @@ pub enum Op {
     /// (`Step::PollOutWakeups`).
     PollOutWait0 = 22,
     PollOutWait1 = 23,
+    /// Poll for readable on a client whose ClientHello is being read (TLS passthrough).
+    HelloIn = 24,
 }
 
 impl Op {
@@ -77,6 +79,7 @@ impl Op {
             21 => Detached,
             22 => PollOutWait0,
             23 => PollOutWait1,
+            24 => HelloIn,
             _ => return None,
         })
     }

@@ -297,6 +297,9 @@ pub enum CloseReason {
     OverLimit,
     /// `accept_proxy_protocol_from`: the peer is not a trusted proxy.
     UntrustedProxy,
+    /// TLS passthrough: no route matched the ClientHello (or there was none to read) and the
+    /// listener has no default route.
+    NoRoute,
 }
 
 impl CloseReason {
@@ -319,6 +322,7 @@ impl CloseReason {
             CloseReason::ClientAborted => "client gave up while waiting",
             CloseReason::OverLimit => "over max_connections (hold list full)",
             CloseReason::UntrustedProxy => "PROXY header from an untrusted peer",
+            CloseReason::NoRoute => "no route for the ClientHello",
         }
     }
 
@@ -571,6 +575,7 @@ mod tests {
             (CloseReason::ClientAborted, "client_aborted"),
             (CloseReason::OverLimit, "over_limit"),
             (CloseReason::UntrustedProxy, "untrusted_proxy"),
+            (CloseReason::NoRoute, "no_route"),
         ];
         assert_eq!(all.len(), CLOSE_REASONS.len());
         for (r, label) in all {
