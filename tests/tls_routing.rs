@@ -58,7 +58,10 @@ fn sni_setup() -> Sni {
 /// Starts ringlb on `toml`. With `ring_close` off on io_uring: see
 /// [`defect_routed_fragmented_hellos_on_ring_close`].
 fn start(toml: &str) -> Lb {
-    Lb::start_with_env(toml, &[("RUST_LOG", "info"), ("RINGLB_IO_DISABLE", "ring_close")])
+    Lb::start_with_env(
+        toml,
+        &[("RUST_LOG", "info"), ("RINGLB_IO_DISABLE", "ring_close")],
+    )
 }
 
 fn inspected(lb: &Lb, listener: &str, result: &str) -> f64 {
@@ -109,11 +112,19 @@ fn rustls_and_openssl_clients_are_routed_by_sni_and_alpn() {
     assert_eq!(got.reply, "api");
     assert_eq!(got.alpn.as_deref(), Some(&b"h2"[..]));
     // Names compare case-insensitively.
-    assert_eq!(tls_client(addr, "API.Example.COM", &[]).unwrap().reply, "api");
-    // The wildcard with ALPN h2, then the default for the same name without h2.
-    assert_eq!(tls_client(addr, "www.example.com", &["h2"]).unwrap().reply, "web-h2");
     assert_eq!(
-        tls_client(addr, "www.example.com", &["http/1.1"]).unwrap().reply,
+        tls_client(addr, "API.Example.COM", &[]).unwrap().reply,
+        "api"
+    );
+    // The wildcard with ALPN h2, then the default for the same name without h2.
+    assert_eq!(
+        tls_client(addr, "www.example.com", &["h2"]).unwrap().reply,
+        "web-h2"
+    );
+    assert_eq!(
+        tls_client(addr, "www.example.com", &["http/1.1"])
+            .unwrap()
+            .reply,
         "web"
     );
     assert_eq!(s_client(addr, "api.example.com", "h2"), "api");
@@ -139,7 +150,9 @@ fn a_hello_one_byte_per_segment_and_one_over_several_records_are_routed() {
         pause: Duration::from_micros(300),
     };
     assert_eq!(
-        tls_client_with(addr, "api.example.com", &opts).unwrap().reply,
+        tls_client_with(addr, "api.example.com", &opts)
+            .unwrap()
+            .reply,
         "api"
     );
     let mut opts = ClientOptions::alpn(&["h2"]);
@@ -148,12 +161,16 @@ fn a_hello_one_byte_per_segment_and_one_over_several_records_are_routed() {
     let hello = client_hello_bytes("www.example.com", &opts);
     assert!(hello.len() > 1000 && hello[0] == 22);
     assert_eq!(
-        tls_client_with(addr, "www.example.com", &opts).unwrap().reply,
+        tls_client_with(addr, "www.example.com", &opts)
+            .unwrap()
+            .reply,
         "web-h2"
     );
     opts.max_fragment_size = Some(300);
     assert_eq!(
-        tls_client_with(addr, "www.example.com", &opts).unwrap().reply,
+        tls_client_with(addr, "www.example.com", &opts)
+            .unwrap()
+            .reply,
         "web-h2"
     );
     assert_eq!(inspected(&s.lb, "tls", "sni"), 3.0);
@@ -238,7 +255,9 @@ fn plain_http_goes_to_the_default_route_or_is_closed() {
     // A real TLS client still reaches its route on both.
     for l in ["tls", "strict"] {
         assert_eq!(
-            tls_client(m.lb.addr(l), "api.example.com", &["h2"]).unwrap().reply,
+            tls_client(m.lb.addr(l), "api.example.com", &["h2"])
+                .unwrap()
+                .reply,
             "api"
         );
     }
@@ -250,7 +269,10 @@ fn a_client_that_never_sends_times_out_to_the_default_route_or_is_closed() {
     // Default route: after the 400ms timeout the connection goes to the echo server, and
     // what the client sends later is forwarded.
     let mut s = try_connect(m.lb.addr("tls")).unwrap();
-    assert!(m.echo.wait_accepted(1, Duration::from_secs(5)), "not routed after the timeout");
+    assert!(
+        m.echo.wait_accepted(1, Duration::from_secs(5)),
+        "not routed after the timeout"
+    );
     s.write_all(b"late bytes").unwrap();
     let mut got = [0u8; 10];
     s.read_exact(&mut got).unwrap();
@@ -317,7 +339,9 @@ fn mutated_hellos_never_stop_the_listener() {
     }
     for l in ["tls", "strict"] {
         assert_eq!(
-            tls_client(m.lb.addr(l), "api.example.com", &["h2"]).unwrap().reply,
+            tls_client(m.lb.addr(l), "api.example.com", &["h2"])
+                .unwrap()
+                .reply,
             "api",
             "listener {l} after the mutated hellos"
         );

@@ -68,8 +68,7 @@ pub fn metrics(state: &AdminState) -> String {
         let v = b.sum(|w| &w.connections);
         f.line(
             "ringlb_connections_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             v,
         );
     }
@@ -82,8 +81,7 @@ pub fn metrics(state: &AdminState) -> String {
         let a = b.address.to_string();
         f.line(
             "ringlb_active_connections",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.active(),
         );
     }
@@ -100,7 +98,7 @@ pub fn metrics(state: &AdminState) -> String {
             "ringlb_bytes_total",
             &[
                 ("listener", l),
-                    ("pool", p),
+                ("pool", p),
                 ("backend", &a),
                 ("direction", "to_backend"),
             ],
@@ -108,8 +106,12 @@ pub fn metrics(state: &AdminState) -> String {
         );
         f.line(
             "ringlb_bytes_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a), ("direction", "to_client")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("direction", "to_client"),
+            ],
             down,
         );
     }
@@ -127,8 +129,12 @@ pub fn metrics(state: &AdminState) -> String {
         ] {
             f.line(
                 "ringlb_connect_errors_total",
-                &[("listener", l),
-                    ("pool", p), ("backend", &a), ("reason", reason)],
+                &[
+                    ("listener", l),
+                    ("pool", p),
+                    ("backend", &a),
+                    ("reason", reason),
+                ],
                 v,
             );
         }
@@ -140,11 +146,19 @@ pub fn metrics(state: &AdminState) -> String {
     );
     for lv in listeners.iter() {
         let snap = lv.published.load();
-        for (pool, m) in snap.pools.iter().flat_map(|p| p.members.iter().map(move |m| (p, m))) {
+        for (pool, m) in snap
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+        {
             let a = m.address.to_string();
             f.line(
                 "ringlb_backend_up",
-                &[("listener", &lv.name), ("pool", &pool.name), ("backend", &a)],
+                &[
+                    ("listener", &lv.name),
+                    ("pool", &pool.name),
+                    ("backend", &a),
+                ],
                 u64::from(m.up),
             );
         }
@@ -156,7 +170,11 @@ pub fn metrics(state: &AdminState) -> String {
     );
     for lv in listeners.iter() {
         let snap = lv.published.load();
-        for (pool, m) in snap.pools.iter().flat_map(|p| p.members.iter().map(move |m| (p, m))) {
+        for (pool, m) in snap
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+        {
             let a = m.address.to_string();
             for st in crate::snapshot::BackendState::ALL {
                 f.line(
@@ -181,8 +199,7 @@ pub fn metrics(state: &AdminState) -> String {
         let a = b.address.to_string();
         f.line(
             "ringlb_backend_flap_holds_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.flap_holds.load(Ordering::Relaxed),
         );
     }
@@ -196,14 +213,22 @@ pub fn metrics(state: &AdminState) -> String {
         let c = &b.control;
         f.line(
             "ringlb_health_checks_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a), ("result", "success")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("result", "success"),
+            ],
             c.checks_ok.load(Ordering::Relaxed),
         );
         f.line(
             "ringlb_health_checks_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a), ("result", "failure")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("result", "failure"),
+            ],
             c.checks_failed.load(Ordering::Relaxed),
         );
     }
@@ -216,8 +241,7 @@ pub fn metrics(state: &AdminState) -> String {
         let a = b.address.to_string();
         f.line(
             "ringlb_health_flips_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.flips.load(Ordering::Relaxed),
         );
     }
@@ -230,8 +254,7 @@ pub fn metrics(state: &AdminState) -> String {
         let a = b.address.to_string();
         f.line(
             "ringlb_ejections_total",
-            &[("listener", l),
-                    ("pool", p), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.ejections.load(Ordering::Relaxed),
         );
     }

@@ -96,7 +96,10 @@ fn passive_explicit_values() {
     );
     // A long base raises the default cap with it.
     let l = parse(&web("[listeners.passive]\nbase_ejection_time = \"10m\""));
-    assert_eq!(l.pools[0].passive.max_ejection_time, Duration::from_secs(600));
+    assert_eq!(
+        l.pools[0].passive.max_ejection_time,
+        Duration::from_secs(600)
+    );
 }
 
 #[test]

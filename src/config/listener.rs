@@ -86,7 +86,6 @@ pub(super) fn validate_listener(
         check_self_loop(&pscope, bind, &p.backends)?;
     }
 
-
     let connect_timeout = positive_duration(
         scope,
         "connect_timeout",

@@ -18,11 +18,13 @@ mod health;
 mod health_tests;
 mod listener;
 mod log;
-mod pool;
 #[cfg(test)]
 mod operations_tests;
 #[cfg(test)]
 mod ops_tests;
+mod pool;
+#[cfg(test)]
+mod pool_tests;
 mod raw;
 mod readiness;
 #[cfg(test)]
@@ -53,8 +55,8 @@ pub use health::{
 use listener::{is_valid_name, validate_listener};
 pub use log::{AccessLog, LogConfig, LogFormat};
 pub use pool::{
-    pool_key, split_pool_key, Pool, Routing, DEFAULT_TLS_INSPECT_MAX_BYTES, DEFAULT_TLS_INSPECT_TIMEOUT, IMPLICIT_POOL,
-    MAX_TLS_INSPECT_BYTES,
+    pool_key, split_pool_key, Pool, Routing, DEFAULT_TLS_INSPECT_MAX_BYTES,
+    DEFAULT_TLS_INSPECT_TIMEOUT, IMPLICIT_POOL, MAX_TLS_INSPECT_BYTES,
 };
 use raw::{RawConfig, RawRuntime};
 
@@ -283,7 +285,13 @@ impl Config {
             self.log.access_log
         );
         for l in &self.listeners {
-            let _ = write!(out, "listener {:?}: {} {}", l.name, l.protocol.name(), l.bind);
+            let _ = write!(
+                out,
+                "listener {:?}: {} {}",
+                l.name,
+                l.protocol.name(),
+                l.bind
+            );
             // One pool without routes: its balance on the listener's line, as before pools.
             let single = l.routing.is_none() && l.pools.len() == 1;
             if single {

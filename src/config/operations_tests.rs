@@ -83,8 +83,7 @@ fn backend_max_connections_and_weight_zero() {
          { address = \"10.0.0.2:5432\", weight = 0 }, \
          { address = \"10.0.0.3:5432\", weight = 0, max_connections = 4294967295 }",
     ));
-    let got: Vec<(u32, Option<u32>)> = l
-        .pools[0]
+    let got: Vec<(u32, Option<u32>)> = l.pools[0]
         .backends
         .iter()
         .map(|b| (b.weight, b.max_connections))
@@ -148,7 +147,10 @@ fn examples_use_every_new_setting() {
     // listener's max_connections, so check the loaded values.
     any("a listener drain_timeout", &|l| l.drain_timeout.is_some());
     any("a backend max_connections", &|l| {
-        l.pools[0].backends.iter().any(|b| b.max_connections.is_some())
+        l.pools[0]
+            .backends
+            .iter()
+            .any(|b| b.max_connections.is_some())
     });
     any("a backend weight 0", &|l| {
         l.pools[0].backends.iter().any(|b| b.weight == 0)

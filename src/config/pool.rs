@@ -225,7 +225,12 @@ pub(super) fn validate_pools(
                 ),
             ));
         }
-        pools.push(validate_pool(scope, IMPLICIT_POOL.to_string(), protocol, own)?);
+        pools.push(validate_pool(
+            scope,
+            IMPLICIT_POOL.to_string(),
+            protocol,
+            own,
+        )?);
     }
     let mut names: HashMap<String, usize> = HashMap::new();
     for (i, p) in named.into_iter().flatten().enumerate() {

@@ -17,7 +17,10 @@ fn err(extra: &str) -> String {
 
 #[test]
 fn http_check_defaults_and_values() {
-    let h = parse(&web("[listeners.health]\nhttp = {}")).pools[0].health.clone().unwrap();
+    let h = parse(&web("[listeners.health]\nhttp = {}")).pools[0]
+        .health
+        .clone()
+        .unwrap();
     assert_eq!(
         h.http,
         Some(HttpCheck {
@@ -51,8 +54,7 @@ fn http_check_defaults_and_values() {
 fn probe_address_forms() {
     let a: SocketAddr = "127.0.0.1:9001".parse().unwrap();
     let t = |extra: &str| {
-        parse(&web(&format!("[listeners.health]\n{extra}")))
-            .pools[0]
+        parse(&web(&format!("[listeners.health]\n{extra}"))).pools[0]
             .health
             .clone()
             .unwrap()

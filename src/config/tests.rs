@@ -113,7 +113,11 @@ fn demo_example_matches_the_demo_subcommand() {
     assert_eq!(demo.name, "demo");
     assert_eq!(demo.bind, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(demo.pools[0].balance, Policy::RoundRobin);
-    let ports: Vec<u16> = demo.pools[0].backends.iter().map(|b| b.address.port()).collect();
+    let ports: Vec<u16> = demo.pools[0]
+        .backends
+        .iter()
+        .map(|b| b.address.port())
+        .collect();
     assert_eq!(ports, [9001, 9002, 9003]);
 }
 
@@ -217,7 +221,10 @@ fn explicit_values_and_both_backend_forms() {
     assert_eq!(a.connect_timeout, Duration::from_millis(250));
     assert_eq!(a.idle_timeout, Duration::from_secs(300));
     assert_eq!(a.max_connections, 10);
-    assert_eq!(a.pools[0].backends[0].address, "[::1]:7001".parse().unwrap());
+    assert_eq!(
+        a.pools[0].backends[0].address,
+        "[::1]:7001".parse().unwrap()
+    );
     assert_eq!(a.pools[0].backends[0].weight, 3);
     let b = &config.listeners[1].pools[0].backends;
     assert_eq!(b.len(), 1);
@@ -489,7 +496,10 @@ fn ipv6_addresses_accepted() {
     let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let l = &config.listeners[0];
     assert!(l.bind.is_ipv6());
-    assert_eq!(l.pools[0].backends[0].address, "[2001:db8::1]:8443".parse().unwrap());
+    assert_eq!(
+        l.pools[0].backends[0].address,
+        "[2001:db8::1]:8443".parse().unwrap()
+    );
 }
 
 #[test]

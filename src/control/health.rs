@@ -100,7 +100,10 @@ impl HealthDriver {
         self.rules = listeners
             .iter()
             .map(|l| {
-                let rule = l.pools[0].health.as_ref().map(|h| Rule::from_config(&h.flap));
+                let rule = l.pools[0]
+                    .health
+                    .as_ref()
+                    .map(|h| Rule::from_config(&h.flap));
                 let off = Rule::from_config(&crate::config::FlapConfig {
                     threshold: 0,
                     ..Default::default()

@@ -260,7 +260,12 @@ impl Control {
             let keyed = |units: &[Listener]| -> Vec<(String, SocketAddr)> {
                 units
                     .iter()
-                    .flat_map(|u| u.pools[0].backends.iter().map(|b| (u.name.clone(), b.address)))
+                    .flat_map(|u| {
+                        u.pools[0]
+                            .backends
+                            .iter()
+                            .map(|b| (u.name.clone(), b.address))
+                    })
                     .collect()
             };
             let (before, after) = (keyed(&self.listeners[i].units), keyed(&new_units));
@@ -612,7 +617,10 @@ fn build_pool(
             // a backend that is only not ready keeps its connections.
             stats.set_removed(None);
             stats.set_up(v.up());
-            let weight = if drained.iter().any(|(n, a)| n == listener && *a == b.address) {
+            let weight = if drained
+                .iter()
+                .any(|(n, a)| n == listener && *a == b.address)
+            {
                 0
             } else {
                 b.weight
@@ -723,7 +731,12 @@ fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) -> Option<u
     total
 }
 
-fn slots_moved(old: &Maglev, old_pool: &PoolSnapshot, new: &Maglev, new_pool: &PoolSnapshot) -> u64 {
+fn slots_moved(
+    old: &Maglev,
+    old_pool: &PoolSnapshot,
+    new: &Maglev,
+    new_pool: &PoolSnapshot,
+) -> u64 {
     let oa: Vec<SocketAddr> = old_pool.members.iter().map(|m| m.address).collect();
     let na: Vec<SocketAddr> = new_pool.members.iter().map(|m| m.address).collect();
     Maglev::slots_moved(old, &oa, new, &na)
