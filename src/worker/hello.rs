@@ -131,10 +131,10 @@ impl Worker {
                 if hung_up {
                     return self.decide(idx, Outcome::Eof, None);
                 }
-                if at_least != h.lowat {
-                    if crate::sys::set_rcvlowat(conn.client.as_fd(), at_least).is_ok() {
-                        h.lowat = at_least;
-                    }
+                if at_least != h.lowat
+                    && crate::sys::set_rcvlowat(conn.client.as_fd(), at_least).is_ok()
+                {
+                    h.lowat = at_least;
                 }
                 self.arm_hello(idx);
             }
