@@ -220,11 +220,15 @@ pub struct ListenerWorkerCounters {
     /// New UDP flows refused: the table was full of flows active in the last second, or UDP
     /// reached its share of the descriptor limit.
     pub udp_refused: AtomicU64,
+    /// TLS passthrough: ClientHello reads by outcome (index: `TLS_INSPECT_RESULTS`).
+    pub tls_inspect: [AtomicU64; TLS_INSPECT_RESULTS.len()],
+    /// TLS passthrough: connections closed because no route took them (no default route).
+    pub tls_no_route: AtomicU64,
 }
 
 /// Close-reason labels, in the order of `ListenerWorkerCounters::closes` (the worker maps its
 /// `CloseReason` to an index with `close_index`).
-pub const CLOSE_REASONS: [&str; 18] = [
+pub const CLOSE_REASONS: [&str; 19] = [
     "client_eof",
     "backend_eof",
     "client_reset",
@@ -243,6 +247,22 @@ pub const CLOSE_REASONS: [&str; 18] = [
     "over_limit",
     "untrusted_proxy",
     "drain_idle",
+    "no_route",
+];
+
+/// `ringlb_tls_inspect_total{result}` labels, in the order of
+/// `ListenerWorkerCounters::tls_inspect`: a ClientHello with a server name, one without (or
+/// with a name that is not a valid host name), bytes that are not TLS, a hello longer than
+/// `max_bytes`, a broken hello, a client that sent no whole hello within the timeout, and one
+/// that closed its side before the hello was complete.
+pub const TLS_INSPECT_RESULTS: [&str; 7] = [
+    "sni",
+    "no_sni",
+    "not_tls",
+    "too_large",
+    "malformed",
+    "timeout",
+    "eof",
 ];
 
 /// Per-listener counters, outside snapshots, per worker.

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub fn start_backends(config: &Config) -> std::io::Result<()> {
     let mut seen: Vec<SocketAddr> = Vec::new();
     for l in &config.listeners {
-        for b in &l.backends {
+        for (_, b) in l.all_backends() {
             if seen.contains(&b.address) {
                 continue;
             }

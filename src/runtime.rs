@@ -264,8 +264,11 @@ fn log_listening(l: &Listener, addr: SocketAddr, workers: usize) {
         l.name,
         addr,
         l.protocol.name(),
-        l.balance.name(),
-        l.backends.len(),
+        match l.pools.as_slice() {
+            [p] if l.routing.is_none() => p.balance.name().to_string(),
+            pools => format!("{} pools", pools.len()),
+        },
+        l.all_backends().count(),
         workers
     );
 }
@@ -281,7 +284,7 @@ fn spec_for(
         socket,
         published: published.clone(),
         stats: stats.clone(),
-        needs_client_addr: l.balance == Policy::Maglev,
+        needs_client_addr: l.pools.iter().any(|p| p.balance == Policy::Maglev),
         udp: l.protocol == Protocol::Udp,
         // Started by a binary upgrade: UDP listeners wait for the previous process's flows.
         hold_udp: l.protocol == Protocol::Udp && upgrade::is_upgrade(),

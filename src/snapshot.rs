@@ -1,6 +1,10 @@
-//! The immutable per-listener pool snapshot (backends, weights, health bits, prebuilt balancing
-//! tables, per-listener settings) and the lock-free publish/read path between the control plane
-//! and the workers.
+//! The immutable per-listener snapshot (listener settings, the TLS routes, and one
+//! [`PoolSnapshot`] per backend pool: backends, weights, health bits, prebuilt balancing tables)
+//! and the lock-free publish/read path between the control plane and the workers.
+//!
+//! Pools and routes are published together behind the listener's one pointer, so a worker never
+//! sees routes of one config with pools of another; a health change in one pool rebuilds that
+//! pool's members (the others' tables are shared, not rebuilt).
 //!
 //! The control plane builds a new `Snapshot` and swaps it in with one atomic pointer store
 //! (`arc_swap::ArcSwap`); each worker reads through an `arc_swap::Cache`, which costs one atomic
@@ -8,11 +12,12 @@
 //! the `BackendStats` the registry keeps by address.
 //! Must not: do I/O or know about rings; it is data plus the pick that reads it.
 
-use crate::backend::{BackendStats, ListenerStats};
+use crate::backend::{BackendStats, ListenerStats, Padded};
 use crate::balance::{flow_key, HashKey, PickState, Policy, Tables};
 use crate::proxy_protocol::Version as ProxyVersion;
 use arc_swap::{ArcSwap, Cache};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +28,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Listener-wide connection cap (one count shared by the workers).
     pub max_connections: u32,
-    pub hash_key: HashKey,
     /// One info line per closed connection.
     pub access_log: bool,
     /// TCP keepalive idle time on both legs (None: off).
@@ -47,6 +51,17 @@ pub struct Settings {
     pub drain_postgres: bool,
     /// UDP: flows per listener (each worker takes its share).
     pub max_flows: u32,
+}
+
+/// How a TLS passthrough listener reads ClientHellos (present only when some route has a
+/// condition: a listener whose only route is the default never reads one).
+#[derive(Debug)]
+pub struct Inspect {
+    pub table: crate::tls::RouteTable,
+    /// How long a client may take to send its whole ClientHello.
+    pub timeout: Duration,
+    /// The longest ClientHello read (record headers included).
+    pub max_bytes: usize,
 }
 
 /// What [`Snapshot::pick`] found.
@@ -121,20 +136,22 @@ pub struct Member {
     pub stats: Arc<BackendStats>,
 }
 
-/// Everything a worker needs to place a connection of one listener.
-pub struct Snapshot {
-    /// Increases by one on every publish of this listener.
-    pub generation: u64,
-    pub listener: Arc<str>,
-    pub settings: Settings,
+/// One backend pool as a snapshot sees it.
+pub struct PoolSnapshot {
+    /// The pool's name (`default` for a listener's own backends): the metrics' `pool` label.
+    pub name: Arc<str>,
+    pub hash_key: HashKey,
     pub members: Vec<Member>,
     /// Shared between snapshots whose (address, weight) list and policy are unchanged (a
     /// health flip republishes without rebuilding a Maglev table).
     pub tables: Arc<Tables>,
-    pub listener_stats: Arc<ListenerStats>,
+    /// Round-robin ticket shared by the workers: one relaxed add per pick makes smooth WRR
+    /// global across workers (as HAProxy's `roundrobin` is), at the cost of one shared line.
+    /// Kept by the control plane across republishes of the pool.
+    pub rr_ticket: Arc<Padded<AtomicU64>>,
 }
 
-impl Snapshot {
+impl PoolSnapshot {
     /// Picks a member for a client, skipping down or full members and the addresses in `tried`.
     pub fn pick(
         &self,
@@ -143,12 +160,12 @@ impl Snapshot {
         tried: &[SocketAddr],
     ) -> Pick {
         let key = match client {
-            Some(c) => flow_key(c, self.settings.hash_key),
+            Some(c) => flow_key(c, self.hash_key),
             None => 0,
         };
         let members = &self.members;
         if self.tables.policy() == Policy::RoundRobin {
-            st.set_rr_cursor(self.listener_stats.next_rr_ticket());
+            st.set_rr_cursor(self.rr_ticket.0.fetch_add(1, Ordering::Relaxed));
         }
         let picked = self.tables.pick(
             st,
@@ -174,6 +191,54 @@ impl Snapshot {
     /// Number of members currently up.
     pub fn up_count(&self) -> usize {
         self.members.iter().filter(|m| m.up).count()
+    }
+}
+
+/// Everything a worker needs to place a connection of one listener.
+pub struct Snapshot {
+    /// Increases by one on every publish of this listener.
+    pub generation: u64,
+    pub listener: Arc<str>,
+    pub settings: Settings,
+    /// At least one; indexes are the routes' pool numbers. A pool index a connection holds may
+    /// name another pool after a reload (pools reordered); it is re-checked against the length.
+    pub pools: Vec<PoolSnapshot>,
+    /// The pool of a connection no route chose: without routes the only pool; with routes the
+    /// default route's (`None`: no default route, such connections are closed).
+    pub default_pool: Option<usize>,
+    /// Set when the listener reads ClientHellos to route by.
+    pub inspect: Option<Arc<Inspect>>,
+    pub listener_stats: Arc<ListenerStats>,
+}
+
+impl Snapshot {
+    /// Picks a member of pool `pool` (`Pick::None` for a pool index that no longer exists).
+    pub fn pick(
+        &self,
+        pool: usize,
+        st: &mut PickState,
+        client: Option<&SocketAddr>,
+        tried: &[SocketAddr],
+    ) -> Pick {
+        match self.pools.get(pool) {
+            Some(p) => p.pick(st, client, tried),
+            None => Pick::None,
+        }
+    }
+
+    /// Every member of every pool.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.pools.iter().flat_map(|p| p.members.iter())
+    }
+
+    /// Number of members currently up (all pools).
+    pub fn up_count(&self) -> usize {
+        self.pools.iter().map(PoolSnapshot::up_count).sum()
+    }
+
+    /// Number of members (all pools).
+    pub fn member_count(&self) -> usize {
+        self.pools.iter().map(|p| p.members.len()).sum()
     }
 }
 

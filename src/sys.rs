@@ -229,6 +229,27 @@ pub fn enable_pktinfo(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets `SO_RCVLOWAT`: POLLIN on the socket reports readable only once `bytes` are queued
+/// (or at EOF or an error). Lets a ClientHello read wait for the bytes it still needs instead
+/// of waking on every segment of data already peeked.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads sizeof(c_int) bytes from `v`, which lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The destination address carried by an `IP_PKTINFO` / `IPV6_PKTINFO` control message in
 /// `control[..len]` (as filled by `recvmsg`), if any.
 pub fn pktinfo_dst(control: &[u64], len: usize) -> Option<std::net::IpAddr> {

@@ -47,19 +47,28 @@ impl Family<'_> {
 pub fn metrics(state: &AdminState) -> String {
     let mut out = String::with_capacity(8192);
     let listeners = state.listeners.load();
-    let backends = state.registry.all();
+    // Registry keys are pool keys (`listener` or `listener/pool`): split into both labels.
+    let backends: Vec<(String, String, _)> = state
+        .registry
+        .all()
+        .into_iter()
+        .map(|(key, b)| {
+            let (l, p) = crate::config::split_pool_key(&key);
+            (l.to_string(), p.to_string(), b)
+        })
+        .collect();
     let mut f = Family { out: &mut out };
     f.head(
         "ringlb_connections_total",
         "counter",
         "Connections established to a backend.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         let v = b.sum(|w| &w.connections);
         f.line(
             "ringlb_connections_total",
-            &[("listener", l), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             v,
         );
     }
@@ -68,11 +77,11 @@ pub fn metrics(state: &AdminState) -> String {
         "gauge",
         "Connections assigned to a backend and not yet closed (all workers).",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         f.line(
             "ringlb_active_connections",
-            &[("listener", l), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.active(),
         );
     }
@@ -81,7 +90,7 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Bytes forwarded, by direction.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         let up = b.sum(|w| &w.bytes_up);
         let down = b.sum(|w| &w.bytes_down);
@@ -89,6 +98,7 @@ pub fn metrics(state: &AdminState) -> String {
             "ringlb_bytes_total",
             &[
                 ("listener", l),
+                ("pool", p),
                 ("backend", &a),
                 ("direction", "to_backend"),
             ],
@@ -96,7 +106,12 @@ pub fn metrics(state: &AdminState) -> String {
         );
         f.line(
             "ringlb_bytes_total",
-            &[("listener", l), ("backend", &a), ("direction", "to_client")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("direction", "to_client"),
+            ],
             down,
         );
     }
@@ -105,7 +120,7 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Failed connect attempts to a backend, by reason.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         for (reason, v) in [
             ("refused", b.sum(|w| &w.connect_refused)),
@@ -114,7 +129,12 @@ pub fn metrics(state: &AdminState) -> String {
         ] {
             f.line(
                 "ringlb_connect_errors_total",
-                &[("listener", l), ("backend", &a), ("reason", reason)],
+                &[
+                    ("listener", l),
+                    ("pool", p),
+                    ("backend", &a),
+                    ("reason", reason),
+                ],
                 v,
             );
         }
@@ -126,11 +146,19 @@ pub fn metrics(state: &AdminState) -> String {
     );
     for lv in listeners.iter() {
         let snap = lv.published.load();
-        for m in &snap.members {
+        for (pool, m) in snap
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+        {
             let a = m.address.to_string();
             f.line(
                 "ringlb_backend_up",
-                &[("listener", &lv.name), ("backend", &a)],
+                &[
+                    ("listener", &lv.name),
+                    ("pool", &pool.name),
+                    ("backend", &a),
+                ],
                 u64::from(m.up),
             );
         }
@@ -142,13 +170,18 @@ pub fn metrics(state: &AdminState) -> String {
     );
     for lv in listeners.iter() {
         let snap = lv.published.load();
-        for m in &snap.members {
+        for (pool, m) in snap
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+        {
             let a = m.address.to_string();
             for st in crate::snapshot::BackendState::ALL {
                 f.line(
                     "ringlb_backend_state",
                     &[
                         ("listener", &lv.name),
+                        ("pool", &pool.name),
                         ("backend", &a),
                         ("state", st.name()),
                     ],
@@ -162,11 +195,11 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Flap damping holds: a backend held down after changing state too often.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         f.line(
             "ringlb_backend_flap_holds_total",
-            &[("listener", l), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.flap_holds.load(Ordering::Relaxed),
         );
     }
@@ -175,17 +208,27 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Active health probes, by result.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         let c = &b.control;
         f.line(
             "ringlb_health_checks_total",
-            &[("listener", l), ("backend", &a), ("result", "success")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("result", "success"),
+            ],
             c.checks_ok.load(Ordering::Relaxed),
         );
         f.line(
             "ringlb_health_checks_total",
-            &[("listener", l), ("backend", &a), ("result", "failure")],
+            &[
+                ("listener", l),
+                ("pool", p),
+                ("backend", &a),
+                ("result", "failure"),
+            ],
             c.checks_failed.load(Ordering::Relaxed),
         );
     }
@@ -194,11 +237,11 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Up/down transitions of a backend.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         f.line(
             "ringlb_health_flips_total",
-            &[("listener", l), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.flips.load(Ordering::Relaxed),
         );
     }
@@ -207,11 +250,11 @@ pub fn metrics(state: &AdminState) -> String {
         "counter",
         "Passive ejections after consecutive connect failures.",
     );
-    for (l, b) in &backends {
+    for (l, p, b) in &backends {
         let a = b.address.to_string();
         f.line(
             "ringlb_ejections_total",
-            &[("listener", l), ("backend", &a)],
+            &[("listener", l), ("pool", p), ("backend", &a)],
             b.control.ejections.load(Ordering::Relaxed),
         );
     }
@@ -265,6 +308,24 @@ pub fn metrics(state: &AdminState) -> String {
             );
         }
     }
+    f.head(
+        "ringlb_tls_inspect_total",
+        "counter",
+        "ClientHello reads of TLS passthrough listeners, by result (sni, no_sni, not_tls, \
+         too_large, malformed, timeout, eof).",
+    );
+    for lv in listeners.iter() {
+        if lv.published.load().inspect.is_none() {
+            continue;
+        }
+        for (i, result) in crate::backend::TLS_INSPECT_RESULTS.iter().enumerate() {
+            f.line(
+                "ringlb_tls_inspect_total",
+                &[("listener", &lv.name), ("result", result)],
+                lv.stats.sum(|w| &w.tls_inspect[i]),
+            );
+        }
+    }
     f.head("ringlb_udp_flows", "gauge", "UDP flows open (all workers).");
     for lv in listeners.iter().filter(|l| l.protocol == "udp") {
         let v = lv.stats.sum(|w| &w.udp_flows);
@@ -315,9 +376,9 @@ pub fn metrics(state: &AdminState) -> String {
         .filter(|l| l.protocol == "udp")
         .map(|l| l.name.as_str())
         .collect();
-    for (l, b) in backends
+    for (l, _, b) in backends
         .iter()
-        .filter(|(l, _)| udp_names.contains(&l.as_str()))
+        .filter(|(l, _, _)| udp_names.contains(&l.as_str()))
     {
         let a = b.address.to_string();
         let up = b.sum(|w| &w.datagrams_up);

@@ -240,7 +240,8 @@ fn liveness_at(state: &AdminState, now_ms: u64) -> (bool, String) {
 
 /// Why the backends that are not up are not: `": 2 not_ready, 1 down"` (states in their
 /// `BackendState::ALL` order, those with none left out).
-fn not_up_states(members: &[crate::snapshot::Member]) -> String {
+fn not_up_states<'a>(members: impl IntoIterator<Item = &'a crate::snapshot::Member>) -> String {
+    let members: Vec<&crate::snapshot::Member> = members.into_iter().collect();
     use crate::snapshot::BackendState;
     let mut out = String::new();
     for state in BackendState::ALL {
@@ -270,8 +271,8 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
             problems.push(format!(
                 "listener \"{}\": no healthy backend (0/{} up{})",
                 l.name,
-                snap.members.len(),
-                not_up_states(&snap.members)
+                snap.member_count(),
+                not_up_states(snap.members())
             ));
         }
     }

@@ -63,10 +63,12 @@ pub fn status_json(state: &AdminState) -> String {
         .map(|lv| {
             let snap = lv.published.load();
             let backends: Vec<serde_json::Value> = snap
-                .members
+                .pools
                 .iter()
-                .map(|m| {
-                    let note = notes.get(&(lv.name.clone(), m.address));
+                .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+                .map(|(pool, m)| {
+                    let key = crate::config::pool_key(&lv.name, &pool.name);
+                    let note = notes.get(&(key, m.address));
                     let drained = note.is_some_and(|n| n.drained);
                     let down_reason = match note {
                         _ if m.up => None,
@@ -75,6 +77,7 @@ pub fn status_json(state: &AdminState) -> String {
                     }
                     .or_else(|| (!m.up).then(|| "marked down".to_string()));
                     serde_json::json!({
+                        "pool": &*pool.name,
                         "address": m.address.to_string(),
                         "weight": m.weight,
                         "configured_weight": note.map_or(m.weight, |n| n.configured_weight),
@@ -114,7 +117,13 @@ pub fn status_json(state: &AdminState) -> String {
                 "name": lv.name,
                 "protocol": lv.protocol,
                 "bind": lv.bound.map(|a| a.to_string()),
-                "balance": snap.tables.policy().name(),
+                "balance": snap.pools.first().map(|p| p.tables.policy().name()),
+                "pools": snap.pools.iter().map(|p| serde_json::json!({
+                    "name": &*p.name,
+                    "balance": p.tables.policy().name(),
+                    "backends_up": p.up_count(),
+                    "backends": p.members.len(),
+                })).collect::<Vec<_>>(),
                 "generation": snap.generation,
                 "active_connections": lv.stats.sum(|w| &w.active),
                 "backends_up": snap.up_count(),

@@ -17,7 +17,7 @@ fn web(extra: &str) -> String {
 fn health_defaults() {
     let l = parse(&web("[listeners.health]"));
     assert_eq!(
-        l.health,
+        l.pools[0].health,
         Some(HealthConfig {
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
@@ -32,15 +32,15 @@ fn health_defaults() {
         })
     );
     assert!(!l.access_log);
-    assert_eq!(l.passive, PassiveConfig::default());
+    assert_eq!(l.pools[0].passive, PassiveConfig::default());
     // No table: no active checks.
-    assert_eq!(parse(&web("")).health, None);
+    assert_eq!(parse(&web("")).pools[0].health, None);
 }
 
 #[test]
 fn health_timeout_default_follows_a_short_interval() {
     let l = parse(&web("[listeners.health]\ninterval = \"300ms\""));
-    let h = l.health.expect("health");
+    let h = l.pools[0].health.clone().expect("health");
     assert_eq!(
         (h.interval, h.timeout),
         (Duration::from_millis(300), Duration::from_millis(300))
@@ -54,7 +54,7 @@ fn health_explicit_values_and_escapes() {
          fall = 5\nsend = \"PING\\r\\n\"\nexpect = '+PONG\\x0d\\n\\0\\\\'",
     ));
     assert!(l.access_log);
-    let h = l.health.expect("health");
+    let h = l.pools[0].health.clone().expect("health");
     assert_eq!(
         (h.interval, h.timeout),
         (Duration::from_secs(1), Duration::from_secs(1))
@@ -64,7 +64,7 @@ fn health_explicit_values_and_escapes() {
     assert_eq!(h.expect.as_deref(), Some(&b"+PONG\r\n\0\\"[..]));
     // expect alone (a greeting check) and the inline-table form.
     let l = parse(&web("health = { expect = \"220 \" }"));
-    let h = l.health.expect("health");
+    let h = l.pools[0].health.clone().expect("health");
     assert_eq!((h.send, h.expect.as_deref()), (None, Some(&b"220 "[..])));
 }
 
@@ -74,9 +74,9 @@ fn health_with_backend_tables() {
                 [[listeners.backends]]\naddress = \"127.0.0.1:9001\"\n\
                 [listeners.health]\nrise = 4\n[listeners.passive]\nconsecutive_failures = 0\n";
     let l = parse(text);
-    assert_eq!(l.health.map(|h| h.rise), Some(4));
-    assert_eq!(l.passive.consecutive_failures, 0);
-    assert_eq!(l.backends.len(), 1);
+    assert_eq!(l.pools[0].health.clone().map(|h| h.rise), Some(4));
+    assert_eq!(l.pools[0].passive.consecutive_failures, 0);
+    assert_eq!(l.pools[0].backends.len(), 1);
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn passive_explicit_values() {
          max_ejection_time = \"10s\"\nmax_ejected_percent = 100",
     ));
     assert_eq!(
-        l.passive,
+        l.pools[0].passive,
         PassiveConfig {
             consecutive_failures: 7,
             base_ejection_time: Duration::from_secs(10),
@@ -96,7 +96,10 @@ fn passive_explicit_values() {
     );
     // A long base raises the default cap with it.
     let l = parse(&web("[listeners.passive]\nbase_ejection_time = \"10m\""));
-    assert_eq!(l.passive.max_ejection_time, Duration::from_secs(600));
+    assert_eq!(
+        l.pools[0].passive.max_ejection_time,
+        Duration::from_secs(600)
+    );
 }
 
 #[test]

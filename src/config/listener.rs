@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::health::{validate_health, validate_passive};
 use super::raw::{RawBackend, RawListener};
 use super::{
     format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
@@ -17,7 +16,7 @@ use super::{
     DEFAULT_MAX_FLOWS, DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT, MAX_TCP_KEEPALIVE,
 };
-use crate::balance::{self, HashKey, Policy};
+use crate::balance;
 use crate::proxy_protocol;
 
 pub(super) fn is_valid_name(name: &str) -> bool {
@@ -77,36 +76,15 @@ pub(super) fn validate_listener(
         })?,
     };
     check_transport_fields(scope, protocol, &raw)?;
-
-    let balance = match raw.balance.as_deref() {
-        None => Policy::RoundRobin,
-        Some(s) => Policy::from_name(s).ok_or_else(|| {
-            let names = Policy::ALL.map(Policy::name);
-            invalid(
-                scope,
-                "balance",
-                format!(
-                    "{s:?} is not a balancing policy (expected one of {})",
-                    quoted_list(&names)
-                ),
-            )
-        })?,
-    };
-
-    let hash_key = match raw.hash_key.as_deref() {
-        None => HashKey::SourceIp,
-        Some(s) => HashKey::from_name(s).ok_or_else(|| {
-            let names = HashKey::ALL.map(HashKey::name);
-            invalid(
-                scope,
-                "hash_key",
-                format!(
-                    "{s:?} is not a hash key (expected one of {})",
-                    quoted_list(&names)
-                ),
-            )
-        })?,
-    };
+    let (pools, routing) = super::pool::validate_pools(scope, protocol, &mut raw)?;
+    for p in &pools {
+        let pscope = if p.name == super::pool::IMPLICIT_POOL {
+            scope.to_string()
+        } else {
+            super::pool::pool_scope(scope, &p.name)
+        };
+        check_self_loop(&pscope, bind, &p.backends)?;
+    }
 
     let connect_timeout = positive_duration(
         scope,
@@ -143,16 +121,6 @@ pub(super) fn validate_listener(
             )
         })?,
     };
-
-    let backends = validate_backends(scope, raw.backends)?;
-    check_self_loop(scope, bind, &backends)?;
-    // Only a Maglev listener has a table, so only it needs more slots than backends; a size
-    // written for another policy is still checked (a prime in range), then unused.
-    let maglev_table_size = validate_table_size(
-        scope,
-        raw.maglev_table_size,
-        (balance == Policy::Maglev).then_some(backends.len()),
-    )?;
 
     let access_log = raw.access_log.unwrap_or(false);
     let drain_timeout = raw
@@ -232,20 +200,10 @@ pub(super) fn validate_listener(
         raw.proxy_protocol_timeout,
         DEFAULT_PROXY_PROTOCOL_TIMEOUT,
     )?;
-    let health = raw
-        .health
-        .map(|h| validate_health(scope, protocol, h))
-        .transpose()?;
-    let passive = validate_passive(scope, raw.passive.unwrap_or_default())?;
-    let slow_start = super::readiness::validate_slow_start(scope, raw.slow_start, balance)?;
-
     Ok(Listener {
         name,
         bind,
         protocol,
-        balance,
-        hash_key,
-        maglev_table_size,
         connect_timeout,
         idle_timeout,
         max_connections,
@@ -260,10 +218,8 @@ pub(super) fn validate_listener(
         accept_proxy_protocol,
         accept_proxy_protocol_from,
         proxy_protocol_timeout,
-        health,
-        passive,
-        backends,
-        slow_start,
+        pools,
+        routing,
     })
 }
 
@@ -410,7 +366,7 @@ fn validate_keepalive(scope: &str, raw: Option<String>) -> Result<Option<Duratio
     Ok(Some(d))
 }
 
-fn validate_backends(
+pub(super) fn validate_backends(
     scope: &str,
     raw: Option<Vec<RawBackend>>,
 ) -> Result<Vec<BackendConfig>, ConfigError> {
@@ -557,7 +513,7 @@ fn prime_at_or_above(n: u64) -> Option<u64> {
 
 /// The Maglev table size: a prime in range and, for a Maglev listener (`backend_count` given),
 /// greater than its number of backends.
-fn validate_table_size(
+pub(super) fn validate_table_size(
     scope: &str,
     raw: Option<i64>,
     backend_count: Option<usize>,

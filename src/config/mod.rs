@@ -22,6 +22,9 @@ mod log;
 mod operations_tests;
 #[cfg(test)]
 mod ops_tests;
+mod pool;
+#[cfg(test)]
+mod pool_tests;
 mod raw;
 mod readiness;
 #[cfg(test)]
@@ -38,7 +41,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::balance::{HashKey, Policy};
+use crate::balance::Policy;
 
 pub use admin::{Admin, AdminBind, AdminToken, DEFAULT_ADMIN_BIND, MAX_UNIX_PATH};
 pub use duration::{format_duration, parse_duration};
@@ -51,6 +54,10 @@ pub use health::{
 };
 use listener::{is_valid_name, validate_listener};
 pub use log::{AccessLog, LogConfig, LogFormat};
+pub use pool::{
+    pool_key, split_pool_key, Pool, Routing, DEFAULT_TLS_INSPECT_MAX_BYTES,
+    DEFAULT_TLS_INSPECT_TIMEOUT, IMPLICIT_POOL, MAX_TLS_INSPECT_BYTES,
+};
 use raw::{RawConfig, RawRuntime};
 
 /// Upper bound for `runtime.workers`: far above any core count this runs on, low enough to catch
@@ -138,12 +145,6 @@ pub struct Listener {
     /// Unique among listeners of the same protocol (port 0 excepted: each gets its own port).
     pub bind: SocketAddr,
     pub protocol: Protocol,
-    pub balance: Policy,
-    /// Only used by Maglev; accepted (and validated) for every policy.
-    pub hash_key: HashKey,
-    /// Prime, ≥ 3, greater than the number of backends, ≤ [`crate::balance::MAX_MAGLEV_TABLE_SIZE`].
-    /// Validated for every policy, used only by Maglev.
-    pub maglev_table_size: u32,
     /// TCP: how long a backend connect may take. Accepted and ignored for UDP (a UDP "connect"
     /// only records the peer address; nothing is waited for).
     pub connect_timeout: Duration,
@@ -201,16 +202,31 @@ pub struct Listener {
     /// How long to wait for that header; > 0. Validated always, used only with
     /// `accept_proxy_protocol`. Default [`DEFAULT_PROXY_PROTOCOL_TIMEOUT`].
     pub proxy_protocol_timeout: Duration,
-    /// Active health checks; `None`: backends are not probed and count as up (unless passively
-    /// ejected).
-    pub health: Option<HealthConfig>,
-    /// Passive ejection after connect failures (on by default; `consecutive_failures = 0` is off).
-    pub passive: PassiveConfig,
-    /// At least one; addresses unique within the listener.
-    pub backends: Vec<BackendConfig>,
-    /// `slow_start`: a backend that becomes eligible ramps from 10% to 100% of its weight over
-    /// this long. `None`: off. Never set with Maglev (refused).
-    pub slow_start: Option<Duration>,
+    /// The backend pools: the listener's own backends first (the implicit pool, named
+    /// [`IMPLICIT_POOL`]) when it has any, then its `[[listeners.pools]]` in file order. At least
+    /// one; a listener without `routes` has exactly one.
+    pub pools: Vec<Pool>,
+    /// TLS passthrough routing (`routes`, `tls_inspect`); `None`: every connection goes to the
+    /// one pool.
+    pub routing: Option<Routing>,
+}
+
+impl Listener {
+    /// The pool connections go to when there are no routes (the only one), else the default
+    /// route's pool, if any.
+    pub fn default_pool(&self) -> Option<&Pool> {
+        match &self.routing {
+            None => self.pools.first(),
+            Some(r) => r.table.default_pool().and_then(|i| self.pools.get(i)),
+        }
+    }
+
+    /// Every backend of every pool, with its pool.
+    pub fn all_backends(&self) -> impl Iterator<Item = (&Pool, &BackendConfig)> {
+        self.pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(move |b| (p, b)))
+    }
 }
 
 /// One backend of a listener.
@@ -278,29 +294,21 @@ impl Config {
         for l in &self.listeners {
             let _ = write!(
                 out,
-                "listener {:?}: {} {}, balance {}",
+                "listener {:?}: {} {}",
                 l.name,
                 l.protocol.name(),
-                l.bind,
-                l.balance.name()
+                l.bind
             );
-            if l.balance == Policy::Maglev {
-                let _ = write!(
-                    out,
-                    " (hash_key {}, table size {})",
-                    l.hash_key.name(),
-                    l.maglev_table_size
-                );
+            // One pool without routes: its balance on the listener's line, as before pools.
+            let single = l.routing.is_none() && l.pools.len() == 1;
+            if single {
+                let _ = write!(out, ", ");
+                describe_balance(&mut out, &l.pools[0]);
             }
             let access_log = if l.access_log { "on" } else { "off" };
             let drain_timeout = l
                 .drain_timeout
                 .map_or("unlimited".to_string(), format_duration);
-            let health = match (&l.health, l.protocol) {
-                (None, _) => "off".to_string(),
-                (Some(h), Protocol::Tcp) => h.describe(),
-                (Some(h), Protocol::Udp) => format!("udp {}", h.describe()),
-            };
             if l.protocol == Protocol::Udp {
                 // Only what applies to UDP: the TCP-only settings cannot be set on it.
                 let _ = writeln!(
@@ -343,29 +351,93 @@ impl Config {
                     }
                 );
             }
-            let _ = writeln!(out, "  health checks: {health}");
-            if let Some(h) = &l.health {
-                if let Some(r) = &h.ready {
-                    let _ = writeln!(out, "  readiness checks: {}", r.describe());
+            if let Some(r) = &l.routing {
+                let _ = writeln!(
+                    out,
+                    "  tls_inspect: timeout {}, max_bytes {}{}",
+                    format_duration(r.timeout),
+                    r.max_bytes,
+                    if r.inspects() {
+                        ""
+                    } else {
+                        " (only a default route: never reads the ClientHello)"
+                    }
+                );
+                for route in &r.routes {
+                    let mut cond = Vec::new();
+                    if !route.sni.is_empty() {
+                        cond.push(format!("sni {}", route.sni.join(",")));
+                    }
+                    if !route.alpn.is_empty() {
+                        cond.push(format!("alpn {}", route.alpn.join(",")));
+                    }
+                    let _ = writeln!(
+                        out,
+                        "  route {} -> pool {:?}",
+                        cond.join(" "),
+                        l.pools[route.pool].name
+                    );
                 }
-                let _ = writeln!(out, "  {}", h.flap.describe());
+                if let Some(p) = r.table.default_pool() {
+                    let _ = writeln!(out, "  route default -> pool {:?}", l.pools[p].name);
+                }
             }
-            if let Some(d) = l.slow_start {
-                let _ = writeln!(out, "  slow start over {}", format_duration(d));
-            }
-            let _ = writeln!(out, "  passive ejection: {}", l.passive.describe());
-            for b in &l.backends {
-                let _ = write!(out, "  backend {} weight {}", b.address, b.weight);
-                if b.weight == 0 {
-                    let _ = write!(out, " (drain)");
-                }
-                if let Some(max) = b.max_connections {
-                    let _ = write!(out, ", max_connections {max}");
-                }
-                let _ = writeln!(out);
+            for p in &l.pools {
+                let indent = if single {
+                    "  "
+                } else {
+                    let _ = write!(out, "  pool {:?}: ", p.name);
+                    describe_balance(&mut out, p);
+                    let _ = writeln!(out);
+                    "    "
+                };
+                describe_pool(&mut out, indent, l.protocol, p);
             }
         }
         out
+    }
+}
+
+/// `balance maglev (hash_key source_ip, table size 65537)`.
+fn describe_balance(out: &mut String, p: &Pool) {
+    let _ = write!(out, "balance {}", p.balance.name());
+    if p.balance == Policy::Maglev {
+        let _ = write!(
+            out,
+            " (hash_key {}, table size {})",
+            p.hash_key.name(),
+            p.maglev_table_size
+        );
+    }
+}
+
+/// A pool's health, slow start, passive ejection and backends, one line each.
+fn describe_pool(out: &mut String, indent: &str, protocol: Protocol, p: &Pool) {
+    let health = match (&p.health, protocol) {
+        (None, _) => "off".to_string(),
+        (Some(h), Protocol::Tcp) => h.describe(),
+        (Some(h), Protocol::Udp) => format!("udp {}", h.describe()),
+    };
+    let _ = writeln!(out, "{indent}health checks: {health}");
+    if let Some(h) = &p.health {
+        if let Some(r) = &h.ready {
+            let _ = writeln!(out, "{indent}readiness checks: {}", r.describe());
+        }
+        let _ = writeln!(out, "{indent}{}", h.flap.describe());
+    }
+    if let Some(d) = p.slow_start {
+        let _ = writeln!(out, "{indent}slow start over {}", format_duration(d));
+    }
+    let _ = writeln!(out, "{indent}passive ejection: {}", p.passive.describe());
+    for b in &p.backends {
+        let _ = write!(out, "{indent}backend {} weight {}", b.address, b.weight);
+        if b.weight == 0 {
+            let _ = write!(out, " (drain)");
+        }
+        if let Some(max) = b.max_connections {
+            let _ = write!(out, ", max_connections {max}");
+        }
+        let _ = writeln!(out);
     }
 }
 

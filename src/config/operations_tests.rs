@@ -30,8 +30,8 @@ fn defaults() {
     assert_eq!(l.proxy_protocol, None);
     assert!(!l.accept_proxy_protocol);
     assert_eq!(l.proxy_protocol_timeout, Duration::from_secs(3));
-    assert_eq!(l.backends[0].max_connections, None);
-    assert_eq!(l.backends[0].weight, 1);
+    assert_eq!(l.pools[0].backends[0].max_connections, None);
+    assert_eq!(l.pools[0].backends[0].weight, 1);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn backend_max_connections_and_weight_zero() {
          { address = \"10.0.0.2:5432\", weight = 0 }, \
          { address = \"10.0.0.3:5432\", weight = 0, max_connections = 4294967295 }",
     ));
-    let got: Vec<(u32, Option<u32>)> = l
+    let got: Vec<(u32, Option<u32>)> = l.pools[0]
         .backends
         .iter()
         .map(|b| (b.weight, b.max_connections))
@@ -95,13 +95,13 @@ fn backend_max_connections_and_weight_zero() {
     let l = parse(&db_with_backends(
         "{ address = \"10.0.0.1:5432\", weight = 0 }",
     ));
-    assert_eq!(l.backends[0].weight, 0);
+    assert_eq!(l.pools[0].backends[0].weight, 0);
     // Table form too.
     let l = parse(
         "[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:5432\"\n[[listeners.backends]]\n\
          address = \"10.0.0.1:5432\"\nmax_connections = 1\n",
     );
-    assert_eq!(l.backends[0].max_connections, Some(1));
+    assert_eq!(l.pools[0].backends[0].max_connections, Some(1));
 }
 
 #[test]
@@ -149,10 +149,13 @@ fn examples_use_every_new_setting() {
     // listener's max_connections, so check the loaded values.
     any("a listener drain_timeout", &|l| l.drain_timeout.is_some());
     any("a backend max_connections", &|l| {
-        l.backends.iter().any(|b| b.max_connections.is_some())
+        l.pools[0]
+            .backends
+            .iter()
+            .any(|b| b.max_connections.is_some())
     });
     any("a backend weight 0", &|l| {
-        l.backends.iter().any(|b| b.weight == 0)
+        l.pools[0].backends.iter().any(|b| b.weight == 0)
     });
     any("tcp_keepalive other than 60s", &|l| {
         l.tcp_keepalive != Some(DEFAULT_TCP_KEEPALIVE)

@@ -84,6 +84,123 @@ pub struct RawListener {
     pub backends: Option<Vec<RawBackend>>,
     #[serde(default, deserialize_with = "duration_text")]
     pub slow_start: Option<String>,
+    /// `tls_inspect = { timeout = "5s", max_bytes = 16384 }`: how long and how far to read a
+    /// ClientHello (TLS passthrough routing).
+    pub tls_inspect: Option<RawTlsInspect>,
+    /// `routes = [ { sni = [...], alpn = [...], pool = "api" }, { default = true, pool = "web" } ]`.
+    pub routes: Option<Vec<RawRoute>>,
+    /// `[[listeners.pools]]`: named backend pools that routes choose between.
+    pub pools: Option<Vec<RawPool>>,
+}
+
+/// The fields that describe one pool of backends. A listener's own fields of these names are
+/// its implicit pool (`RawListener::take_pool`); a `[[listeners.pools]]` table has the same
+/// fields plus `name`. Both validate through `config::pool`, so a field added here (and to the
+/// two tables below) is a field of every pool.
+#[derive(Debug, Default)]
+pub struct RawPoolFields {
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+    pub backends: Option<Vec<RawBackend>>,
+    pub slow_start: Option<String>,
+}
+
+impl RawPoolFields {
+    /// Whether any pool field is set.
+    pub fn any_set(&self) -> bool {
+        self.balance.is_some()
+            || self.hash_key.is_some()
+            || self.maglev_table_size.is_some()
+            || self.health.is_some()
+            || self.passive.is_some()
+            || self.backends.is_some()
+            || self.slow_start.is_some()
+    }
+
+    /// The first pool field set, by name (for "set, but this listener has no pool of its own").
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            ("backends", self.backends.is_some()),
+            ("balance", self.balance.is_some()),
+            ("hash_key", self.hash_key.is_some()),
+            ("maglev_table_size", self.maglev_table_size.is_some()),
+            ("health", self.health.is_some()),
+            ("passive", self.passive.is_some()),
+            ("slow_start", self.slow_start.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(n, set)| set.then_some(n))
+    }
+}
+
+impl RawListener {
+    /// Moves the listener's own pool fields out (its implicit pool).
+    pub fn take_pool(&mut self) -> RawPoolFields {
+        RawPoolFields {
+            balance: self.balance.take(),
+            hash_key: self.hash_key.take(),
+            maglev_table_size: self.maglev_table_size.take(),
+            health: self.health.take(),
+            passive: self.passive.take(),
+            backends: self.backends.take(),
+            slow_start: self.slow_start.take(),
+        }
+    }
+}
+
+/// One `[[listeners.pools]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: Option<String>,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub maglev_table_size: Option<i64>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+    pub backends: Option<Vec<RawBackend>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub slow_start: Option<String>,
+}
+
+impl RawPool {
+    /// Splits the table into its name and its pool fields.
+    pub fn into_parts(self) -> (Option<String>, RawPoolFields) {
+        (
+            self.name,
+            RawPoolFields {
+                balance: self.balance,
+                hash_key: self.hash_key,
+                maglev_table_size: self.maglev_table_size,
+                health: self.health,
+                passive: self.passive,
+                backends: self.backends,
+                slow_start: self.slow_start,
+            },
+        )
+    }
+}
+
+/// `tls_inspect = { timeout = "5s", max_bytes = 16384 }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsInspect {
+    #[serde(default, deserialize_with = "duration_text")]
+    pub timeout: Option<String>,
+    pub max_bytes: Option<i64>,
+}
+
+/// One entry of `routes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub sni: Option<Vec<String>>,
+    pub alpn: Option<Vec<String>>,
+    pub default: Option<bool>,
+    pub pool: Option<String>,
 }
 
 /// A listener's `[listeners.health]` table: active health checks.

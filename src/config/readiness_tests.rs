@@ -17,7 +17,10 @@ fn err(extra: &str) -> String {
 
 #[test]
 fn http_check_defaults_and_values() {
-    let h = parse(&web("[listeners.health]\nhttp = {}")).health.unwrap();
+    let h = parse(&web("[listeners.health]\nhttp = {}")).pools[0]
+        .health
+        .clone()
+        .unwrap();
     assert_eq!(
         h.http,
         Some(HttpCheck {
@@ -34,7 +37,9 @@ fn http_check_defaults_and_values() {
         "[listeners.health]\nport = 8008\nhttp = { path = \"/primary\", expect_status = [200, 204], \
          host = \"db.example\", body_prefix = '{\"role\"' }",
     ))
+    .pools[0]
     .health
+    .clone()
     .unwrap();
     let http = h.http.unwrap();
     assert_eq!(http.path, "/primary");
@@ -49,8 +54,9 @@ fn http_check_defaults_and_values() {
 fn probe_address_forms() {
     let a: SocketAddr = "127.0.0.1:9001".parse().unwrap();
     let t = |extra: &str| {
-        parse(&web(&format!("[listeners.health]\n{extra}")))
+        parse(&web(&format!("[listeners.health]\n{extra}"))).pools[0]
             .health
+            .clone()
             .unwrap()
             .target
     };
@@ -75,8 +81,8 @@ fn ready_block_and_flap_fields() {
          flap_hold = \"2s\"\n[listeners.health.ready]\ninterval = \"500ms\"\nrise = 1\nfall = 1\n\
          http = { path = \"/ready\" }",
     ));
-    assert_eq!(l.slow_start, Some(Duration::from_secs(30)));
-    let h = l.health.unwrap();
+    assert_eq!(l.pools[0].slow_start, Some(Duration::from_secs(30)));
+    let h = l.pools[0].health.clone().unwrap();
     assert_eq!(
         h.flap,
         FlapConfig {
@@ -94,7 +100,7 @@ fn ready_block_and_flap_fields() {
         (Duration::from_millis(500), 1, 1)
     );
     assert_eq!(r.http.unwrap().path, "/ready");
-    assert_eq!(parse(&web("slow_start = \"0s\"")).slow_start, None);
+    assert_eq!(parse(&web("slow_start = \"0s\"")).pools[0].slow_start, None);
 }
 
 #[test]

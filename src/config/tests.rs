@@ -2,6 +2,7 @@
 //! No I/O except reading `config/*.toml` and one missing file.
 
 use super::*;
+use crate::balance::HashKey;
 use std::path::PathBuf;
 
 /// The first listener of a config that must load.
@@ -111,8 +112,12 @@ fn demo_example_matches_the_demo_subcommand() {
     };
     assert_eq!(demo.name, "demo");
     assert_eq!(demo.bind, "127.0.0.1:8080".parse().unwrap());
-    assert_eq!(demo.balance, Policy::RoundRobin);
-    let ports: Vec<u16> = demo.backends.iter().map(|b| b.address.port()).collect();
+    assert_eq!(demo.pools[0].balance, Policy::RoundRobin);
+    let ports: Vec<u16> = demo.pools[0]
+        .backends
+        .iter()
+        .map(|b| b.address.port())
+        .collect();
     assert_eq!(ports, [9001, 9002, 9003]);
 }
 
@@ -138,9 +143,6 @@ fn defaults_applied() {
         name: "web".to_string(),
         bind: "127.0.0.1:0".parse().unwrap(),
         protocol: Protocol::Tcp,
-        balance: Policy::RoundRobin,
-        hash_key: HashKey::SourceIp,
-        maglev_table_size: 65537,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(3600),
         max_connections: 100_000,
@@ -155,19 +157,26 @@ fn defaults_applied() {
         accept_proxy_protocol: false,
         accept_proxy_protocol_from: None,
         proxy_protocol_timeout: Duration::from_secs(3),
-        health: None,
-        passive: PassiveConfig {
-            consecutive_failures: 3,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_time: Duration::from_secs(300),
-            max_ejected_percent: 50,
-        },
-        backends: vec![BackendConfig {
-            address: "127.0.0.1:9001".parse().unwrap(),
-            weight: 1,
-            max_connections: None,
+        pools: vec![Pool {
+            name: "default".to_string(),
+            balance: Policy::RoundRobin,
+            hash_key: HashKey::SourceIp,
+            maglev_table_size: 65537,
+            health: None,
+            passive: PassiveConfig {
+                consecutive_failures: 3,
+                base_ejection_time: Duration::from_secs(30),
+                max_ejection_time: Duration::from_secs(300),
+                max_ejected_percent: 50,
+            },
+            backends: vec![BackendConfig {
+                address: "127.0.0.1:9001".parse().unwrap(),
+                weight: 1,
+                max_connections: None,
+            }],
+            slow_start: None,
         }],
-        slow_start: None,
+        routing: None,
     };
     assert_eq!(config.listeners, [expected]);
 }
@@ -207,15 +216,18 @@ fn explicit_values_and_both_backend_forms() {
         AdminBind::Tcp("[::1]:9901".parse().unwrap())
     );
     let a = &config.listeners[0];
-    assert_eq!(a.balance, Policy::Maglev);
-    assert_eq!(a.hash_key, HashKey::SourceIpPort);
-    assert_eq!(a.maglev_table_size, 7);
+    assert_eq!(a.pools[0].balance, Policy::Maglev);
+    assert_eq!(a.pools[0].hash_key, HashKey::SourceIpPort);
+    assert_eq!(a.pools[0].maglev_table_size, 7);
     assert_eq!(a.connect_timeout, Duration::from_millis(250));
     assert_eq!(a.idle_timeout, Duration::from_secs(300));
     assert_eq!(a.max_connections, 10);
-    assert_eq!(a.backends[0].address, "[::1]:7001".parse().unwrap());
-    assert_eq!(a.backends[0].weight, 3);
-    let b = &config.listeners[1].backends;
+    assert_eq!(
+        a.pools[0].backends[0].address,
+        "[::1]:7001".parse().unwrap()
+    );
+    assert_eq!(a.pools[0].backends[0].weight, 3);
+    let b = &config.listeners[1].pools[0].backends;
     assert_eq!(b.len(), 1);
     assert_eq!((b[0].address.port(), b[0].weight), (7003, 2));
     let summary = config.summary();
@@ -485,7 +497,10 @@ fn ipv6_addresses_accepted() {
     let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let l = &config.listeners[0];
     assert!(l.bind.is_ipv6());
-    assert_eq!(l.backends[0].address, "[2001:db8::1]:8443".parse().unwrap());
+    assert_eq!(
+        l.pools[0].backends[0].address,
+        "[2001:db8::1]:8443".parse().unwrap()
+    );
 }
 
 #[test]
@@ -572,7 +587,7 @@ fn many_backends(n: usize, balance: &str, tail: &str) -> String {
 fn maglev_table_rules_apply_only_to_maglev_listeners() {
     // More backends than the default table size: fine for round robin, which has no table.
     let l = parse(&many_backends(70_000, "round_robin", ""));
-    assert_eq!(l.backends.len(), 70_000);
+    assert_eq!(l.pools[0].backends.len(), 70_000);
     // A table size written for another policy must still be a prime in range, but need not
     // exceed the backend count.
     parse(&one_listener_with(

@@ -3,6 +3,7 @@
 
 use super::tests::{error, parse};
 use super::*;
+use crate::balance::HashKey;
 
 /// One udp listener "dns" with `lines` before a one-backend list and `after` behind it (where
 /// `[listeners.health]` tables attach).
@@ -36,8 +37,8 @@ fn udp_defaults() {
     assert_eq!(l.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
     assert_eq!(l.proxy_protocol, None);
     assert!(!l.accept_proxy_protocol);
-    assert_eq!(l.backends[0].max_connections, None);
-    assert_eq!(l.health, None);
+    assert_eq!(l.pools[0].backends[0].max_connections, None);
+    assert_eq!(l.pools[0].health, None);
     // TCP keeps its own idle default, and max_flows at the default.
     let tcp = parse(&web_with("", ""));
     assert_eq!(tcp.idle_timeout, Duration::from_secs(3600));
@@ -56,8 +57,8 @@ fn udp_explicit_values() {
     ));
     assert_eq!(l.idle_timeout, Duration::from_secs(5));
     assert_eq!(l.max_flows, 1);
-    assert_eq!(l.balance, Policy::Maglev);
-    assert_eq!(l.maglev_table_size, 251);
+    assert_eq!(l.pools[0].balance, Policy::Maglev);
+    assert_eq!(l.pools[0].maglev_table_size, 251);
     // Accepted (and ignored by the data plane).
     assert_eq!(l.connect_timeout, Duration::from_millis(100));
     assert!(l.access_log);
@@ -73,7 +74,7 @@ fn udp_health_checks_take_send_and_expect() {
         "[listeners.health]\ninterval = \"1s\"\ntimeout = \"300ms\"\n\
          send = '\\x12\\x34\\x01\\x00'\nexpect = '\\x12\\x34'",
     ));
-    let h = l.health.expect("health");
+    let h = l.pools[0].health.clone().expect("health");
     assert_eq!(h.send.as_deref(), Some(&[0x12, 0x34, 1, 0][..]));
     assert_eq!(h.expect.as_deref(), Some(&[0x12, 0x34][..]));
     assert_eq!(h.timeout, Duration::from_millis(300));
@@ -256,15 +257,15 @@ fn dns_example_is_a_udp_listener_with_a_dns_health_check() {
     };
     assert_eq!(dns.protocol, Protocol::Udp);
     assert_eq!(
-        (dns.balance, dns.hash_key),
+        (dns.pools[0].balance, dns.pools[0].hash_key),
         (Policy::Maglev, HashKey::SourceIp)
     );
     assert_eq!(dns.max_flows, 8192);
     assert_eq!(dns.idle_timeout, Duration::from_secs(10));
-    assert_eq!(dns.backends.len(), 2);
+    assert_eq!(dns.pools[0].backends.len(), 2);
     // The fd note's arithmetic matches the file.
     assert_eq!(config.runtime.workers * dns.max_flows as usize, 16_384);
-    let h = dns.health.as_ref().expect("health check");
+    let h = dns.pools[0].health.as_ref().expect("health check");
     let send = h.send.as_deref().expect("send");
     let expect = h.expect.as_deref().expect("expect");
     // A well-formed DNS query: 12-byte header with one question, QR clear; the question "."

@@ -100,33 +100,36 @@ impl HealthDriver {
         self.rules = listeners
             .iter()
             .map(|l| {
-                let rule = l.health.as_ref().map(|h| Rule::from_config(&h.flap));
+                let rule = l.pools[0]
+                    .health
+                    .as_ref()
+                    .map(|h| Rule::from_config(&h.flap));
                 let off = Rule::from_config(&crate::config::FlapConfig {
                     threshold: 0,
                     ..Default::default()
                 });
-                let window = l.slow_start.map_or(0, |d| d.as_millis() as u64);
+                let window = l.pools[0].slow_start.map_or(0, |d| d.as_millis() as u64);
                 (l.name.clone(), (rule.unwrap_or(off), window))
             })
             .collect();
         let present = |(l, a): &(String, SocketAddr)| {
             listeners
                 .iter()
-                .any(|x| &x.name == l && x.backends.iter().any(|b| b.address == *a))
+                .any(|x| &x.name == l && x.pools[0].backends.iter().any(|b| b.address == *a))
         };
         self.flaps.retain(|k, _| present(k));
         self.ramps.retain(present);
         self.settings = listeners
             .iter()
             .map(|l| {
-                let rise = l.health.as_ref().map(|h| h.rise);
-                (l.name.clone(), (l.passive.clone(), rise))
+                let rise = l.pools[0].health.as_ref().map(|h| h.rise);
+                (l.name.clone(), (l.pools[0].passive.clone(), rise))
             })
             .collect();
         self.passive.retain(|(l, a), _| {
             listeners
                 .iter()
-                .any(|x| &x.name == l && x.backends.iter().any(|b| b.address == *a))
+                .any(|x| &x.name == l && x.pools[0].backends.iter().any(|b| b.address == *a))
         });
     }
 
@@ -372,15 +375,23 @@ impl HealthDriver {
     /// `max_ejected_percent` of a listener's backends) and ends expired ejections.
     fn passive_step(&mut self, listeners: &[ControlListener], changed: &mut Vec<String>) {
         let now_ms = self.now_ms(Instant::now());
-        for cl in listeners {
-            let l = &cl.config;
+        let units = listeners.iter().flat_map(|cl| {
+            let snap = cl.published.load_full();
+            cl.units
+                .iter()
+                .enumerate()
+                .map(move |(k, u)| (u, snap.clone(), k))
+        });
+        for (l, snap, k) in units {
             let Some((p, _)) = self.settings.get(&l.name) else {
                 continue;
             };
+            let Some(pool) = snap.pools.get(k) else {
+                continue;
+            };
             let p = p.clone();
-            let snap = cl.published.load();
-            let total = l.backends.len() as u64;
-            let mut ejected = l
+            let total = l.pools[0].backends.len() as u64;
+            let mut ejected = l.pools[0]
                 .backends
                 .iter()
                 .filter(|b| {
@@ -389,7 +400,7 @@ impl HealthDriver {
                         .is_some_and(|e| e.state.is_ejected(now_ms))
                 })
                 .count() as u64;
-            for m in &snap.members {
+            for m in &pool.members {
                 let key = (l.name.clone(), m.address);
                 let failures = m.stats.consecutive_failures();
                 if failures == 0 && !self.passive.contains_key(&key) {

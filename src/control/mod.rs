@@ -10,11 +10,11 @@ mod report;
 
 pub use report::{BackendNote, Notes, Report};
 
-use crate::backend::{ListenerStats, Registry};
+use crate::backend::{ListenerStats, Padded, Registry};
 use crate::balance::{Maglev, Policy, Tables};
-use crate::config::{Config, Listener, Protocol};
+use crate::config::{Config, Listener};
 use crate::notify;
-use crate::snapshot::{BackendState, Member, Published, Settings, Snapshot};
+use crate::snapshot::{BackendState, Inspect, Member, PoolSnapshot, Published, Settings, Snapshot};
 use arc_swap::ArcSwap;
 use health::HealthDriver;
 use log::{error, info};
@@ -72,8 +72,13 @@ const CONTROL_TICK: Duration = Duration::from_millis(50);
 /// One listener as the control plane holds it.
 pub struct ControlListener {
     pub config: Listener,
+    /// One single-pool listener per pool, named by its pool key (`config::pool_key`), in the
+    /// order of `config.pools` (and of the snapshot's pools): what health and the registry see.
+    pub units: Vec<Listener>,
     pub published: Published,
     pub stats: Arc<ListenerStats>,
+    /// Each pool's round-robin ticket, by pool name, kept across republishes and reloads.
+    tickets: Vec<(String, Arc<Padded<AtomicU64>>)>,
     generation: u64,
     /// Slow start: when to republish the next ramp step (a member is ramping).
     next_ramp: Option<Instant>,
@@ -95,7 +100,7 @@ impl Control {
     /// Builds and publishes the first snapshot of every listener.
     pub fn new(config: &Config) -> Control {
         let registry = Arc::new(Registry::new(config.runtime.workers));
-        let health = HealthDriver::new(&config.listeners, Instant::now());
+        let health = HealthDriver::new(&all_units(&config.listeners), Instant::now());
         let mut control = Control {
             registry,
             listeners: Vec::new(),
@@ -117,13 +122,14 @@ impl Control {
     fn publish_notes(&self) {
         let mut notes = Notes::new();
         for cl in &self.listeners {
-            let name = &cl.config.name;
-            for b in &cl.config.backends {
-                let key = (name.clone(), b.address);
-                let mut note = self.health.note(name, b.address);
-                note.configured_weight = b.weight;
-                note.drained = self.drained.contains(&key);
-                notes.insert(key, note);
+            for u in &cl.units {
+                for b in &u.pools[0].backends {
+                    let key = (u.name.clone(), b.address);
+                    let mut note = self.health.note(&u.name, b.address);
+                    note.configured_weight = b.weight;
+                    note.drained = self.drained.contains(&(cl.config.name.clone(), b.address));
+                    notes.insert(key, note);
+                }
             }
         }
         self.report.set_notes(notes);
@@ -132,8 +138,12 @@ impl Control {
     /// A listener's stats and first published snapshot (generation 1).
     fn new_listener(&mut self, config: Listener) -> ControlListener {
         let stats = Arc::new(ListenerStats::new(self.workers));
+        let units = config.pool_units();
+        let tickets = tickets_for(&config, &[]);
         let snap = build_snapshot(
             &config,
+            &units,
+            &tickets,
             1,
             &self.registry,
             &stats,
@@ -142,23 +152,32 @@ impl Control {
             None,
         );
         log_tables(&config, &snap, None);
-        let next_ramp = self.next_ramp(&config.name, &snap);
+        let next_ramp = self.next_ramp(&units, &snap);
         ControlListener {
             config,
+            units,
             published: Arc::new(ArcSwap::from_pointee(snap)),
             stats,
+            tickets,
             generation: 1,
             next_ramp,
         }
     }
 
-    /// When a listener whose snapshot has a ramping member republishes its next step.
-    fn next_ramp(&self, name: &str, snap: &Snapshot) -> Option<Instant> {
-        let step = self.health.ramp_step(name)?;
-        snap.members
+    /// When a listener whose snapshot has a ramping member republishes its next step (the
+    /// soonest of its pools').
+    fn next_ramp(&self, units: &[Listener], snap: &Snapshot) -> Option<Instant> {
+        units
             .iter()
-            .any(|m| m.ramp_percent < 100)
-            .then(|| Instant::now() + step)
+            .zip(&snap.pools)
+            .filter_map(|(u, p)| {
+                let step = self.health.ramp_step(&u.name)?;
+                p.members
+                    .iter()
+                    .any(|m| m.ramp_percent < 100)
+                    .then(|| Instant::now() + step)
+            })
+            .min()
     }
 
     /// Applies a new, already validated configuration. Listeners whose name and bind are
@@ -215,11 +234,11 @@ impl Control {
         }
         self.listeners
             .retain(|c| !removed_names.contains(&c.config.name));
-        self.health.set_listeners(&new.listeners, now);
+        self.health.set_listeners(&all_units(&new.listeners), now);
         self.drained.retain(|(l, a)| {
             new.listeners
                 .iter()
-                .any(|x| &x.name == l && x.backends.iter().any(|b| b.address == *a))
+                .any(|x| &x.name == l && x.all_backends().any(|(_, b)| b.address == *a))
         });
         let (mut added_b, mut removed_b, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
         let ms = crate::backend::process_ms();
@@ -228,25 +247,38 @@ impl Control {
                 continue;
             };
             let cur = &self.listeners[i].config;
-            for b in &l.backends {
-                self.registry.get(&l.name, b.address).set_removed(None);
+            let new_units = l.pool_units();
+            for u in &new_units {
+                for b in &u.pools[0].backends {
+                    self.registry.get(&u.name, b.address).set_removed(None);
+                }
             }
             if cur == l {
                 continue;
             }
             changed += 1;
-            added_b += l
-                .backends
-                .iter()
-                .filter(|b| !cur.backends.iter().any(|c| c.address == b.address))
-                .count();
-            for c in &cur.backends {
-                if !l.backends.iter().any(|b| b.address == c.address) {
-                    removed_b += 1;
-                    self.registry.get(&l.name, c.address).set_removed(Some(ms));
-                }
+            let keyed = |units: &[Listener]| -> Vec<(String, SocketAddr)> {
+                units
+                    .iter()
+                    .flat_map(|u| {
+                        u.pools[0]
+                            .backends
+                            .iter()
+                            .map(|b| (u.name.clone(), b.address))
+                    })
+                    .collect()
+            };
+            let (before, after) = (keyed(&self.listeners[i].units), keyed(&new_units));
+            added_b += after.iter().filter(|k| !before.contains(k)).count();
+            for k in before.iter().filter(|k| !after.contains(k)) {
+                removed_b += 1;
+                self.registry.get(&k.0, k.1).set_removed(Some(ms));
             }
-            self.listeners[i].config = l.clone();
+            let tickets = tickets_for(l, &self.listeners[i].tickets);
+            let cl = &mut self.listeners[i];
+            cl.config = l.clone();
+            cl.units = new_units;
+            cl.tickets = tickets;
             moved += self.republish(i);
         }
         let n_added = bound.len();
@@ -285,9 +317,8 @@ impl Control {
         };
         if !self.listeners[i]
             .config
-            .backends
-            .iter()
-            .any(|b| b.address == backend)
+            .all_backends()
+            .any(|(_, b)| b.address == backend)
         {
             return Err(format!("listener {listener:?} has no backend {backend}"));
         }
@@ -321,6 +352,8 @@ impl Control {
         let old = l.published.load_full();
         let snap = build_snapshot(
             &l.config,
+            &l.units,
+            &l.tickets,
             l.generation,
             &self.registry,
             &l.stats,
@@ -328,13 +361,12 @@ impl Control {
             &self.drained,
             Some(&old),
         );
-        let step = self.health.ramp_step(&l.config.name);
-        l.next_ramp = step
-            .filter(|_| snap.members.iter().any(|m| m.ramp_percent < 100))
-            .map(|s| Instant::now() + s);
+        let next_ramp = self.next_ramp(&self.listeners[i].units, &snap);
+        let l = &mut self.listeners[i];
+        l.next_ramp = next_ramp;
         let moved = log_tables(&l.config, &snap, Some(&old)).unwrap_or(0);
         l.stats.slots_moved.fetch_add(moved, Ordering::Relaxed);
-        let (generation, up, total) = (snap.generation, snap.up_count(), snap.members.len());
+        let (generation, up, total) = (snap.generation, snap.up_count(), snap.member_count());
         // Publish first, then say so: a log reader may act on the line at once.
         l.published.store(Arc::new(snap));
         info!(
@@ -352,11 +384,12 @@ impl Control {
         let present: std::collections::HashSet<(&str, SocketAddr)> = self
             .listeners
             .iter()
-            .flat_map(|c| {
-                c.config
+            .flat_map(|c| c.units.iter())
+            .flat_map(|u| {
+                u.pools[0]
                     .backends
                     .iter()
-                    .map(|b| (c.config.name.as_str(), b.address))
+                    .map(|b| (u.name.as_str(), b.address))
             })
             .collect();
         self.registry.prune(|l, a| present.contains(&(l, a)));
@@ -373,7 +406,16 @@ impl Control {
                 changed.push(cl.config.name.clone());
             }
         }
-        for name in changed {
+        // Health reports pool keys; one republish per listener however many of its pools changed.
+        let mut listeners: Vec<&str> = Vec::new();
+        for key in &changed {
+            let (l, _) = crate::config::split_pool_key(key);
+            if !listeners.contains(&l) {
+                listeners.push(l);
+            }
+        }
+        let listeners: Vec<String> = listeners.into_iter().map(str::to_string).collect();
+        for name in listeners {
             if let Some(i) = self.listeners.iter().position(|l| l.config.name == name) {
                 self.republish(i);
             }
@@ -461,8 +503,33 @@ pub fn run_thread(
     }
 }
 
+/// Every pool of every listener as a single-pool listener named by its pool key.
+fn all_units(listeners: &[Listener]) -> Vec<Listener> {
+    listeners.iter().flat_map(Listener::pool_units).collect()
+}
+
+/// Each pool's round-robin ticket: the one it had (same pool name) or a new one.
+fn tickets_for(
+    l: &Listener,
+    old: &[(String, Arc<Padded<AtomicU64>>)],
+) -> Vec<(String, Arc<Padded<AtomicU64>>)> {
+    l.pools
+        .iter()
+        .map(|p| {
+            let t = old
+                .iter()
+                .find(|(n, _)| *n == p.name)
+                .map_or_else(|| Arc::new(Padded(AtomicU64::new(0))), |(_, t)| t.clone());
+            (p.name.clone(), t)
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build_snapshot(
     l: &Listener,
+    units: &[Listener],
+    tickets: &[(String, Arc<Padded<AtomicU64>>)],
     generation: u64,
     registry: &Registry,
     stats: &Arc<ListenerStats>,
@@ -470,20 +537,91 @@ fn build_snapshot(
     drained: &[(String, SocketAddr)],
     old: Option<&Snapshot>,
 ) -> Snapshot {
-    let members: Vec<Member> = l
+    let pools = units
+        .iter()
+        .zip(tickets)
+        .map(|(u, (_, ticket))| {
+            let old_pool = old.and_then(|o| o.pools.iter().find(|p| *p.name == *u.pools[0].name));
+            build_pool(
+                &l.name,
+                u,
+                ticket.clone(),
+                registry,
+                health,
+                drained,
+                old_pool,
+            )
+        })
+        .collect();
+    let (default_pool, inspect) = match &l.routing {
+        None => (Some(0), None),
+        Some(r) => (
+            r.table.default_pool(),
+            r.inspects().then(|| {
+                Arc::new(Inspect {
+                    table: r.table.clone(),
+                    timeout: r.timeout,
+                    max_bytes: r.max_bytes,
+                })
+            }),
+        ),
+    };
+    Snapshot {
+        generation,
+        listener: Arc::from(l.name.as_str()),
+        settings: Settings {
+            connect_timeout: l.connect_timeout,
+            idle_timeout: l.idle_timeout,
+            max_connections: l.max_connections,
+            access_log: l.access_log,
+            tcp_keepalive: l.tcp_keepalive,
+            queue_timeout: l.queue_timeout,
+            send_proxy: l.proxy_protocol,
+            accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
+            proxy_trusted: l.accept_proxy_protocol_from.as_deref().map(Arc::from),
+            drain_timeout: l.drain_timeout,
+            close_on_backend_down: l.close_on_backend_down,
+            drain_postgres: l.drain_postgres,
+            max_flows: l.max_flows,
+        },
+        pools,
+        default_pool,
+        inspect,
+        listener_stats: stats.clone(),
+    }
+}
+
+/// One pool's snapshot. `unit` is the pool as a single-pool listener named by its pool key
+/// (health and the registry know its backends by that key); `listener` is the listener's own
+/// name (admin drains are per listener).
+fn build_pool(
+    listener: &str,
+    unit: &Listener,
+    rr_ticket: Arc<Padded<AtomicU64>>,
+    registry: &Registry,
+    health: &mut HealthDriver,
+    drained: &[(String, SocketAddr)],
+    old: Option<&PoolSnapshot>,
+) -> PoolSnapshot {
+    let key = unit.name.as_str();
+    let pool = &unit.pools[0];
+    let members: Vec<Member> = pool
         .backends
         .iter()
         .map(|b| {
-            let v = health.verdict(&l.name, b.address);
-            let stats = registry.get(&l.name, b.address);
-            // The registry keeps a backend's counters by (listener name, address) across
+            let v = health.verdict(key, b.address);
+            let stats = registry.get(key, b.address);
+            // The registry keeps a backend's counters by (pool key, address) across
             // reloads, so a listener re-created under the same name finds the flags an earlier
             // generation left: set both from this config and this health, every build.
             // The stats' bit is "live" (connections close per on_backend_down when it drops);
             // a backend that is only not ready keeps its connections.
             stats.set_removed(None);
             stats.set_up(v.up());
-            let weight = if drained.iter().any(|(n, a)| *n == l.name && *a == b.address) {
+            let weight = if drained
+                .iter()
+                .any(|(n, a)| n == listener && *a == b.address)
+            {
                 0
             } else {
                 b.weight
@@ -502,7 +640,7 @@ fn build_snapshot(
                 matches!(state, BackendState::NotReady | BackendState::Drained),
                 crate::backend::process_ms(),
             );
-            let ramp_percent = health.ramp(&l.name, b.address, up && weight > 0);
+            let ramp_percent = health.ramp(key, b.address, up && weight > 0);
             Member {
                 address: b.address,
                 weight,
@@ -518,12 +656,12 @@ fn build_snapshot(
     // spreads over the others by weight (smooth WRR over the live set, as NGINX does); a health
     // flip rebuilds it. Maglev keeps its table across flips (it probes past a down backend) and
     // the other policies skip down backends at pick time.
-    // Slow start scales a listener's weights (so 10% of weight 1 is a whole number; every
+    // Slow start scales a pool's weights (so 10% of weight 1 is a whole number; every
     // policy compares weights only with each other) and ramps those of backends coming back;
     // each ramp step is a republish, so pickers read plain weights (see health/ramp.rs).
-    let table_weight = |m: &Member| match l.balance {
+    let table_weight = |m: &Member| match pool.balance {
         Policy::RoundRobin if !m.up => 0,
-        _ if l.slow_start.is_some() => crate::health::ramp::scaled(m.weight, m.ramp_percent),
+        _ if pool.slow_start.is_some() => crate::health::ramp::scaled(m.weight, m.ramp_percent),
         _ => m.weight,
     };
     let pairs: Vec<(SocketAddr, u32)> = members
@@ -531,7 +669,7 @@ fn build_snapshot(
         .map(|m| (m.address, table_weight(m)))
         .collect();
     let reuse = old.filter(|o| {
-        o.tables.policy() == l.balance
+        o.tables.policy() == pool.balance
             && o.tables.len() == pairs.len()
             && o.members
                 .iter()
@@ -540,70 +678,73 @@ fn build_snapshot(
                 .all(|((m, p), &w)| (m.address, w) == *p)
             && o.tables
                 .maglev()
-                .is_none_or(|m| m.size() == l.maglev_table_size)
+                .is_none_or(|m| m.size() == pool.maglev_table_size)
     });
     let tables = match reuse {
         Some(o) => o.tables.clone(),
-        None => Arc::new(Tables::build(l.balance, &pairs, l.maglev_table_size)),
+        None => Arc::new(Tables::build(pool.balance, &pairs, pool.maglev_table_size)),
     };
-    Snapshot {
-        generation,
-        listener: Arc::from(l.name.as_str()),
-        settings: Settings {
-            connect_timeout: l.connect_timeout,
-            idle_timeout: l.idle_timeout,
-            max_connections: l.max_connections,
-            hash_key: l.hash_key,
-            access_log: l.access_log,
-            tcp_keepalive: l.tcp_keepalive,
-            queue_timeout: l.queue_timeout,
-            send_proxy: l.proxy_protocol,
-            accept_proxy: l.accept_proxy_protocol.then_some(l.proxy_protocol_timeout),
-            proxy_trusted: l.accept_proxy_protocol_from.as_deref().map(Arc::from),
-            drain_timeout: l.drain_timeout,
-            close_on_backend_down: l.close_on_backend_down,
-            drain_postgres: l.drain_postgres,
-            max_flows: l.max_flows,
-        },
-        tables,
+    PoolSnapshot {
+        name: Arc::from(pool.name.as_str()),
+        hash_key: pool.hash_key,
         members,
-        listener_stats: stats.clone(),
+        tables,
+        rr_ticket,
     }
 }
 
-/// Logs a Maglev table's shape and, on a rebuild, how many slots moved (returned).
+/// Logs each Maglev pool's table shape and, on a rebuild, how many slots moved (returned,
+/// summed over the pools).
 fn log_tables(l: &Listener, snap: &Snapshot, old: Option<&Snapshot>) -> Option<u64> {
-    if l.balance != Policy::Maglev || l.protocol != Protocol::Tcp && l.protocol != Protocol::Udp {
-        return None;
+    let mut total = None;
+    for (pool, p) in l.pools.iter().zip(&snap.pools) {
+        if pool.balance != Policy::Maglev {
+            continue;
+        }
+        let Some(m) = p.tables.maglev() else {
+            continue;
+        };
+        let scope = if l.pools.len() == 1 && l.routing.is_none() {
+            format!("listener {:?}", l.name)
+        } else {
+            format!("listener {:?} pool {:?}", l.name, pool.name)
+        };
+        let per = m.slots_per_backend();
+        let (min, max) = (
+            per.iter().copied().min().unwrap_or(0),
+            per.iter().copied().max().unwrap_or(0),
+        );
+        let moved = old
+            .and_then(|o| o.pools.iter().find(|op| op.name == p.name))
+            .and_then(|op| op.tables.maglev().map(|om| (op, om)))
+            .map(|(op, om)| slots_moved(om, op, m, p));
+        match moved {
+            Some(k) => info!(
+                "{scope}: maglev table rebuilt (generation {}): slots moved: {}/{}, slots per backend min {} max {}",
+                snap.generation, k, m.size(), min, max
+            ),
+            None => info!(
+                "{scope}: maglev table built: {} slots, {} backends, slots per backend min {} max {}",
+                m.size(),
+                per.len(),
+                min,
+                max
+            ),
+        }
+        if let Some(k) = moved {
+            total = Some(total.unwrap_or(0) + k);
+        }
     }
-    let m = snap.tables.maglev()?;
-    let per = m.slots_per_backend();
-    let (min, max) = (
-        per.iter().copied().min().unwrap_or(0),
-        per.iter().copied().max().unwrap_or(0),
-    );
-    let moved = old
-        .and_then(|o| o.tables.maglev().map(|om| (o, om)))
-        .map(|(o, om)| slots_moved(om, o, m, snap));
-    match moved {
-        Some(k) => info!(
-            "listener \"{}\": maglev table rebuilt (generation {}): slots moved: {}/{}, slots per backend min {} max {}",
-            l.name, snap.generation, k, m.size(), min, max
-        ),
-        None => info!(
-            "listener \"{}\": maglev table built: {} slots, {} backends, slots per backend min {} max {}",
-            l.name,
-            m.size(),
-            per.len(),
-            min,
-            max
-        ),
-    }
-    moved
+    total
 }
 
-fn slots_moved(old: &Maglev, old_snap: &Snapshot, new: &Maglev, new_snap: &Snapshot) -> u64 {
-    let oa: Vec<SocketAddr> = old_snap.members.iter().map(|m| m.address).collect();
-    let na: Vec<SocketAddr> = new_snap.members.iter().map(|m| m.address).collect();
+fn slots_moved(
+    old: &Maglev,
+    old_pool: &PoolSnapshot,
+    new: &Maglev,
+    new_pool: &PoolSnapshot,
+) -> u64 {
+    let oa: Vec<SocketAddr> = old_pool.members.iter().map(|m| m.address).collect();
+    let na: Vec<SocketAddr> = new_pool.members.iter().map(|m| m.address).collect();
     Maglev::slots_moved(old, &oa, new, &na)
 }

@@ -74,25 +74,28 @@ fn block_targets(listeners: &[Listener], readiness: bool) -> Vec<Target> {
     listeners
         .iter()
         .filter_map(|l| {
-            let h = l.health.as_ref()?;
+            let h = l.pools.first()?.health.as_ref()?;
             let h = if readiness { h.ready.as_deref()? } else { h };
             Some((l, h))
         })
         .flat_map(|(l, h)| {
-            l.backends.iter().map(move |b| Target {
-                listener: l.name.clone(),
-                addr: b.address,
-                interval: h.interval,
-                rise: h.rise,
-                fall: h.fall,
-                timeout: h.timeout,
-                send: h.send.clone(),
-                expect: h.expect.clone(),
-                udp: l.protocol == Protocol::Udp,
-                http: h.http.clone(),
-                probe_at: (!h.target.is_default()).then(|| h.target.apply(b.address)),
-                readiness,
-            })
+            l.pools
+                .iter()
+                .flat_map(|p| p.backends.iter())
+                .map(move |b| Target {
+                    listener: l.name.clone(),
+                    addr: b.address,
+                    interval: h.interval,
+                    rise: h.rise,
+                    fall: h.fall,
+                    timeout: h.timeout,
+                    send: h.send.clone(),
+                    expect: h.expect.clone(),
+                    udp: l.protocol == Protocol::Udp,
+                    http: h.http.clone(),
+                    probe_at: (!h.target.is_default()).then(|| h.target.apply(b.address)),
+                    readiness,
+                })
         })
         .collect()
 }

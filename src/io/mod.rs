@@ -157,7 +157,8 @@ pub trait Driver {
     /// before it, and `fd` stays open until then. False, and nothing done, where it cannot:
     /// the caller makes the syscalls.
     fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool;
-    /// Ends the multishot poll `token` names on `fd` (its last completion says -ECANCELED);
+    /// Ends the multishot poll, or the one-shot POLLIN, `token` names on `fd` (its last
+    /// completion says -ECANCELED);
     /// the cancel's own completion, if any, carries [`Op::Detached`].
     fn cancel_poll(&mut self, fd: RawFd, token: Token);
     /// Shuts down the write side of socket `fd` (a FIN after what is queued), in the ring where

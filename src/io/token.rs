@@ -50,6 +50,8 @@ pub enum Op {
     PollOutWait1 = 23,
     /// A multishot ring receive of replies on a UDP flow's upstream socket; index = flow slot.
     UdpReply = 24,
+    /// Poll for readable on a client whose ClientHello is being read (TLS passthrough).
+    HelloIn = 25,
 }
 
 impl Op {
@@ -80,6 +82,7 @@ impl Op {
             22 => PollOutWait0,
             23 => PollOutWait1,
             24 => UdpReply,
+            25 => HelloIn,
             _ => return None,
         })
     }

@@ -113,12 +113,7 @@ impl Worker {
                 .poll(conn.client.as_raw_fd(), libc::POLLIN as u32, tok);
             return;
         }
-        if self.has_waiting(li) {
-            // Others are already waiting for a slot: take a place behind them.
-            self.enqueue(idx);
-            return;
-        }
-        self.connect_next(idx);
+        self.route(idx);
     }
 
     /// The client is readable while we wait for its PROXY header: peek, parse, consume.
@@ -205,12 +200,7 @@ impl Worker {
                     conn.client_dst = dest;
                 }
                 conn.stage = Stage::Connecting;
-                let li = conn.listener as usize;
-                if self.has_waiting(li) {
-                    self.enqueue(idx);
-                } else {
-                    self.connect_next(idx);
-                }
+                self.route(idx);
             }
         }
     }

@@ -304,6 +304,9 @@ pub enum CloseReason {
     /// `drain_mode = "postgres"`: the backend is draining and the session went idle (between
     /// transactions); both sides see a clean close.
     DrainIdle,
+    /// TLS passthrough: no route matched the ClientHello (or there was none to read) and the
+    /// listener has no default route.
+    NoRoute,
 }
 
 impl CloseReason {
@@ -327,6 +330,7 @@ impl CloseReason {
             CloseReason::OverLimit => "over max_connections (hold list full)",
             CloseReason::UntrustedProxy => "PROXY header from an untrusted peer",
             CloseReason::DrainIdle => "drained at an idle session",
+            CloseReason::NoRoute => "no route for the ClientHello",
         }
     }
 
@@ -598,6 +602,7 @@ mod tests {
             (CloseReason::OverLimit, "over_limit"),
             (CloseReason::UntrustedProxy, "untrusted_proxy"),
             (CloseReason::DrainIdle, "drain_idle"),
+            (CloseReason::NoRoute, "no_route"),
         ];
         assert_eq!(all.len(), CLOSE_REASONS.len());
         for (r, label) in all {

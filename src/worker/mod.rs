@@ -14,6 +14,7 @@
 
 mod admission;
 pub mod conn;
+mod hello;
 mod pgdrain;
 mod pipes;
 mod ringio;
@@ -268,6 +269,8 @@ impl Listener {
 enum Stage {
     /// Waiting for the client's PROXY header (deadline = header timeout).
     Header,
+    /// Reading the client's ClientHello to choose a pool (deadline = `tls_inspect.timeout`).
+    Hello,
     /// Waiting for a backend slot (deadline = queue timeout).
     Queued,
     /// Accepted over the listener-wide `max_connections` (another worker took the last
@@ -303,6 +306,11 @@ struct Conn {
     out_wait: [bool; 2],
     /// PROXY header bytes already consumed (only when it arrived in pieces).
     header: Option<Vec<u8>>,
+    /// The pool (index into the snapshot's pools) the connection goes to.
+    pool: u16,
+    /// The ClientHello read in progress (TLS passthrough routing only; `None` otherwise, so
+    /// a connection of a listener without routes carries no reader).
+    hello: Option<Box<hello::HelloState>>,
     /// Operations submitted for this connection whose completion has not arrived.
     inflight: u16,
     closing: bool,
@@ -336,6 +344,9 @@ struct Worker {
     timeouts: Vec<(Duration, TimespecId)>,
     /// Scratch space for peeking at PROXY headers (never held across completions).
     scratch: Box<[u8; MAX_INBOUND]>,
+    /// Where ClientHellos are peeked (never holds bytes across calls); empty until a listener
+    /// with routes reads one, then as long as the largest `tls_inspect.max_bytes`.
+    hello_buf: Vec<u8>,
     /// Scratch space for copying small TCP messages (never holds bytes across calls).
     copy_buf: Box<[u8]>,
     /// UDP replies waiting for the end of the current completion batch (sent by
@@ -398,6 +409,7 @@ pub fn run(spec: WorkerSpec) -> io::Result<()> {
         pool: pipes::PipePool::new(),
         timeouts: Vec::new(),
         scratch: Box::new([0u8; MAX_INBOUND]),
+        hello_buf: Vec::new(),
         copy_buf: vec![0u8; COPY_BUF].into_boxed_slice(),
         outbox: udp::Outbox::new(),
         flows: udp::Flows::default(),

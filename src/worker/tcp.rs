@@ -75,6 +75,8 @@ impl Worker {
             out_multi: [false, false],
             out_wait: [false, false],
             header: None,
+            pool: 0,
+            hello: None,
             inflight: 0,
             closing: false,
             reason: None,
@@ -135,11 +137,17 @@ impl Worker {
         let l = &mut self.listeners[conn.listener as usize];
         let snap = l.reader.load();
         let n = conn.attempts as usize;
-        let mut picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &conn.tried[..n]);
+        let pool = usize::from(conn.pool);
+        let mut picked = snap.pick(
+            pool,
+            &mut l.pick,
+            conn.client_addr.as_ref(),
+            &conn.tried[..n],
+        );
         if picked == Pick::None && n > 0 {
             // Every other backend is out: try an already-tried one again (a transient refusal
             // of the only backend should not cost the client its connection).
-            picked = snap.pick(&mut l.pick, conn.client_addr.as_ref(), &[]);
+            picked = snap.pick(pool, &mut l.pick, conn.client_addr.as_ref(), &[]);
         }
         let mi = match picked {
             Pick::Member(i) => i,
@@ -160,7 +168,7 @@ impl Worker {
                 return;
             }
         };
-        let member = &snap.members[mi];
+        let member = &snap.pools[pool].members[mi];
         let addr = member.address;
         let connect_timeout = snap.settings.connect_timeout;
         let keepalive = snap.settings.tcp_keepalive;
@@ -244,6 +252,10 @@ impl Worker {
             }
             Op::HeaderIn => {
                 self.on_header(idx, res);
+                return;
+            }
+            Op::HelloIn => {
+                self.on_hello(idx, res);
                 return;
             }
             Op::ConnectTimeout | Op::Cancel => return,

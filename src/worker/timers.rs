@@ -107,6 +107,11 @@ impl Worker {
                 per_listener[c.listener as usize];
             let reason = match c.stage {
                 Stage::Header if self.now_ms >= c.deadline_ms => Some(CloseReason::BadProxyHeader),
+                Stage::Hello if self.now_ms >= c.deadline_ms => {
+                    // Not a close: the cancelled poll's completion routes it as a timeout.
+                    self.hello_deadline(idx);
+                    None
+                }
                 Stage::Queued | Stage::Held if self.now_ms >= c.deadline_ms => {
                     Some(CloseReason::QueueTimeout)
                 }

@@ -375,11 +375,12 @@ impl Worker {
         }
         let l = &mut self.listeners[li];
         let snap = l.reader.load();
-        let Pick::Member(mi) = snap.pick(&mut l.pick, Some(&client), &[]) else {
+        // A UDP listener has exactly one pool (routes are TCP only).
+        let Pick::Member(mi) = snap.pick(0, &mut l.pick, Some(&client), &[]) else {
             bump(&l.stats.worker(id).no_backend, 1);
             return None;
         };
-        let member = &snap.members[mi];
+        let member = &snap.pools[0].members[mi];
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(member.address),
             socket2::Type::DGRAM.nonblocking().cloexec(),

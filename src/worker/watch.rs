@@ -50,8 +50,8 @@ impl Worker {
                         watch(b.as_raw_fd(), 0, Side::Backend);
                     }
                 }
-                // A poll for the PROXY header is armed on the client.
-                Stage::Header => {}
+                // A poll for the PROXY header or the ClientHello is armed on the client.
+                Stage::Header | Stage::Hello => {}
             }
         }
         if sys::poll_now(&mut fds).unwrap_or(0) > 0 {
@@ -113,7 +113,7 @@ impl Worker {
                     Side::Backend => CloseReason::BackendReset,
                 })
             }
-            Stage::Header => None,
+            Stage::Header | Stage::Hello => None,
         };
         if let Some(r) = reason {
             log::debug!(

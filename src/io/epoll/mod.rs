@@ -580,6 +580,12 @@ impl Driver for Epoll {
             st.multi = 0;
             st.multi_events = 0;
             self.complete(token.0, -libc::ECANCELED, 0);
+        } else if st.read == token.0 {
+            // A one-shot POLLIN (a ClientHello read that timed out): it completes cancelled,
+            // as io_uring's ASYNC_CANCEL makes it.
+            st.read = 0;
+            self.complete(token.0, -libc::ECANCELED, 0);
+            self.arm(fd);
         }
     }
 

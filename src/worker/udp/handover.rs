@@ -55,7 +55,7 @@ impl Worker {
                 continue;
             }
             let snap = self.listeners[li].reader.load();
-            let Some(m) = snap.members.iter().find(|m| m.address == hf.backend) else {
+            let Some(m) = snap.members().find(|m| m.address == hf.backend) else {
                 continue;
             };
             let stats = m.stats.clone();
