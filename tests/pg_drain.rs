@@ -183,7 +183,8 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
         .backend(b.addr())
         .idle_timeout("1h")
         .set("drain_mode", "\"postgres\"")
-        .set("drain_timeout", "\"60s\"");
+        .set("drain_timeout", "\"60s\"")
+        .set("access_log", "true");
     let lb = Lb::start(&ringlb_config([l]));
     let addr = lb.addr(LISTENER);
     let admin = lb.admin_addr().expect("admin address");
@@ -254,7 +255,11 @@ fn a_drained_postgres_backend_loses_its_sessions_between_transactions() {
         "{committed} transactions; {on_b} sessions on b at the drain, emptied in {emptied_in:?}; \
          {reconnects} reconnects, {idle_closes} drain_idle closes"
     );
-    assert!(failed.is_empty(), "failed transactions: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "failed transactions: {failed:?}; stderr:\n{}",
+        lb.stderr_tail(40)
+    );
     // Each session of b was closed between transactions, by ringlb, and replaced.
     assert!(
         idle_closes >= on_b,

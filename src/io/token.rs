@@ -52,6 +52,9 @@ pub enum Op {
     UdpReply = 24,
     /// Poll for readable on a client whose ClientHello is being read (TLS passthrough).
     HelloIn = 25,
+    /// A ring half-close (the driver's own: its completion never reaches the worker); index =
+    /// the descriptor number.
+    Shutdown = 26,
 }
 
 impl Op {
@@ -83,6 +86,7 @@ impl Op {
             23 => PollOutWait1,
             24 => UdpReply,
             25 => HelloIn,
+            26 => Shutdown,
             _ => return None,
         })
     }

@@ -527,7 +527,7 @@ impl Worker {
                 self.on_udp_completion(op, c)
             }
             // A ring half-close or close: nothing waits for it.
-            Some(Op::Detached) => {}
+            Some(Op::Detached | Op::Shutdown) => {}
             Some(op) => self.on_conn_completion(op, c),
             None => {}
         }

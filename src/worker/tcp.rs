@@ -272,7 +272,8 @@ impl Worker {
             | Op::UdpReply
             | Op::UdpCancel
             | Op::UdpSend
-            | Op::Detached => return,
+            | Op::Detached
+            | Op::Shutdown => return,
         };
         self.apply(idx, step.0, step.1);
     }

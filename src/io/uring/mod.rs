@@ -112,6 +112,15 @@ pub struct Ring {
     /// kept for the ring's life, so an SQE still waiting in the backlog reads a live value.
     #[allow(clippy::vec_box)]
     opt_values: Vec<Box<libc::c_int>>,
+    /// Ring half-closes not yet completed, per descriptor number. The kernel always runs a
+    /// SHUTDOWN on its worker threads and looks its descriptor up only there, after a CLOSE
+    /// queued behind it has already run inline: the number could be a new socket's by then
+    /// (seen: a new client got the FIN meant for the connection closed before it). So a close
+    /// waits in `closes_after` until its descriptor's half-closes completed.
+    shutdowns: Vec<u16>,
+    closes_after: Vec<Option<std::os::fd::OwnedFd>>,
+    /// Descriptors whose half-close completed in the last reap (reused, no allocation).
+    shut_done: Vec<u32>,
 }
 
 /// Ring buffers per worker, and their size: a flow whose reads stay under 4 KiB goes through
@@ -186,6 +195,9 @@ impl Ring {
             fault: Fault::from_env(),
             enters: 0,
             backlog: VecDeque::new(),
+            shutdowns: Vec::new(),
+            closes_after: Vec::new(),
+            shut_done: Vec::new(),
             addrs: AddrTable { chunks: Vec::new() },
             timespecs: Vec::new(),
             recv: RecvSets::default(),
@@ -208,6 +220,13 @@ impl Ring {
 
     fn push(&mut self, e: squeue::Entry) {
         self.push_group(e, None);
+    }
+
+    fn push_close(&mut self, raw: RawFd) {
+        let e = opcode::Close::new(types::Fd(raw))
+            .build()
+            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+        self.push(e);
     }
 
     fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
@@ -557,9 +576,17 @@ impl Driver for Ring {
             let _ = crate::sys::shutdown_write(fd);
             return;
         }
-        let e = opcode::Shutdown::new(types::Fd(fd.as_raw_fd()), libc::SHUT_WR)
+        let raw = fd.as_raw_fd();
+        let i = raw as usize;
+        if self.shutdowns.len() <= i {
+            // Grows to the highest descriptor number once, not per connection.
+            self.shutdowns.resize(i + 1, 0);
+            self.closes_after.resize_with(i + 1, || None);
+        }
+        self.shutdowns[i] += 1;
+        let e = opcode::Shutdown::new(types::Fd(raw), libc::SHUT_WR)
             .build()
-            .user_data(Token::new(super::Op::Detached, 0, 0).0);
+            .user_data(Token::new(super::Op::Shutdown, raw as u32, 0).0);
         self.push(e);
     }
 
@@ -571,11 +598,13 @@ impl Driver for Ring {
             drop(fd);
             return;
         }
-        let raw = fd.into_raw_fd();
-        let e = opcode::Close::new(types::Fd(raw))
-            .build()
-            .user_data(Token::new(super::Op::Detached, 0, 0).0);
-        self.push(e);
+        let i = std::os::fd::AsRawFd::as_raw_fd(&fd) as usize;
+        if self.shutdowns.get(i).is_some_and(|&n| n > 0) {
+            // A half-close of this descriptor has not run yet: close once it has.
+            self.closes_after[i] = Some(fd);
+            return;
+        }
+        self.push_close(fd.into_raw_fd());
     }
 
     /// Nothing to forget: the kernel holds its own reference to a file until every operation
@@ -614,12 +643,30 @@ impl Driver for Ring {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
+            let token = Token(cqe.user_data());
+            if token.op() == Some(super::Op::Shutdown) {
+                self.shut_done.push(token.index());
+                continue;
+            }
             out.push(Completion {
-                token: Token(cqe.user_data()),
+                token,
                 result: cqe.result(),
                 flags: cqe.flags(),
             });
         }
+        for k in 0..self.shut_done.len() {
+            let i = self.shut_done[k] as usize;
+            let Some(n) = self.shutdowns.get_mut(i) else {
+                continue;
+            };
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                if let Some(fd) = self.closes_after[i].take() {
+                    self.push_close(std::os::fd::IntoRawFd::into_raw_fd(fd));
+                }
+            }
+        }
+        self.shut_done.clear();
     }
 }
 
@@ -663,5 +710,56 @@ mod tests {
         }
         assert_eq!(got.len(), 100, "completions after the first waits");
         assert!(ring.backlog.is_empty());
+    }
+
+    /// Real ring, real sockets: a half-close then a close of the same descriptor, and a new
+    /// socket made at once (it takes the freed number). The kernel runs SHUTDOWN on a worker
+    /// thread and looks its descriptor up there; had the CLOSE run first, the FIN would go to
+    /// the new socket. Each round: the old peer reads EOF, the new socket still writes.
+    #[test]
+    fn a_half_close_then_close_never_reaches_the_socket_that_reuses_the_number() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let mut ring = Ring::new(64).expect("io_uring");
+        if !ring.features.ring_close {
+            return; // this kernel has no SHUTDOWN/CLOSE in the ring: nothing to race
+        }
+        let mut out = Vec::new();
+        for round in 0..200 {
+            let (a0, mut a1) = UnixStream::pair().expect("pair");
+            let a0 = std::os::fd::OwnedFd::from(a0);
+            let number = a0.as_raw_fd();
+            ring.shutdown_write(std::os::fd::AsFd::as_fd(&a0));
+            ring.close(a0);
+            ring.submit_and_wait(0).expect("submit");
+            let (mut b0, mut b1) = UnixStream::pair().expect("pair");
+            let reused = b0.as_raw_fd() == number || b1.as_raw_fd() == number;
+            // Let the half-close and the close complete.
+            for _ in 0..100 {
+                ring.reap(&mut out);
+                if ring.shutdowns.get(number as usize).is_none_or(|&n| n == 0)
+                    && ring.closes_after.iter().all(Option::is_none)
+                {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let mut buf = [0u8; 4];
+            a1.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(
+                a1.read(&mut buf).expect("old peer"),
+                0,
+                "round {round}: old socket got its FIN"
+            );
+            b0.write_all(b"ping").unwrap_or_else(|e| {
+                panic!("round {round} (number reused: {reused}): new socket shut: {e}")
+            });
+            b1.write_all(b"pong").unwrap_or_else(|e| {
+                panic!("round {round} (number reused: {reused}): new socket shut: {e}")
+            });
+            b1.read_exact(&mut buf).expect("new peer");
+            assert_eq!(&buf, b"ping");
+        }
     }
 }
