@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::health::{validate_health, validate_passive};
+use super::dns::Discovery;
 use super::raw::{RawBackend, RawListener};
 use super::{
     format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
@@ -144,7 +145,22 @@ pub(super) fn validate_listener(
         })?,
     };
 
-    let backends = validate_backends(scope, raw.backends)?;
+    let (backends, discovery) = match (raw.backends, raw.discovery) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                scope,
+                "discovery",
+                "is set together with backends (a pool takes its backends from one or the \
+                 other: remove one)"
+                    .to_string(),
+            ))
+        }
+        (None, Some(d)) => (
+            Vec::new(),
+            vec![super::dns::validate_discovery(scope, d)?],
+        ),
+        (b, None) => validate_backends(scope, b)?,
+    };
     check_self_loop(scope, bind, &backends)?;
     // Only a Maglev listener has a table, so only it needs more slots than backends; a size
     // written for another policy is still checked (a prime in range), then unused.
@@ -251,6 +267,7 @@ pub(super) fn validate_listener(
         health,
         passive,
         backends,
+        discovery,
         slow_start,
     })
 }
@@ -297,6 +314,10 @@ fn check_transport_fields(
             for (i, b) in raw.backends.iter().flatten().enumerate() {
                 let value = b.max_connections.map(|n| n.to_string());
                 set.push((format!("backends[{i}].max_connections"), value));
+            }
+            if let Some(d) = &raw.discovery {
+                let value = d.max_connections.map(|n| n.to_string());
+                set.push(("discovery.max_connections".into(), value));
             }
             set
         }
@@ -397,16 +418,19 @@ fn validate_keepalive(scope: &str, raw: Option<String>) -> Result<Option<Duratio
     Ok(Some(d))
 }
 
+/// The static backends, and the host-name ones (`address = "name:port"`), which the control
+/// plane resolves like an A+AAAA discovery.
 fn validate_backends(
     scope: &str,
     raw: Option<Vec<RawBackend>>,
-) -> Result<Vec<BackendConfig>, ConfigError> {
+) -> Result<(Vec<BackendConfig>, Vec<Discovery>), ConfigError> {
     let raw =
         match raw {
             None => return Err(invalid(
                 scope,
                 "backends",
-                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ])"
+                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ], \
+                 or discovery = { name = \"...\", type = \"SRV\" })"
                     .to_string(),
             )),
             Some(raw) if raw.is_empty() => {
@@ -419,6 +443,7 @@ fn validate_backends(
             Some(raw) => raw,
         };
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    let mut names: Vec<Discovery> = Vec::new();
     // Address → first index: duplicate detection stays linear for 100,000 backends.
     let mut seen: HashMap<std::net::SocketAddr, usize> = HashMap::with_capacity(raw.len());
     for (i, b) in raw.into_iter().enumerate() {
@@ -430,15 +455,34 @@ fn validate_backends(
                 format!("missing ({ADDRESS_EXPECTED})"),
             ));
         };
-        let address = parse_address(scope, &field, &text)?;
-        if address.port() == 0 {
+        let host = match text.parse::<SocketAddr>() {
+            Ok(_) => None,
+            Err(_) => match super::dns::parse_host_port(&text) {
+                Some(hp) => Some(hp),
+                None => {
+                    return Err(invalid(
+                        scope,
+                        &field,
+                        format!(
+                            "{text:?} is not a socket address or host name and port (expected \
+                             IP:PORT, [IPv6]:PORT or NAME:PORT)"
+                        ),
+                    ))
+                }
+            },
+        };
+        let address = match &host {
+            None => parse_address(scope, &field, &text)?,
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 1)),
+        };
+        if address.port() == 0 || host.as_ref().is_some_and(|(_, p)| *p == 0) {
             return Err(invalid(
                 scope,
                 &field,
                 format!("{text:?} has port 0 (expected a port between 1 and 65535)"),
             ));
         }
-        if address.ip().is_unspecified() {
+        if host.is_none() && address.ip().is_unspecified() {
             return Err(invalid(
                 scope,
                 &field,
@@ -447,7 +491,15 @@ fn validate_backends(
                 ),
             ));
         }
-        if let Some(first) = seen.insert(address, i) {
+        if let Some((name, _)) = &host {
+            if let Some(first) = names.iter().find(|d| d.name == *name && Some(d.port) == host.as_ref().map(|h| h.1)) {
+                return Err(invalid(
+                    scope,
+                    &field,
+                    format!("{text:?} duplicates {}", first.field),
+                ));
+            }
+        } else if let Some(first) = seen.insert(address, i) {
             return Err(invalid(
                 scope,
                 &field,
@@ -489,13 +541,28 @@ fn validate_backends(
                 )
             })?),
         };
+        let backup = b.backup.unwrap_or(false);
+        if let Some((name, port)) = host {
+            names.push(Discovery {
+                field,
+                name,
+                kind: super::dns::RecordKind::Host,
+                port,
+                refresh: None,
+                weight,
+                max_connections,
+                backup,
+            });
+            continue;
+        }
         backends.push(BackendConfig {
             address,
             weight,
             max_connections,
+            backup,
         });
     }
-    Ok(backends)
+    Ok((backends, names))
 }
 
 /// Refuses a backend that is the listener itself: every connection would connect to the

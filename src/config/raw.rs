@@ -21,6 +21,33 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub listeners: Option<Vec<RawListener>>,
     pub log: Option<RawLog>,
+    pub dns: Option<RawDns>,
+}
+
+/// `[dns]`: how discovery names and host-name backends are resolved.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub resolvers: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub refresh: Option<String>,
+    pub respect_ttl: Option<bool>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub hold: Option<String>,
+}
+
+/// A listener's `discovery = { name = "...", type = "SRV", port = 8080, refresh = "5s" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub name: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub port: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub refresh: Option<String>,
+    pub weight: Option<i64>,
+    pub max_connections: Option<i64>,
 }
 
 /// `[runtime]`
@@ -81,6 +108,7 @@ pub struct RawListener {
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<RawDiscovery>,
     #[serde(default, deserialize_with = "duration_text")]
     pub slow_start: Option<String>,
 }
@@ -140,4 +168,5 @@ pub struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<i64>,
     pub max_connections: Option<i64>,
+    pub backup: Option<bool>,
 }

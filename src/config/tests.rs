@@ -165,7 +165,9 @@ fn defaults_applied() {
             address: "127.0.0.1:9001".parse().unwrap(),
             weight: 1,
             max_connections: None,
+            backup: false,
         }],
+        discovery: Vec::new(),
         slow_start: None,
     };
     assert_eq!(config.listeners, [expected]);

@@ -470,7 +470,7 @@ fn build_snapshot(
     drained: &[(String, SocketAddr)],
     old: Option<&Snapshot>,
 ) -> Snapshot {
-    let members: Vec<Member> = l
+    let mut members: Vec<Member> = l
         .backends
         .iter()
         .map(|b| {
@@ -504,10 +504,13 @@ fn build_snapshot(
                 state,
                 ramp_percent,
                 max_connections: b.max_connections,
+                backup: b.backup,
+                standby: false,
                 stats,
             }
         })
         .collect();
+    mark_standby(&mut members);
     // Round robin builds its sequence over the backends that are up, so a down backend's share
     // spreads over the others by weight (smooth WRR over the live set, as NGINX does); a health
     // flip rebuilds it. Maglev keeps its table across flips (it probes past a down backend) and
@@ -516,6 +519,7 @@ fn build_snapshot(
     // policy compares weights only with each other) and ramps those of backends coming back;
     // each ramp step is a republish, so pickers read plain weights (see health/ramp.rs).
     let table_weight = |m: &Member| match l.balance {
+        _ if m.standby => 0,
         Policy::RoundRobin if !m.up => 0,
         _ if l.slow_start.is_some() => crate::health::ramp::scaled(m.weight, m.ramp_percent),
         _ => m.weight,
@@ -561,6 +565,19 @@ fn build_snapshot(
         tables,
         members,
         listener_stats: stats.clone(),
+    }
+}
+
+/// Backup servers (HAProxy's `backup`): while any non-backup member is eligible (up, weight > 0)
+/// the backups stand by; otherwise the non-backup members do and the backups serve. A pool
+/// without backups is left as it is (its down members keep their Maglev slots).
+fn mark_standby(members: &mut [Member]) {
+    if !members.iter().any(|m| m.backup) {
+        return;
+    }
+    let primary = members.iter().any(|m| !m.backup && m.up && m.weight > 0);
+    for m in members.iter_mut() {
+        m.standby = m.backup == primary;
     }
 }
 
