@@ -216,6 +216,7 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
     if state.draining.load(Ordering::SeqCst) {
         problems.push("draining: shutting down, listeners closed".to_string());
     }
+    let dns = state.report.dns();
     for l in state.listeners.load().iter() {
         if l.bound.is_none() {
             problems.push(format!("listener \"{}\": not bound", l.name));
@@ -224,11 +225,19 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
         let snap = l.published.load();
         let up = snap.up_count();
         if up == 0 {
-            problems.push(format!(
+            let mut why = format!(
                 "listener \"{}\": no healthy backend (0/{} up)",
                 l.name,
                 snap.members.len()
-            ));
+            );
+            for d in dns.iter().filter(|d| d.key.listener == l.name) {
+                if let Some(p) = &d.problem {
+                    why.push_str(&format!("; dns {}: {p}", d.query));
+                } else if d.backends == 0 {
+                    why.push_str(&format!("; dns {}: no backends", d.query));
+                }
+            }
+            problems.push(why);
         }
     }
     if problems.is_empty() {

@@ -5,8 +5,10 @@
 //! Must not: import `worker` or `uring`, or touch rings. Workers only ever see what it publishes;
 //! what must happen on worker threads (binding new listeners) goes through [`ListenerHost`].
 
+pub mod dns;
 mod health;
 mod report;
+pub mod resolve;
 
 pub use report::{BackendNote, Notes, Report};
 
@@ -68,6 +70,8 @@ pub trait ListenerHost: Send {
 
 /// The control thread's longest wait (heartbeat, passive-health checks, requests).
 const CONTROL_TICK: Duration = Duration::from_millis(50);
+/// How long start-up waits for the first DNS answers.
+const START_DNS_WAIT: Duration = Duration::from_secs(5);
 
 /// One listener as the control plane holds it.
 pub struct ControlListener {
@@ -75,6 +79,9 @@ pub struct ControlListener {
     pub published: Published,
     pub stats: Arc<ListenerStats>,
     generation: u64,
+    /// The backends written in the config (IP literals); `config.backends` adds those resolved
+    /// from DNS.
+    declared: Vec<crate::config::BackendConfig>,
     /// Slow start: when to republish the next ramp step (a member is ramping).
     next_ramp: Option<Instant>,
 }
@@ -89,13 +96,22 @@ pub struct Control {
     workers: usize,
     /// Read by the admin endpoint: reload counters, the admin token, why backends are down.
     pub report: Arc<Report>,
+    /// Names resolved into backends (discovery, host-name addresses).
+    dns: dns::DnsState,
 }
 
 impl Control {
     /// Builds and publishes the first snapshot of every listener.
     pub fn new(config: &Config) -> Control {
         let registry = Arc::new(Registry::new(config.runtime.workers));
-        let health = HealthDriver::new(&config.listeners, Instant::now());
+        let now = Instant::now();
+        let mut dns = dns::DnsState::new(&config.dns);
+        dns.set_sources(&config.dns, &config.listeners, now);
+        // The first snapshots start with what DNS says (a name that does not answer in time
+        // leaves its pool empty, said in the log and /readyz; it is asked again every refresh).
+        dns.step(now, Some(START_DNS_WAIT));
+        dns.log_sets();
+        let health = HealthDriver::new(&[], now);
         let mut control = Control {
             registry,
             listeners: Vec::new(),
@@ -103,7 +119,11 @@ impl Control {
             drained: Vec::new(),
             workers: config.runtime.workers,
             report: Arc::new(Report::new(config.admin.token.clone())),
+            dns,
         };
+        let effective: Vec<Listener> = config.listeners.iter().map(|l| control.effective(l)).collect();
+        control.health = HealthDriver::new(&effective, now);
+        control.report.set_dns(control.dns.status());
         for l in &config.listeners {
             let cl = control.new_listener(l.clone());
             control.listeners.push(cl);
@@ -129,8 +149,33 @@ impl Control {
         self.report.set_notes(notes);
     }
 
-    /// A listener's stats and first published snapshot (generation 1).
-    fn new_listener(&mut self, config: Listener) -> ControlListener {
+    /// A listener as the control plane runs it: the declared backends and those DNS resolved
+    /// (Maglev: capped below the table size, with a warning).
+    fn effective(&self, declared: &Listener) -> Listener {
+        let mut l = declared.clone();
+        if l.discovery.is_empty() {
+            return l;
+        }
+        let more = self.dns.backends(&l.name, &l.backends);
+        l.backends.extend(more);
+        let cap = l.maglev_table_size.saturating_sub(1) as usize;
+        if l.balance == Policy::Maglev && l.backends.len() > cap {
+            log::warn!(
+                "listener {:?}: DNS gave {} backends, more than maglev_table_size {} allows: \
+                 using the first {cap}",
+                l.name,
+                l.backends.len(),
+                l.maglev_table_size
+            );
+            l.backends.truncate(cap);
+        }
+        l
+    }
+
+    /// A listener's stats and first published snapshot (generation 1), from its declared
+    /// config.
+    fn new_listener(&mut self, declared: Listener) -> ControlListener {
+        let config = self.effective(&declared);
         let stats = Arc::new(ListenerStats::new(self.workers));
         let snap = build_snapshot(
             &config,
@@ -148,6 +193,7 @@ impl Control {
             published: Arc::new(ArcSwap::from_pointee(snap)),
             stats,
             generation: 1,
+            declared: declared.backends,
             next_ramp,
         }
     }
@@ -215,18 +261,25 @@ impl Control {
         }
         self.listeners
             .retain(|c| !removed_names.contains(&c.config.name));
-        self.health.set_listeners(&new.listeners, now);
+        // Names that stay keep their last good sets; new ones are resolved before the snapshots
+        // are built (bounded), as at start.
+        self.dns.set_sources(&new.dns, &new.listeners, now);
+        self.dns.step(now, Some(START_DNS_WAIT));
+        self.report.set_dns(self.dns.status());
+        let effective: Vec<Listener> = new.listeners.iter().map(|l| self.effective(l)).collect();
+        self.health.set_listeners(&effective, now);
         self.drained.retain(|(l, a)| {
-            new.listeners
+            effective
                 .iter()
                 .any(|x| &x.name == l && x.backends.iter().any(|b| b.address == *a))
         });
         let (mut added_b, mut removed_b, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
         let ms = crate::backend::process_ms();
-        for l in &new.listeners {
+        for (declared, l) in new.listeners.iter().zip(&effective) {
             let Some(i) = self.listeners.iter().position(|c| c.config.name == l.name) else {
                 continue;
             };
+            self.listeners[i].declared = declared.backends.clone();
             let cur = &self.listeners[i].config;
             for b in &l.backends {
                 self.registry.get(&l.name, b.address).set_removed(None);
@@ -344,6 +397,57 @@ impl Control {
         moved
     }
 
+    /// Resolves due names and applies what changed: a listener whose DNS backends changed gets
+    /// them (a backend that left DNS drains like one removed by a reload) and a new snapshot.
+    fn dns_step(&mut self) {
+        let changed = self.dns.step(Instant::now(), None);
+        self.report.set_dns(self.dns.status());
+        if changed.is_empty() {
+            return;
+        }
+        let ms = crate::backend::process_ms();
+        let mut any = false;
+        for name in changed {
+            let Some(i) = self.listeners.iter().position(|c| c.config.name == name) else {
+                continue;
+            };
+            let mut declared = self.listeners[i].config.clone();
+            declared.backends = self.listeners[i].declared.clone();
+            let l = self.effective(&declared);
+            let cur = &self.listeners[i].config;
+            if cur.backends == l.backends {
+                continue;
+            }
+            let added = l
+                .backends
+                .iter()
+                .filter(|b| !cur.backends.iter().any(|c| c.address == b.address))
+                .count();
+            let mut removed = 0usize;
+            for c in &cur.backends {
+                if !l.backends.iter().any(|b| b.address == c.address) {
+                    removed += 1;
+                    self.registry.get(&name, c.address).set_removed(Some(ms));
+                }
+            }
+            for b in &l.backends {
+                self.registry.get(&name, b.address).set_removed(None);
+            }
+            self.listeners[i].config = l;
+            any = true;
+            // Health state follows the new backend list before the snapshot reads it.
+            let all: Vec<Listener> = self.listeners.iter().map(|c| c.config.clone()).collect();
+            self.health.set_listeners(&all, Instant::now());
+            let moved = self.republish(i);
+            info!(
+                "listener {name:?}: dns: backends: {added} added, {removed} removed; maglev slots moved: {moved}"
+            );
+        }
+        if any {
+            self.publish_notes();
+        }
+    }
+
     /// Drops registry entries of backends no longer in any listener and without connections.
     /// Drops the counters of backends no listener has any more. One set lookup per entry: a
     /// scan of every listener per entry made this quadratic, seconds for a few thousand
@@ -457,6 +561,7 @@ pub fn run_thread(
                 Err(TryRecvError::Disconnected) => return,
             }
         }
+        control.dns_step();
         control.health_step(CONTROL_TICK);
     }
 }
