@@ -164,11 +164,9 @@ impl Snapshot {
         );
         match picked {
             Some(i) => Pick::Member(i),
-            None if members
-                .iter()
-                .any(|m| {
-                    m.up && !m.standby && m.weight > 0 && m.is_full() && !tried.contains(&m.address)
-                }) =>
+            None if members.iter().any(|m| {
+                m.up && !m.standby && m.weight > 0 && m.is_full() && !tried.contains(&m.address)
+            }) =>
             {
                 Pick::AllFull
             }

@@ -265,7 +265,10 @@ fn srv_discovery_follows_records_and_keeps_connections_of_a_removed_backend() {
     let addr = lb.addr("web");
     // The first snapshot already has both (start-up waits for the first answers).
     assert_eq!(reached(addr, 6), set(&["b1", "b2"]));
-    assert_eq!(dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]), 2.0);
+    assert_eq!(
+        dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]),
+        2.0
+    );
     // An open connection to b1 outlives b1 leaving DNS (drain_timeout is unset on the
     // listener: it runs until it ends).
     let mut open = common::http::HttpClient::connect(addr).expect("connect");
@@ -283,21 +286,45 @@ fn srv_discovery_follows_records_and_keeps_connections_of_a_removed_backend() {
         srv("b2.ringlb.test", b2.addr().port(), 0, 1),
         srv("b3.ringlb.test", b3.addr().port(), 0, 1),
     ]);
-    wait_reached(addr, 6, &["b2", "b3"], Duration::from_secs(10), "after b1 left DNS");
+    wait_reached(
+        addr,
+        6,
+        &["b2", "b3"],
+        Duration::from_secs(10),
+        "after b1 left DNS",
+    );
     let (code, body) = open.get("/who").expect("the open connection still works");
     assert_eq!((code, body.as_str()), (200, "b1"));
     assert!(lb.wait_for_log("dns: backends: 1 added, 1 removed", Duration::from_secs(5)));
-    assert!(dns_metric(&lb, "ringlb_dns_resolutions_total", &[("listener", "web"), ("result", "ok")]) >= 2.0);
+    assert!(
+        dns_metric(
+            &lb,
+            "ringlb_dns_resolutions_total",
+            &[("listener", "web"), ("result", "ok")]
+        ) >= 2.0
+    );
 
     // dnsmasq stopped: resolutions fail, the last good set stays.
     dns.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while dns_metric(&lb, "ringlb_dns_resolutions_total", &[("listener", "web"), ("result", "failed")]) < 2.0 {
-        assert!(Instant::now() < deadline, "no failed resolution counted:\n{}", lb.stderr_tail(20));
+    while dns_metric(
+        &lb,
+        "ringlb_dns_resolutions_total",
+        &[("listener", "web"), ("result", "failed")],
+    ) < 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failed resolution counted:\n{}",
+            lb.stderr_tail(20)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(reached(addr, 6), set(&["b2", "b3"]));
-    assert_eq!(dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]), 2.0);
+    assert_eq!(
+        dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]),
+        2.0
+    );
     let (code, _) = http_get(admin(&lb), "/readyz");
     assert_eq!(code, 200);
 }
@@ -312,8 +339,15 @@ fn a_discovery_follows_the_hosts_file_and_applies_an_empty_answer_after_hold() {
     let bind = |ip: [u8; 4], name: &str| {
         HttpServer::bind(name, SocketAddr::from((ip, port))).expect("bind backend")
     };
-    let (_a, _b, _c) = (bind([127, 0, 0, 21], "a"), bind([127, 0, 0, 22], "b"), bind([127, 0, 0, 23], "c"));
-    let dns = Dns::start("127.0.0.21 web.ringlb.test\n127.0.0.22 web.ringlb.test\n", &[]);
+    let (_a, _b, _c) = (
+        bind([127, 0, 0, 21], "a"),
+        bind([127, 0, 0, 22], "b"),
+        bind([127, 0, 0, 23], "c"),
+    );
+    let dns = Dns::start(
+        "127.0.0.21 web.ringlb.test\n127.0.0.22 web.ringlb.test\n",
+        &[],
+    );
     let toml = config(
         &dns.dns_section("hold = \"1s\""),
         &discovery_listener(
@@ -326,8 +360,16 @@ fn a_discovery_follows_the_hosts_file_and_applies_an_empty_answer_after_hold() {
     let lb = Lb::start(&toml);
     let addr = lb.addr("web");
     assert_eq!(reached(addr, 6), set(&["a", "b"]));
-    dns.set_hosts("127.0.0.21 web.ringlb.test\n127.0.0.22 web.ringlb.test\n127.0.0.23 web.ringlb.test\n");
-    wait_reached(addr, 9, &["a", "b", "c"], Duration::from_secs(10), "after c joined");
+    dns.set_hosts(
+        "127.0.0.21 web.ringlb.test\n127.0.0.22 web.ringlb.test\n127.0.0.23 web.ringlb.test\n",
+    );
+    wait_reached(
+        addr,
+        9,
+        &["a", "b", "c"],
+        Duration::from_secs(10),
+        "after c joined",
+    );
     // No records at all: NXDOMAIN; the set stays for `hold`, then goes.
     let mark = Instant::now();
     dns.set_hosts("127.0.0.9 other.ringlb.test\n");
@@ -338,15 +380,38 @@ fn a_discovery_follows_the_hosts_file_and_applies_an_empty_answer_after_hold() {
             assert!(body.contains("dns A web.ringlb.test"), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "pool never emptied:\n{}", lb.stderr_tail(20));
+        assert!(
+            Instant::now() < deadline,
+            "pool never emptied:\n{}",
+            lb.stderr_tail(20)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(mark.elapsed() >= Duration::from_millis(900), "removed before hold: {:?}", mark.elapsed());
-    assert!(dns_metric(&lb, "ringlb_dns_resolutions_total", &[("listener", "web"), ("result", "empty")]) >= 1.0);
-    assert_eq!(dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]), 0.0);
+    assert!(
+        mark.elapsed() >= Duration::from_millis(900),
+        "removed before hold: {:?}",
+        mark.elapsed()
+    );
+    assert!(
+        dns_metric(
+            &lb,
+            "ringlb_dns_resolutions_total",
+            &[("listener", "web"), ("result", "empty")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        dns_metric(&lb, "ringlb_dns_backends", &[("listener", "web")]),
+        0.0
+    );
     // Back: served again.
     dns.set_hosts("127.0.0.23 web.ringlb.test\n");
-    wait_reached(addr, 3, &["c"], Duration::from_secs(10), "after c came back");
+    wait_reached(
+        addr,
+        3,
+        &["c"],
+        Duration::from_secs(10),
+        "after c came back",
+    );
 }
 
 #[test]
@@ -367,7 +432,10 @@ fn host_name_backend_and_check_output_and_unresolved_discovery_is_a_warning() {
         ),
     );
     let file = TempFile::new("dns-check", "toml", &toml);
-    let out = run_ringlb(&["check", "--config", file.path().to_str().unwrap()], Duration::from_secs(20));
+    let out = run_ringlb(
+        &["check", "--config", file.path().to_str().unwrap()],
+        Duration::from_secs(20),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "check failed:\n{stdout}\n{stderr}");
@@ -381,22 +449,41 @@ fn host_name_backend_and_check_output_and_unresolved_discovery_is_a_warning() {
     assert_eq!(who(lb.addr("named")), "b1");
     let (code, body) = http_get(admin(&lb), "/readyz");
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("listener \"nowhere\": no healthy backend (0/0 up); dns SRV _none._tcp.ringlb.test:"), "{body}");
+    assert!(
+        body.contains(
+            "listener \"nowhere\": no healthy backend (0/0 up); dns SRV _none._tcp.ringlb.test:"
+        ),
+        "{body}"
+    );
     // A client of the empty pool is closed, not hung.
     let mut s = TcpStream::connect(lb.addr("nowhere")).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
-    assert!(matches!(std::io::Read::read(&mut s, &mut buf), Ok(0) | Err(_)));
+    assert!(matches!(
+        std::io::Read::read(&mut s, &mut buf),
+        Ok(0) | Err(_)
+    ));
 }
 
 #[test]
 fn two_instances_resolving_one_name_agree_on_every_maglev_pick() {
-    let servers: Vec<HttpServer> = (0..4).map(|i| HttpServer::start(&format!("m{i}"))).collect();
-    let hosts: String = (0..4).map(|i| format!("127.0.0.1 m{i}.ringlb.test\n")).collect();
+    let servers: Vec<HttpServer> = (0..4)
+        .map(|i| HttpServer::start(&format!("m{i}")))
+        .collect();
+    let hosts: String = (0..4)
+        .map(|i| format!("127.0.0.1 m{i}.ringlb.test\n"))
+        .collect();
     let records: Vec<String> = servers
         .iter()
         .enumerate()
-        .map(|(i, s)| srv(&format!("m{i}.ringlb.test"), s.addr().port(), 0, 1 + i as u16))
+        .map(|(i, s)| {
+            srv(
+                &format!("m{i}.ringlb.test"),
+                s.addr().port(),
+                0,
+                1 + i as u16,
+            )
+        })
         .collect();
     let dns = Dns::start(&hosts, &records);
     let toml = config(
@@ -413,9 +500,11 @@ fn two_instances_resolving_one_name_agree_on_every_maglev_pick() {
     for i in 0..40u8 {
         let client = SocketAddr::from(([127, 0, 3, 10 + i], 0));
         let pick = |lb: &Lb| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.bind(&client.into()).expect("bind client");
-            s.connect_timeout(&lb.addr("hash").into(), Duration::from_secs(5)).expect("connect");
+            s.connect_timeout(&lb.addr("hash").into(), Duration::from_secs(5))
+                .expect("connect");
             let stream: TcpStream = s.into();
             let mut c = common::http::HttpClient::from_stream(stream);
             c.get("/who").expect("get").1
@@ -431,7 +520,13 @@ fn two_instances_resolving_one_name_agree_on_every_maglev_pick() {
 /// primary's check fails, none again once it passes.
 #[test]
 fn backup_serves_only_while_no_primary_is_eligible() {
-    for policy in ["round_robin", "least_connections", "random", "power_of_two", "maglev"] {
+    for policy in [
+        "round_robin",
+        "least_connections",
+        "random",
+        "power_of_two",
+        "maglev",
+    ] {
         let (p, b) = (HttpServer::start("primary"), HttpServer::start("backup"));
         p.set("/health", 200);
         b.set("/health", 200);

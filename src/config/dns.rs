@@ -287,7 +287,10 @@ pub(super) fn validate_discovery(scope: &str, raw: RawDiscovery) -> Result<Disco
                 invalid(
                     scope,
                     "discovery.max_connections",
-                    format!("{n} must be between 1 and {} (omit it for no limit)", u32::MAX),
+                    format!(
+                        "{n} must be between 1 and {} (omit it for no limit)",
+                        u32::MAX
+                    ),
                 )
             })
         })

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::health::{validate_health, validate_passive};
 use super::dns::Discovery;
+use super::health::{validate_health, validate_passive};
 use super::raw::{RawBackend, RawListener};
 use super::{
     format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
@@ -155,10 +155,7 @@ pub(super) fn validate_listener(
                     .to_string(),
             ))
         }
-        (None, Some(d)) => (
-            Vec::new(),
-            vec![super::dns::validate_discovery(scope, d)?],
-        ),
+        (None, Some(d)) => (Vec::new(), vec![super::dns::validate_discovery(scope, d)?]),
         (b, None) => validate_backends(scope, b)?,
     };
     check_self_loop(scope, bind, &backends)?;
@@ -424,24 +421,23 @@ fn validate_backends(
     scope: &str,
     raw: Option<Vec<RawBackend>>,
 ) -> Result<(Vec<BackendConfig>, Vec<Discovery>), ConfigError> {
-    let raw =
-        match raw {
-            None => return Err(invalid(
+    let raw = match raw {
+        None => return Err(invalid(
+            scope,
+            "backends",
+            "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ], \
+                 or discovery = { name = \"...\", type = \"SRV\" })"
+                .to_string(),
+        )),
+        Some(raw) if raw.is_empty() => {
+            return Err(invalid(
                 scope,
                 "backends",
-                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ], \
-                 or discovery = { name = \"...\", type = \"SRV\" })"
-                    .to_string(),
-            )),
-            Some(raw) if raw.is_empty() => {
-                return Err(invalid(
-                    scope,
-                    "backends",
-                    "[] is empty (expected at least one backend)".to_string(),
-                ))
-            }
-            Some(raw) => raw,
-        };
+                "[] is empty (expected at least one backend)".to_string(),
+            ))
+        }
+        Some(raw) => raw,
+    };
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
     let mut names: Vec<Discovery> = Vec::new();
     // Address → first index: duplicate detection stays linear for 100,000 backends.
@@ -492,7 +488,10 @@ fn validate_backends(
             ));
         }
         if let Some((name, _)) = &host {
-            if let Some(first) = names.iter().find(|d| d.name == *name && Some(d.port) == host.as_ref().map(|h| h.1)) {
+            if let Some(first) = names
+                .iter()
+                .find(|d| d.name == *name && Some(d.port) == host.as_ref().map(|h| h.1))
+            {
                 return Err(invalid(
                     scope,
                     &field,

@@ -97,10 +97,7 @@ impl DnsState {
                     listener: l.name.clone(),
                     field: d.field.clone(),
                 };
-                match old
-                    .iter()
-                    .position(|s| s.key == key && s.discovery == *d)
-                {
+                match old.iter().position(|s| s.key == key && s.discovery == *d) {
                     Some(i) => self.sources.push(old.swap_remove(i)),
                     None => self.sources.push(Source {
                         key,
@@ -191,12 +188,20 @@ impl DnsState {
             self.config.respect_ttl,
             self.config.hold,
         );
-        let s = self.sources.iter_mut().find(|s| s.in_flight == Some(a.id))?;
+        let s = self
+            .sources
+            .iter_mut()
+            .find(|s| s.in_flight == Some(a.id))?;
         s.in_flight = None;
         let every = s.discovery.refresh.unwrap_or(refresh);
         s.due = now + every;
         let before = s.good.clone();
-        let what = format!("listener {:?}: {} {}", s.key.listener, s.discovery.field, s.discovery.describe());
+        let what = format!(
+            "listener {:?}: {} {}",
+            s.key.listener,
+            s.discovery.field,
+            s.discovery.describe()
+        );
         match a.outcome {
             Outcome::Found { found, ttl } => {
                 s.counts.ok += 1;
@@ -212,7 +217,11 @@ impl DnsState {
                 let since = *s.empty_since.get_or_insert(now);
                 let held = now.duration_since(since);
                 if s.good.as_ref().is_some_and(|g| !g.is_empty()) && held >= hold {
-                    warn!("dns: {what}: empty for {}s (hold {}s): its backends are removed: {why}", held.as_secs(), hold.as_secs());
+                    warn!(
+                        "dns: {what}: empty for {}s (hold {}s): its backends are removed: {why}",
+                        held.as_secs(),
+                        hold.as_secs()
+                    );
                     s.good = Some(Vec::new());
                 } else if s.good.is_none() {
                     s.good = Some(Vec::new());
@@ -277,14 +286,24 @@ impl DnsState {
     /// Logs what every name resolved to (start-up).
     pub fn log_sets(&self) {
         for s in &self.sources {
-            let what = format!("listener {:?}: {} {}", s.key.listener, s.discovery.field, s.discovery.describe());
+            let what = format!(
+                "listener {:?}: {} {}",
+                s.key.listener,
+                s.discovery.field,
+                s.discovery.describe()
+            );
             match (&s.good, &s.problem) {
                 (Some(g), _) if !g.is_empty() => info!(
                     "dns: {what}: {} backends: {}",
                     g.len(),
-                    g.iter().map(|f| f.address.to_string()).collect::<Vec<_>>().join(", ")
+                    g.iter()
+                        .map(|f| f.address.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-                (_, Some(p)) => warn!("dns: {what}: no backends yet ({p}); the pool starts without them"),
+                (_, Some(p)) => {
+                    warn!("dns: {what}: no backends yet ({p}); the pool starts without them")
+                }
                 _ => warn!("dns: {what}: no answer yet; the pool starts without its backends"),
             }
         }

@@ -121,7 +121,11 @@ impl Control {
             report: Arc::new(Report::new(config.admin.token.clone())),
             dns,
         };
-        let effective: Vec<Listener> = config.listeners.iter().map(|l| control.effective(l)).collect();
+        let effective: Vec<Listener> = config
+            .listeners
+            .iter()
+            .map(|l| control.effective(l))
+            .collect();
         control.health = HealthDriver::new(&effective, now);
         control.report.set_dns(control.dns.status());
         for l in &config.listeners {

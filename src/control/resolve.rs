@@ -7,9 +7,7 @@
 //! or cache on its own (ringlb schedules every query itself; hickory's cache is capped at 0s).
 
 use crate::config::{Discovery, DnsConfig, RecordKind};
-use hickory_resolver::config::{
-    LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
@@ -110,15 +108,25 @@ fn ttl_of(valid_until: Instant) -> Duration {
     valid_until.saturating_duration_since(Instant::now())
 }
 
-async fn addresses(r: &TokioResolver, name: &str, kind: RecordKind) -> Result<(Vec<IpAddr>, Duration), ResolveError> {
+async fn addresses(
+    r: &TokioResolver,
+    name: &str,
+    kind: RecordKind,
+) -> Result<(Vec<IpAddr>, Duration), ResolveError> {
     Ok(match kind {
         RecordKind::A => {
             let l = r.ipv4_lookup(name).await?;
-            (l.iter().map(|a| IpAddr::V4(a.0)).collect(), ttl_of(l.valid_until()))
+            (
+                l.iter().map(|a| IpAddr::V4(a.0)).collect(),
+                ttl_of(l.valid_until()),
+            )
         }
         RecordKind::Aaaa => {
             let l = r.ipv6_lookup(name).await?;
-            (l.iter().map(|a| IpAddr::V6(a.0)).collect(), ttl_of(l.valid_until()))
+            (
+                l.iter().map(|a| IpAddr::V6(a.0)).collect(),
+                ttl_of(l.valid_until()),
+            )
         }
         RecordKind::Host | RecordKind::Srv => {
             let l = r.lookup_ip(name).await?;
