@@ -59,6 +59,7 @@ fn main() -> ExitCode {
             eprintln!("warning: {}", logging::one_line(w));
         }
         println!("{}", config.summary());
+        check_dns(&config);
         // What `run` would use on this host (the same probe).
         match ringlb::io::choose(config.runtime.io) {
             Ok(c) => println!("{}", c.line),
@@ -77,6 +78,58 @@ fn main() -> ExitCode {
     let code = run(config, path, demo);
     logging::shutdown();
     code
+}
+
+/// `check`: resolves every discovery name and host-name backend once and prints what it found;
+/// a name that does not resolve is a warning (the pool would start without those backends).
+fn check_dns(config: &Config) {
+    let names: Vec<(String, &ringlb::config::Discovery)> = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.pools.iter().map(move |p| (l, p)))
+        .flat_map(|(l, p)| {
+            let scope = if p.name == ringlb::config::IMPLICIT_POOL {
+                format!("listener {:?}", l.name)
+            } else {
+                format!("listener {:?}, pool {:?}", l.name, p.name)
+            };
+            p.discovery.iter().map(move |d| (scope.clone(), d))
+        })
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let only: Vec<&ringlb::config::Discovery> = names.iter().map(|(_, d)| *d).collect();
+    let outcomes = match ringlb::control::resolve::resolve_all(&config.dns, &only) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("warning: dns: {e}");
+            return;
+        }
+    };
+    use ringlb::control::resolve::Outcome;
+    for ((scope, d), o) in names.iter().zip(outcomes) {
+        let what = format!("{scope}: {} {}", d.field, d.describe());
+        match o {
+            Outcome::Found { found, .. } => {
+                let list: Vec<String> = found
+                    .iter()
+                    .map(|f| {
+                        if d.kind == ringlb::config::RecordKind::Srv {
+                            format!("{} weight {} priority {}", f.address, f.weight, f.priority)
+                        } else {
+                            f.address.to_string()
+                        }
+                    })
+                    .collect();
+                println!("dns: {what}: {} backends: {}", list.len(), list.join(", "));
+            }
+            Outcome::Empty(why) | Outcome::Failed(why) => eprintln!(
+                "warning: dns: {what}: does not resolve ({why}); the pool starts without \
+                 these backends and asks again every refresh"
+            ),
+        }
+    }
 }
 
 fn run(config: Config, path: &std::path::Path, demo: bool) -> ExitCode {

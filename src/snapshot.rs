@@ -133,6 +133,12 @@ pub struct Member {
     pub ramp_percent: u32,
     /// Per-backend connection cap (pickers skip a full backend).
     pub max_connections: Option<u32>,
+    /// `backup = true` in the config.
+    pub backup: bool,
+    /// Not in the pool's serving tier: a backup while some non-backup backend is eligible, or a
+    /// non-backup while only backups serve. Pickers skip it and its table weight is 0, so every
+    /// policy (Maglev included) balances over the serving tier alone.
+    pub standby: bool,
     pub stats: Arc<BackendStats>,
 }
 
@@ -172,15 +178,15 @@ impl PoolSnapshot {
             key,
             |i| {
                 let m = &members[i];
-                m.up && !m.is_full() && !tried.contains(&m.address)
+                m.up && !m.standby && !m.is_full() && !tried.contains(&m.address)
             },
             |i| members[i].stats.active(),
         );
         match picked {
             Some(i) => Pick::Member(i),
-            None if members
-                .iter()
-                .any(|m| m.up && m.weight > 0 && m.is_full() && !tried.contains(&m.address)) =>
+            None if members.iter().any(|m| {
+                m.up && !m.standby && m.weight > 0 && m.is_full() && !tried.contains(&m.address)
+            }) =>
             {
                 Pick::AllFull
             }

@@ -429,8 +429,47 @@ pub fn metrics(state: &AdminState) -> String {
             age_ms(state, hb),
         );
     }
+    dns(state, &mut f);
     control_and_process(state, &mut f);
     out
+}
+
+/// DNS discovery, per pool (`listener` and `pool` labels, as the backend families have).
+fn dns(state: &AdminState, f: &mut Family<'_>) {
+    let status = state.report.dns();
+    if status.is_empty() {
+        return;
+    }
+    let per = crate::control::dns::per_pool(&status);
+    f.head(
+        "ringlb_dns_resolutions_total",
+        "counter",
+        "DNS resolutions of a pool's names, by result (ok; empty: NXDOMAIN or no records, \
+         applied after hold; failed: SERVFAIL, timeout or no server, last good set kept).",
+    );
+    for (key, c, _) in &per {
+        let (l, p) = crate::config::split_pool_key(key);
+        for (result, v) in [("ok", c.ok), ("empty", c.empty), ("failed", c.failed)] {
+            f.line(
+                "ringlb_dns_resolutions_total",
+                &[("listener", l), ("pool", p), ("result", result)],
+                v,
+            );
+        }
+    }
+    f.head(
+        "ringlb_dns_backends",
+        "gauge",
+        "Backends a pool has from DNS now (its names' last good sets).",
+    );
+    for (key, _, n) in &per {
+        let (l, p) = crate::config::split_pool_key(key);
+        f.line(
+            "ringlb_dns_backends",
+            &[("listener", l), ("pool", p)],
+            *n as u64,
+        );
+    }
 }
 
 /// The build, reloads, the admin server itself and the process.

@@ -260,6 +260,7 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
     if state.draining.load(Ordering::SeqCst) {
         problems.push("draining: shutting down, listeners closed".to_string());
     }
+    let dns = state.report.dns();
     for l in state.listeners.load().iter() {
         if l.bound.is_none() {
             problems.push(format!("listener \"{}\": not bound", l.name));
@@ -268,12 +269,20 @@ pub fn readiness(state: &AdminState) -> (bool, String) {
         let snap = l.published.load();
         let up = snap.up_count();
         if up == 0 {
-            problems.push(format!(
+            let mut why = format!(
                 "listener \"{}\": no healthy backend (0/{} up{})",
                 l.name,
                 snap.member_count(),
                 not_up_states(snap.members())
-            ));
+            );
+            for d in dns.iter().filter(|d| d.key.listener() == l.name) {
+                if let Some(p) = &d.problem {
+                    why.push_str(&format!("; dns {}: {p}", d.query));
+                } else if d.backends == 0 {
+                    why.push_str(&format!("; dns {}: no backends", d.query));
+                }
+            }
+            problems.push(why);
         }
     }
     if problems.is_empty() {
@@ -380,6 +389,8 @@ mod tests {
                 state,
                 ramp_percent: 100,
                 max_connections: None,
+                backup: false,
+                standby: false,
                 stats: Arc::new(crate::backend::BackendStats::new(address, 1)),
             }
         };

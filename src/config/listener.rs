@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::dns::Discovery;
 use super::raw::{RawBackend, RawListener};
 use super::{
     format_duration, invalid, parse_address, parse_duration, BackendConfig, ConfigError, Listener,
@@ -267,6 +268,10 @@ fn check_transport_fields(
                 let value = b.max_connections.map(|n| n.to_string());
                 set.push((format!("backends[{i}].max_connections"), value));
             }
+            if let Some(d) = &raw.discovery {
+                let value = d.max_connections.map(|n| n.to_string());
+                set.push(("discovery.max_connections".into(), value));
+            }
             set
         }
     };
@@ -369,25 +374,26 @@ fn validate_keepalive(scope: &str, raw: Option<String>) -> Result<Option<Duratio
 pub(super) fn validate_backends(
     scope: &str,
     raw: Option<Vec<RawBackend>>,
-) -> Result<Vec<BackendConfig>, ConfigError> {
-    let raw =
-        match raw {
-            None => return Err(invalid(
+) -> Result<(Vec<BackendConfig>, Vec<Discovery>), ConfigError> {
+    let raw = match raw {
+        None => return Err(invalid(
+            scope,
+            "backends",
+            "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ], \
+                 or discovery = { name = \"...\", type = \"SRV\" })"
+                .to_string(),
+        )),
+        Some(raw) if raw.is_empty() => {
+            return Err(invalid(
                 scope,
                 "backends",
-                "missing (expected at least one backend: backends = [ { address = \"IP:PORT\" } ])"
-                    .to_string(),
-            )),
-            Some(raw) if raw.is_empty() => {
-                return Err(invalid(
-                    scope,
-                    "backends",
-                    "[] is empty (expected at least one backend)".to_string(),
-                ))
-            }
-            Some(raw) => raw,
-        };
+                "[] is empty (expected at least one backend)".to_string(),
+            ))
+        }
+        Some(raw) => raw,
+    };
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    let mut names: Vec<Discovery> = Vec::new();
     // Address → first index: duplicate detection stays linear for 100,000 backends.
     let mut seen: HashMap<std::net::SocketAddr, usize> = HashMap::with_capacity(raw.len());
     for (i, b) in raw.into_iter().enumerate() {
@@ -399,15 +405,38 @@ pub(super) fn validate_backends(
                 format!("missing ({ADDRESS_EXPECTED})"),
             ));
         };
-        let address = parse_address(scope, &field, &text)?;
-        if address.port() == 0 {
+        let host_part = text.rsplit_once(':').map_or(text.as_str(), |(h, _)| h);
+        let literal = host_part.starts_with('[') || host_part.parse::<std::net::IpAddr>().is_ok();
+        let host = match text.parse::<SocketAddr>() {
+            Ok(_) => None,
+            // An IP literal with a bad port: the socket-address message says what is wrong.
+            Err(_) if literal => None,
+            Err(_) => match super::dns::parse_host_port(&text) {
+                Some(hp) => Some(hp),
+                None => {
+                    return Err(invalid(
+                        scope,
+                        &field,
+                        format!(
+                            "{text:?} is not a socket address or host name and port (expected \
+                             IP:PORT, [IPv6]:PORT or NAME:PORT)"
+                        ),
+                    ))
+                }
+            },
+        };
+        let address = match &host {
+            None => parse_address(scope, &field, &text)?,
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 1)),
+        };
+        if address.port() == 0 || host.as_ref().is_some_and(|(_, p)| *p == 0) {
             return Err(invalid(
                 scope,
                 &field,
                 format!("{text:?} has port 0 (expected a port between 1 and 65535)"),
             ));
         }
-        if address.ip().is_unspecified() {
+        if host.is_none() && address.ip().is_unspecified() {
             return Err(invalid(
                 scope,
                 &field,
@@ -416,7 +445,18 @@ pub(super) fn validate_backends(
                 ),
             ));
         }
-        if let Some(first) = seen.insert(address, i) {
+        if let Some((name, _)) = &host {
+            if let Some(first) = names
+                .iter()
+                .find(|d| d.name == *name && Some(d.port) == host.as_ref().map(|h| h.1))
+            {
+                return Err(invalid(
+                    scope,
+                    &field,
+                    format!("{text:?} duplicates {}", first.field),
+                ));
+            }
+        } else if let Some(first) = seen.insert(address, i) {
             return Err(invalid(
                 scope,
                 &field,
@@ -458,13 +498,28 @@ pub(super) fn validate_backends(
                 )
             })?),
         };
+        let backup = b.backup.unwrap_or(false);
+        if let Some((name, port)) = host {
+            names.push(Discovery {
+                field,
+                name,
+                kind: super::dns::RecordKind::Host,
+                port,
+                refresh: None,
+                weight,
+                max_connections,
+                backup,
+            });
+            continue;
+        }
         backends.push(BackendConfig {
             address,
             weight,
             max_connections,
+            backup,
         });
     }
-    Ok(backends)
+    Ok((backends, names))
 }
 
 /// Refuses a backend that is the listener itself: every connection would connect to the

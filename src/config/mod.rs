@@ -11,6 +11,7 @@
 //! value, and fixing errors one by one in file order is what an operator does anyway.
 
 mod admin;
+mod dns;
 mod duration;
 mod error;
 mod health;
@@ -44,6 +45,7 @@ use std::time::Duration;
 use crate::balance::Policy;
 
 pub use admin::{Admin, AdminBind, AdminToken, DEFAULT_ADMIN_BIND, MAX_UNIX_PATH};
+pub use dns::{Discovery, DnsConfig, RecordKind, DEFAULT_DNS_HOLD, DEFAULT_DNS_REFRESH};
 pub use duration::{format_duration, parse_duration};
 pub use error::ConfigError;
 pub use health::{
@@ -96,6 +98,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// `[log]`: format and access log destination.
     pub log: LogConfig,
+    /// `[dns]`: how discovery names and host-name backends are resolved.
+    pub dns: DnsConfig,
 }
 
 /// `[runtime]`: process-wide settings.
@@ -240,6 +244,9 @@ pub struct BackendConfig {
     /// Pickers skip a full backend; when all eligible backends are full, new clients queue for
     /// up to the listener's `queue_timeout`. TCP only: always `None` on a udp listener.
     pub max_connections: Option<u32>,
+    /// `backup = true`: gets new connections only while no non-backup backend of the pool is
+    /// eligible (HAProxy's `backup`); loses them again as soon as one is.
+    pub backup: bool,
 }
 
 impl Config {
@@ -291,6 +298,13 @@ impl Config {
             self.log.format.name(),
             self.log.access_log
         );
+        if self
+            .listeners
+            .iter()
+            .any(|l| l.pools.iter().any(|p| !p.discovery.is_empty()))
+        {
+            let _ = writeln!(out, "{}", self.dns.describe());
+        }
         for l in &self.listeners {
             let _ = write!(
                 out,
@@ -437,6 +451,22 @@ fn describe_pool(out: &mut String, indent: &str, protocol: Protocol, p: &Pool) {
         if let Some(max) = b.max_connections {
             let _ = write!(out, ", max_connections {max}");
         }
+        if b.backup {
+            let _ = write!(out, " (backup)");
+        }
+        let _ = writeln!(out);
+    }
+    for d in &p.discovery {
+        let _ = write!(out, "{indent}backends from DNS: {}", d.describe());
+        if d.kind != RecordKind::Srv {
+            let _ = write!(out, " weight {}", d.weight);
+        }
+        if let Some(r) = d.refresh {
+            let _ = write!(out, ", refresh {}", format_duration(r));
+        }
+        if d.backup {
+            let _ = write!(out, " (backup)");
+        }
         let _ = writeln!(out);
     }
 }
@@ -497,6 +527,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let runtime = validate_runtime(raw.runtime.unwrap_or_default())?;
     let admin = admin::validate_admin(raw.admin.unwrap_or_default())?;
     let log = log::validate_log(raw.log.unwrap_or_default())?;
+    let dns = dns::validate_dns(raw.dns.unwrap_or_default())?;
     let raw_listeners = raw.listeners.unwrap_or_default();
     if raw_listeners.is_empty() {
         return Err(invalid(
@@ -531,6 +562,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin,
         listeners,
         log,
+        dns,
     })
 }
 

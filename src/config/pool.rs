@@ -46,8 +46,13 @@ pub struct Pool {
     pub health: Option<HealthConfig>,
     /// Passive ejection after connect failures (on by default; `consecutive_failures = 0` is off).
     pub passive: PassiveConfig,
-    /// At least one; addresses unique within the pool.
+    /// The IP-literal backends, addresses unique within the pool. Empty when the backends come
+    /// from DNS only (`discovery`, or host-name addresses).
     pub backends: Vec<BackendConfig>,
+    /// Names the control plane resolves into more backends: the `discovery` query, or one per
+    /// host-name backend. The control plane's copy of a listener holds the resolved backends in
+    /// `backends` too (see `control/dns.rs`).
+    pub discovery: Vec<super::Discovery>,
     /// `slow_start`: a backend that becomes eligible ramps from 10% to 100% of its weight over
     /// this long. `None`: off. Never set with Maglev (refused).
     pub slow_start: Option<Duration>,
@@ -151,7 +156,19 @@ pub(super) fn validate_pool(
             )
         })?,
     };
-    let backends = validate_backends(scope, raw.backends)?;
+    let (backends, discovery) = match (raw.backends, raw.discovery) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                scope,
+                "discovery",
+                "is set together with backends (a pool takes its backends from one or the \
+                 other: remove one)"
+                    .to_string(),
+            ))
+        }
+        (None, Some(d)) => (Vec::new(), vec![super::dns::validate_discovery(scope, d)?]),
+        (b, None) => validate_backends(scope, b)?,
+    };
     // Only a Maglev pool has a table, so only it needs more slots than backends; a size
     // written for another policy is still checked (a prime in range), then unused.
     let maglev_table_size = validate_table_size(
@@ -173,6 +190,7 @@ pub(super) fn validate_pool(
         health,
         passive,
         backends,
+        discovery,
         slow_start,
     })
 }

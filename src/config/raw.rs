@@ -21,6 +21,33 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub listeners: Option<Vec<RawListener>>,
     pub log: Option<RawLog>,
+    pub dns: Option<RawDns>,
+}
+
+/// `[dns]`: how discovery names and host-name backends are resolved.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub resolvers: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub refresh: Option<String>,
+    pub respect_ttl: Option<bool>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub hold: Option<String>,
+}
+
+/// A pool's `discovery = { name = "...", type = "SRV", port = 8080, refresh = "5s" }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub name: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub port: Option<i64>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub refresh: Option<String>,
+    pub weight: Option<i64>,
+    pub max_connections: Option<i64>,
 }
 
 /// `[runtime]`
@@ -82,6 +109,7 @@ pub struct RawListener {
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<RawDiscovery>,
     #[serde(default, deserialize_with = "duration_text")]
     pub slow_start: Option<String>,
     /// `tls_inspect = { timeout = "5s", max_bytes = 16384 }`: how long and how far to read a
@@ -105,6 +133,7 @@ pub struct RawPoolFields {
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<RawDiscovery>,
     pub slow_start: Option<String>,
 }
 
@@ -117,6 +146,7 @@ impl RawPoolFields {
             || self.health.is_some()
             || self.passive.is_some()
             || self.backends.is_some()
+            || self.discovery.is_some()
             || self.slow_start.is_some()
     }
 
@@ -124,6 +154,7 @@ impl RawPoolFields {
     pub fn first_set(&self) -> Option<&'static str> {
         [
             ("backends", self.backends.is_some()),
+            ("discovery", self.discovery.is_some()),
             ("balance", self.balance.is_some()),
             ("hash_key", self.hash_key.is_some()),
             ("maglev_table_size", self.maglev_table_size.is_some()),
@@ -146,6 +177,7 @@ impl RawListener {
             health: self.health.take(),
             passive: self.passive.take(),
             backends: self.backends.take(),
+            discovery: self.discovery.take(),
             slow_start: self.slow_start.take(),
         }
     }
@@ -162,6 +194,7 @@ pub struct RawPool {
     pub health: Option<RawHealth>,
     pub passive: Option<RawPassive>,
     pub backends: Option<Vec<RawBackend>>,
+    pub discovery: Option<RawDiscovery>,
     #[serde(default, deserialize_with = "duration_text")]
     pub slow_start: Option<String>,
 }
@@ -178,6 +211,7 @@ impl RawPool {
                 health: self.health,
                 passive: self.passive,
                 backends: self.backends,
+                discovery: self.discovery,
                 slow_start: self.slow_start,
             },
         )
@@ -258,4 +292,5 @@ pub struct RawBackend {
     pub address: Option<String>,
     pub weight: Option<i64>,
     pub max_connections: Option<i64>,
+    pub backup: Option<bool>,
 }

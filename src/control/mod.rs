@@ -5,8 +5,10 @@
 //! Must not: import `worker` or `uring`, or touch rings. Workers only ever see what it publishes;
 //! what must happen on worker threads (binding new listeners) goes through [`ListenerHost`].
 
+pub mod dns;
 mod health;
 mod report;
+pub mod resolve;
 
 pub use report::{BackendNote, Notes, Report};
 
@@ -68,6 +70,8 @@ pub trait ListenerHost: Send {
 
 /// The control thread's longest wait (heartbeat, passive-health checks, requests).
 const CONTROL_TICK: Duration = Duration::from_millis(50);
+/// How long start-up waits for the first DNS answers.
+const START_DNS_WAIT: Duration = Duration::from_secs(5);
 
 /// One listener as the control plane holds it.
 pub struct ControlListener {
@@ -80,6 +84,9 @@ pub struct ControlListener {
     /// Each pool's round-robin ticket, by pool name, kept across republishes and reloads.
     tickets: Vec<(String, Arc<Padded<AtomicU64>>)>,
     generation: u64,
+    /// Per pool, the backends written in the config (IP literals); `config`'s pools add those
+    /// resolved from DNS.
+    declared: Vec<Vec<crate::config::BackendConfig>>,
     /// Slow start: when to republish the next ramp step (a member is ramping).
     next_ramp: Option<Instant>,
 }
@@ -94,13 +101,22 @@ pub struct Control {
     workers: usize,
     /// Read by the admin endpoint: reload counters, the admin token, why backends are down.
     pub report: Arc<Report>,
+    /// Names resolved into backends (discovery, host-name addresses).
+    dns: dns::DnsState,
 }
 
 impl Control {
     /// Builds and publishes the first snapshot of every listener.
     pub fn new(config: &Config) -> Control {
         let registry = Arc::new(Registry::new(config.runtime.workers));
-        let health = HealthDriver::new(&all_units(&config.listeners), Instant::now());
+        let now = Instant::now();
+        let mut dns = dns::DnsState::new(&config.dns);
+        dns.set_sources(&config.dns, &config.listeners, now);
+        // The first snapshots start with what DNS says (a name that does not answer in time
+        // leaves its pool empty, said in the log and /readyz; it is asked again every refresh).
+        dns.step(now, Some(START_DNS_WAIT));
+        dns.log_sets();
+        let health = HealthDriver::new(&[], now);
         let mut control = Control {
             registry,
             listeners: Vec::new(),
@@ -108,7 +124,15 @@ impl Control {
             drained: Vec::new(),
             workers: config.runtime.workers,
             report: Arc::new(Report::new(config.admin.token.clone())),
+            dns,
         };
+        let effective: Vec<Listener> = config
+            .listeners
+            .iter()
+            .map(|l| control.effective(l))
+            .collect();
+        control.health = HealthDriver::new(&all_units(&effective), now);
+        control.report.set_dns(control.dns.status());
         for l in &config.listeners {
             let cl = control.new_listener(l.clone());
             control.listeners.push(cl);
@@ -135,8 +159,37 @@ impl Control {
         self.report.set_notes(notes);
     }
 
-    /// A listener's stats and first published snapshot (generation 1).
-    fn new_listener(&mut self, config: Listener) -> ControlListener {
+    /// A listener as the control plane runs it: each pool's declared backends and those DNS
+    /// resolved for it (Maglev: capped below the table size, with a warning).
+    fn effective(&self, declared: &Listener) -> Listener {
+        let mut l = declared.clone();
+        for p in &mut l.pools {
+            if p.discovery.is_empty() {
+                continue;
+            }
+            let key = crate::config::pool_key(&declared.name, &p.name);
+            let more = self.dns.backends(&key, &p.backends);
+            p.backends.extend(more);
+            let cap = p.maglev_table_size.saturating_sub(1) as usize;
+            if p.balance == Policy::Maglev && p.backends.len() > cap {
+                log::warn!(
+                    "listener {:?}, pool {:?}: DNS gave {} backends, more than maglev_table_size \
+                     {} allows: using the first {cap}",
+                    declared.name,
+                    p.name,
+                    p.backends.len(),
+                    p.maglev_table_size
+                );
+                p.backends.truncate(cap);
+            }
+        }
+        l
+    }
+
+    /// A listener's stats and first published snapshot (generation 1), from its declared
+    /// config.
+    fn new_listener(&mut self, declared: Listener) -> ControlListener {
+        let config = self.effective(&declared);
         let stats = Arc::new(ListenerStats::new(self.workers));
         let units = config.pool_units();
         let tickets = tickets_for(&config, &[]);
@@ -160,6 +213,7 @@ impl Control {
             stats,
             tickets,
             generation: 1,
+            declared: declared_backends(&declared),
             next_ramp,
         }
     }
@@ -234,18 +288,25 @@ impl Control {
         }
         self.listeners
             .retain(|c| !removed_names.contains(&c.config.name));
-        self.health.set_listeners(&all_units(&new.listeners), now);
+        // Names that stay keep their last good sets; new ones are resolved before the snapshots
+        // are built (bounded), as at start.
+        self.dns.set_sources(&new.dns, &new.listeners, now);
+        self.dns.step(now, Some(START_DNS_WAIT));
+        self.report.set_dns(self.dns.status());
+        let effective: Vec<Listener> = new.listeners.iter().map(|l| self.effective(l)).collect();
+        self.health.set_listeners(&all_units(&effective), now);
         self.drained.retain(|(l, a)| {
-            new.listeners
+            effective
                 .iter()
                 .any(|x| &x.name == l && x.all_backends().any(|(_, b)| b.address == *a))
         });
         let (mut added_b, mut removed_b, mut changed, mut moved) = (0usize, 0usize, 0usize, 0u64);
         let ms = crate::backend::process_ms();
-        for l in &new.listeners {
+        for (declared, l) in new.listeners.iter().zip(&effective) {
             let Some(i) = self.listeners.iter().position(|c| c.config.name == l.name) else {
                 continue;
             };
+            self.listeners[i].declared = declared_backends(declared);
             let cur = &self.listeners[i].config;
             let new_units = l.pool_units();
             for u in &new_units {
@@ -376,6 +437,69 @@ impl Control {
         moved
     }
 
+    /// Resolves due names and applies what changed: a pool whose DNS backends changed gets them
+    /// (a backend that left DNS drains like one removed by a reload) and its listener a new
+    /// snapshot.
+    fn dns_step(&mut self) {
+        let changed = self.dns.step(Instant::now(), None);
+        self.report.set_dns(self.dns.status());
+        let mut names: Vec<String> = changed
+            .iter()
+            .map(|k| crate::config::split_pool_key(k).0.to_string())
+            .collect();
+        names.dedup();
+        let ms = crate::backend::process_ms();
+        let mut any = false;
+        for name in names {
+            let Some(i) = self.listeners.iter().position(|c| c.config.name == name) else {
+                continue;
+            };
+            let mut declared = self.listeners[i].config.clone();
+            for (p, d) in declared.pools.iter_mut().zip(&self.listeners[i].declared) {
+                p.backends = d.clone();
+            }
+            let l = self.effective(&declared);
+            if self.listeners[i].config == l {
+                continue;
+            }
+            let new_units = l.pool_units();
+            let keyed = |units: &[Listener]| -> Vec<(String, SocketAddr)> {
+                units
+                    .iter()
+                    .flat_map(|u| {
+                        u.pools[0]
+                            .backends
+                            .iter()
+                            .map(|b| (u.name.clone(), b.address))
+                    })
+                    .collect()
+            };
+            let (before, after) = (keyed(&self.listeners[i].units), keyed(&new_units));
+            let added = after.iter().filter(|k| !before.contains(k)).count();
+            let mut removed = 0usize;
+            for (unit, a) in before.iter().filter(|k| !after.contains(k)) {
+                removed += 1;
+                self.registry.get(unit, *a).set_removed(Some(ms));
+            }
+            for (unit, a) in &after {
+                self.registry.get(unit, *a).set_removed(None);
+            }
+            self.listeners[i].config = l;
+            self.listeners[i].units = new_units;
+            any = true;
+            // Health state follows the new backend lists before the snapshot reads them.
+            let all: Vec<Listener> = self.listeners.iter().map(|c| c.config.clone()).collect();
+            self.health.set_listeners(&all_units(&all), Instant::now());
+            let moved = self.republish(i);
+            info!(
+                "listener {name:?}: dns: backends: {added} added, {removed} removed; maglev slots moved: {moved}"
+            );
+        }
+        if any {
+            self.publish_notes();
+        }
+    }
+
     /// Drops registry entries of backends no longer in any listener and without connections.
     /// Drops the counters of backends no listener has any more. One set lookup per entry: a
     /// scan of every listener per entry made this quadratic, seconds for a few thousand
@@ -499,6 +623,7 @@ pub fn run_thread(
                 Err(TryRecvError::Disconnected) => return,
             }
         }
+        control.dns_step();
         control.health_step(CONTROL_TICK);
     }
 }
@@ -605,7 +730,7 @@ fn build_pool(
 ) -> PoolSnapshot {
     let key = unit.name.as_str();
     let pool = &unit.pools[0];
-    let members: Vec<Member> = pool
+    let mut members: Vec<Member> = pool
         .backends
         .iter()
         .map(|b| {
@@ -648,10 +773,13 @@ fn build_pool(
                 state,
                 ramp_percent,
                 max_connections: b.max_connections,
+                backup: b.backup,
+                standby: false,
                 stats,
             }
         })
         .collect();
+    mark_standby(&mut members);
     // Round robin builds its sequence over the backends that are up, so a down backend's share
     // spreads over the others by weight (smooth WRR over the live set, as NGINX does); a health
     // flip rebuilds it. Maglev keeps its table across flips (it probes past a down backend) and
@@ -660,6 +788,7 @@ fn build_pool(
     // policy compares weights only with each other) and ramps those of backends coming back;
     // each ramp step is a republish, so pickers read plain weights (see health/ramp.rs).
     let table_weight = |m: &Member| match pool.balance {
+        _ if m.standby => 0,
         Policy::RoundRobin if !m.up => 0,
         _ if pool.slow_start.is_some() => crate::health::ramp::scaled(m.weight, m.ramp_percent),
         _ => m.weight,
@@ -690,6 +819,24 @@ fn build_pool(
         members,
         tables,
         rr_ticket,
+    }
+}
+
+/// Each pool's declared (IP-literal) backends, in pool order.
+fn declared_backends(l: &Listener) -> Vec<Vec<crate::config::BackendConfig>> {
+    l.pools.iter().map(|p| p.backends.clone()).collect()
+}
+
+/// Backup servers (HAProxy's `backup`): while any non-backup member is eligible (up, weight > 0)
+/// the backups stand by; otherwise the non-backup members do and the backups serve. A pool
+/// without backups is left as it is (its down members keep their Maglev slots).
+fn mark_standby(members: &mut [Member]) {
+    if !members.iter().any(|m| m.backup) {
+        return;
+    }
+    let primary = members.iter().any(|m| !m.backup && m.up && m.weight > 0);
+    for m in members.iter_mut() {
+        m.standby = m.backup == primary;
     }
 }
 

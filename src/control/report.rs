@@ -52,6 +52,8 @@ pub struct Report {
     last_success_unix_ms: AtomicU64,
     token: ArcSwapOption<AdminToken>,
     notes: ArcSwap<Notes>,
+    /// Every DNS name a pool resolves: counts, backends, what went wrong.
+    dns: ArcSwap<Vec<super::dns::DnsStatus>>,
 }
 
 fn unix_ms() -> u64 {
@@ -61,6 +63,17 @@ fn unix_ms() -> u64 {
 }
 
 impl Report {
+    /// Publishes the DNS names' state (control thread; skipped when unchanged).
+    pub fn set_dns(&self, status: Vec<super::dns::DnsStatus>) {
+        if **self.dns.load() != status {
+            self.dns.store(Arc::new(status));
+        }
+    }
+
+    pub fn dns(&self) -> Arc<Vec<super::dns::DnsStatus>> {
+        self.dns.load_full()
+    }
+
     /// The report of a config just loaded at start.
     pub fn new(token: Option<AdminToken>) -> Report {
         Report {
@@ -71,6 +84,7 @@ impl Report {
             last_success_unix_ms: AtomicU64::new(unix_ms()),
             token: ArcSwapOption::new(token.map(Arc::new)),
             notes: ArcSwap::from_pointee(Notes::new()),
+            dns: ArcSwap::from_pointee(Vec::new()),
         }
     }
 

@@ -197,6 +197,13 @@ impl HttpClient {
         Ok(HttpClient { s })
     }
 
+    /// Over a connection the test made itself (its own source address, say).
+    pub fn from_stream(s: TcpStream) -> HttpClient {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        HttpClient { s }
+    }
+
     /// One request; the reply's status and body. An error when the connection was closed.
     pub fn get(&mut self, path: &str) -> io::Result<(u16, String)> {
         write!(self.s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
