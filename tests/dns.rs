@@ -34,14 +34,9 @@ impl Dns {
     fn start(hosts: &str, srv: &[String]) -> Dns {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         for attempt in 0..20 {
-            let port = UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .expect("free udp port")
-                .port();
-            // dnsmasq binds TCP on the same port too.
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            let Some(port) = common::procs::free_dns_port() else {
                 continue;
-            }
+            };
             let tag = format!("{}-{port}-{attempt}", std::process::id());
             let mut d = Dns {
                 child: None,
@@ -411,6 +406,48 @@ fn a_discovery_follows_the_hosts_file_and_applies_an_empty_answer_after_hold() {
         &["c"],
         Duration::from_secs(10),
         "after c came back",
+    );
+}
+
+/// `discovery` in a named `[[listeners.pools]]` (routes choose it): the pool takes the A
+/// records, follows a change within `refresh`, and its metrics carry the pool label.
+#[test]
+fn a_named_pool_takes_its_backends_from_discovery() {
+    let port = {
+        let s = std::net::TcpListener::bind("127.0.0.31:0").expect("bind");
+        s.local_addr().unwrap().port()
+    };
+    let bind = |ip: [u8; 4], name: &str| {
+        HttpServer::bind(name, SocketAddr::from((ip, port))).expect("bind backend")
+    };
+    let (_a, _b) = (bind([127, 0, 0, 31], "a"), bind([127, 0, 0, 32], "b"));
+    let dns = Dns::start("127.0.0.31 pool.ringlb.test\n", &[]);
+    let listener = format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\
+         routes = [{{ default = true, pool = \"dyn\" }}]\n\
+         [[listeners.pools]]\nname = \"dyn\"\n\
+         discovery = {{ name = \"pool.ringlb.test\", type = \"A\", port = {port} }}\n"
+    );
+    let lb = Lb::start(&config(&dns.dns_section(""), &listener));
+    let addr = lb.addr("web");
+    assert_eq!(reached(addr, 4), set(&["a"]));
+    let labels = [("listener", "web"), ("pool", "dyn")];
+    assert_eq!(dns_metric(&lb, "ringlb_dns_backends", &labels), 1.0);
+    dns.set_hosts("127.0.0.31 pool.ringlb.test\n127.0.0.32 pool.ringlb.test\n");
+    wait_reached(
+        addr,
+        8,
+        &["a", "b"],
+        Duration::from_secs(10),
+        "after b joined",
+    );
+    assert_eq!(dns_metric(&lb, "ringlb_dns_backends", &labels), 2.0);
+    assert!(
+        dns_metric(
+            &lb,
+            "ringlb_dns_resolutions_total",
+            &[("listener", "web"), ("pool", "dyn"), ("result", "ok")]
+        ) >= 2.0
     );
 }
 

@@ -399,15 +399,9 @@ impl Dnsmasq {
     fn start(query: &[u8]) -> Dnsmasq {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         for attempt in 0..20 {
-            let port = UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .expect("free udp port")
-                .port();
-            // dnsmasq binds TCP on the same port too: an ephemeral TCP port of another test
-            // made both attempts of a CI run fail with "Address already in use".
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            let Some(port) = common::procs::free_dns_port() else {
                 continue;
-            }
+            };
             let tag = format!("{}-{attempt}", std::process::id());
             let pid_file = dir.join(format!("dnsmasq-{tag}.pid"));
             let log = dir.join(format!("dnsmasq-{tag}.log"));

@@ -318,18 +318,10 @@ impl Control {
                 continue;
             }
             changed += 1;
-            let keyed = |units: &[Listener]| -> Vec<(String, SocketAddr)> {
-                units
-                    .iter()
-                    .flat_map(|u| {
-                        u.pools[0]
-                            .backends
-                            .iter()
-                            .map(|b| (u.name.clone(), b.address))
-                    })
-                    .collect()
-            };
-            let (before, after) = (keyed(&self.listeners[i].units), keyed(&new_units));
+            let (before, after) = (
+                unit_backends(&self.listeners[i].units),
+                unit_backends(&new_units),
+            );
             added_b += after.iter().filter(|k| !before.contains(k)).count();
             for k in before.iter().filter(|k| !after.contains(k)) {
                 removed_b += 1;
@@ -463,18 +455,10 @@ impl Control {
                 continue;
             }
             let new_units = l.pool_units();
-            let keyed = |units: &[Listener]| -> Vec<(String, SocketAddr)> {
-                units
-                    .iter()
-                    .flat_map(|u| {
-                        u.pools[0]
-                            .backends
-                            .iter()
-                            .map(|b| (u.name.clone(), b.address))
-                    })
-                    .collect()
-            };
-            let (before, after) = (keyed(&self.listeners[i].units), keyed(&new_units));
+            let (before, after) = (
+                unit_backends(&self.listeners[i].units),
+                unit_backends(&new_units),
+            );
             let added = after.iter().filter(|k| !before.contains(k)).count();
             let mut removed = 0usize;
             for (unit, a) in before.iter().filter(|k| !after.contains(k)) {
@@ -820,6 +804,20 @@ fn build_pool(
         tables,
         rr_ticket,
     }
+}
+
+/// Every backend of `units` by (pool key, address): what the registry and health know them by.
+/// A set, so a reload or DNS change of thousands of backends compares in linear time.
+fn unit_backends(units: &[Listener]) -> std::collections::HashSet<(String, SocketAddr)> {
+    units
+        .iter()
+        .flat_map(|u| {
+            u.pools[0]
+                .backends
+                .iter()
+                .map(|b| (u.name.clone(), b.address))
+        })
+        .collect()
 }
 
 /// Each pool's declared (IP-literal) backends, in pool order.

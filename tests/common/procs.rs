@@ -26,6 +26,17 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
+/// A loopback port free for UDP and for TCP a moment ago, for a DNS server (dnsmasq binds both:
+/// an ephemeral TCP port of another test once made both attempts of a CI run fail with "Address
+/// already in use"). `None` when the TCP side is taken: callers try again.
+pub fn free_dns_port() -> Option<u16> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free udp port")
+        .port();
+    TcpListener::bind(("127.0.0.1", port)).ok().map(|_| port)
+}
+
 /// The path of `tool` on `$PATH`; panics naming the Debian package that provides it.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
