@@ -426,3 +426,64 @@ fn a_udp_flow_keeps_its_backend_and_upstream_port_across_the_upgrade() {
         "round robin gave the two flows different backends"
     );
 }
+
+#[test]
+fn busy_udp_flows_lose_no_datagram_at_the_handover() {
+    // Datagrams already read by the old process when it hands its flows over (a client's on
+    // the listening socket, a reply on an upstream socket) still reach their peer.
+    use common::udp::{udp_listener, UdpClient, UdpEcho};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (a, b) = (UdpEcho::start("a"), UdpEcho::start("b"));
+    let toml = LbConfig::default()
+        .drain_timeout("20s")
+        .listener(
+            udp_listener("dns")
+                .balance("round_robin")
+                .backend(a.addr())
+                .backend(b.addr()),
+        )
+        .to_toml();
+    let mut lb = Lb::start(&toml);
+    let addr = lb.addr("dns");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each client in lockstep, as fast as replies come: (sent, lost).
+    let clients: Vec<_> = (0..12)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let client = UdpClient::bind(std::net::Ipv4Addr::LOCALHOST);
+                let (mut sent, mut lost) = (0u64, 0u64);
+                let t0 = Instant::now();
+                while !stop.load(Ordering::Relaxed)
+                    && sent < 200_000
+                    && t0.elapsed() < Duration::from_secs(30)
+                {
+                    let payload = format!("client {c} datagram {sent}");
+                    let ok = client
+                        .request(addr, payload.as_bytes(), Duration::from_secs(2))
+                        .is_ok_and(|(_, r)| r.ends_with(payload.as_bytes()));
+                    sent += 1;
+                    lost += u64::from(!ok);
+                }
+                (sent, lost)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    lb.signal(Signal::SIGUSR2);
+    let new = lb
+        .wait_for_log("is ready and serves", WAIT)
+        .then(|| new_pid(&lb));
+    let _new = NewProcess(new);
+    let status = lb.wait_exit_only(WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<(u64, u64)> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    println!("(sent, lost) per client: {results:?}");
+    assert!(new.is_some(), "no upgrade; stderr:\n{}", lb.stderr_tail(30));
+    assert!(status.is_some_and(|s| s.success()), "old exit: {status:?}");
+    let lost: u64 = results.iter().map(|r| r.1).sum();
+    assert!(results.iter().all(|r| r.0 > 10), "{results:?}");
+    assert_eq!(lost, 0, "datagrams lost at the handover: {results:?}");
+}

@@ -88,16 +88,23 @@ pub fn recv(channel: &OwnedFd) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
     let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
     let (len, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let r = match recvmsg::<()>(
-            channel.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(r) => r,
-            // The peer closed with messages of ours unread: the end of the stream too.
-            Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let r = loop {
+            match recvmsg::<()>(channel.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+                Ok(r) => break r,
+                // The peer closed with messages of ours unread. The kernel reports that ahead
+                // of what the peer sent before closing (a Failed reason, say) and clears it:
+                // look once more, without waiting, before calling it the end of the stream.
+                Err(nix::errno::Errno::ECONNRESET) if !flags.contains(MsgFlags::MSG_DONTWAIT) => {
+                    flags |= MsgFlags::MSG_DONTWAIT;
+                }
+                Err(nix::errno::Errno::ECONNRESET | nix::errno::Errno::EAGAIN)
+                    if flags.contains(MsgFlags::MSG_DONTWAIT) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         let mut fds = Vec::new();
         for c in r.cmsgs()? {
@@ -167,5 +174,21 @@ mod tests {
             recv(&a).unwrap().is_none(),
             "end of stream once the peer closed"
         );
+    }
+
+    #[test]
+    fn a_reason_sent_before_closing_with_our_messages_unread_still_arrives() {
+        // The new process fails on its config before it reads the sockets, says why, exits:
+        // the kernel reports ECONNRESET ahead of the queued reason; the reason must not be lost.
+        let (old, new) = pair().unwrap();
+        send(&old, &Message::FlowsDone, &[]).unwrap();
+        let reason = "configuration: bad".to_string();
+        send(&new, &Message::Failed { reason }, &[]).unwrap();
+        drop(new);
+        match recv(&old).unwrap() {
+            Some((Message::Failed { reason }, _)) => assert_eq!(reason, "configuration: bad"),
+            other => panic!("expected the reason, got {:?}", other.map(|(m, _)| m)),
+        }
+        assert!(recv(&old).unwrap().is_none(), "then the end of stream");
     }
 }

@@ -76,6 +76,9 @@ struct Flow {
     /// Poll, cancel and send operations in flight (sends: at most one per receive slot).
     inflight: u8,
     closing: bool,
+    /// Handed to a new process (binary upgrade): replies the ring had already taken for it
+    /// still go to the client while its receive winds down.
+    handed: bool,
 }
 
 struct FlowSlot {
@@ -112,6 +115,10 @@ pub(super) struct Flows {
     map: HashMap<(u32, SocketAddr), u32>,
     slots: Vec<FlowSlot>,
     free: Vec<u32>,
+    /// Flows handed to a new process, by (listener, client): a duplicate of the upstream socket
+    /// (the same socket the new process reads replies from). A client datagram this worker had
+    /// already taken when it handed its flows over still goes up through it.
+    handed: HashMap<(u32, SocketAddr), (OwnedFd, Arc<BackendStats>)>,
 }
 
 impl Worker {
@@ -214,7 +221,7 @@ impl Worker {
             // A stopping listener (removed, or draining) forwards for the flows it has and opens
             // no new one: a flow opened now would outlive the listener's slot.
             None if rearm_on.is_none() => {
-                bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+                self.forward_handed(li, client, (set, k, len));
                 return false;
             }
             None => match self.open_flow(li, client, local) {
@@ -252,6 +259,33 @@ impl Worker {
             }
         }
         false
+    }
+
+    /// A client datagram taken after this worker handed its flows to a new process goes up
+    /// through the handed flow's socket (whose replies the new process reads); with no such
+    /// flow it is dropped and counted.
+    fn forward_handed(
+        &mut self,
+        li: usize,
+        client: SocketAddr,
+        (set, k, len): (RecvSetId, usize, usize),
+    ) {
+        let sent = self
+            .flows
+            .handed
+            .get(&(li as u32, client))
+            .map(|(socket, member)| {
+                let ok = socket2::SockRef::from(socket)
+                    .send(self.io.recv_data(set, k, len))
+                    .is_ok();
+                if ok {
+                    bump(&member.worker(self.id).datagrams_up, 1);
+                }
+                ok
+            });
+        if sent != Some(true) {
+            bump(&self.listeners[li].stats.worker(self.id).udp_dropped, 1);
+        }
     }
 
     /// A datagram to flow `idx`'s backend could not be sent (`errno`): it is dropped and
@@ -418,6 +452,7 @@ impl Worker {
             next: NIL,
             inflight: 1,
             closing: false,
+            handed: false,
         };
         let idx = match self.flows.free.pop() {
             Some(i) => {
@@ -459,31 +494,24 @@ impl Worker {
         let idx = c.token.index();
         let bid = c.buffer();
         let ended = !c.more();
-        if self.flow_of(&c).is_none() || self.flow_op_ended(idx, ended) {
+        let Some(f) = self.flow_of(&c) else {
             if let Some(bid) = bid {
                 self.io.recycle_reply(bid);
             }
             return;
+        };
+        if f.closing {
+            // Handed over: the reply was taken before the receive was cancelled; it still goes.
+            match bid {
+                Some(bid) if f.handed => self.queue_ring_reply(idx, bid, c.result),
+                Some(bid) => self.io.recycle_reply(bid),
+                None => {}
+            }
+            self.flow_op_ended(idx, ended);
+            return;
         }
         if let Some(bid) = bid {
-            if self.outbox.out.len() >= OUTBOX_SLOTS {
-                self.flush_replies();
-            }
-            let generation = self.flows.slots[idx as usize].generation;
-            let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
-            let at = self.outbox.out.len();
-            let data = self.io.reply_data(bid, c.result.max(0) as u32);
-            let len = data.len();
-            self.outbox.buf[at * MAX_DATAGRAM..at * MAX_DATAGRAM + len].copy_from_slice(data);
-            self.io.recycle_reply(bid);
-            self.outbox.out.push(crate::sys::OutDatagram {
-                offset: at * MAX_DATAGRAM,
-                len,
-                to: f.client,
-                from: f.local,
-            });
-            self.outbox.from.push((f.listener, idx, generation));
-            f.member.connect_succeeded();
+            self.queue_ring_reply(idx, bid, c.result);
             self.touch(idx, self.now_ms);
         } else if c.result < 0 && c.result != -libc::ENOBUFS {
             let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
@@ -515,6 +543,29 @@ impl Worker {
                 self.arm_replies(idx);
             }
         }
+    }
+
+    /// Copies a reply out of ring buffer `bid` (which goes back at once) into the outbox, for
+    /// flow `idx`'s client.
+    fn queue_ring_reply(&mut self, idx: u32, bid: u16, result: i32) {
+        if self.outbox.out.len() >= OUTBOX_SLOTS {
+            self.flush_replies();
+        }
+        let generation = self.flows.slots[idx as usize].generation;
+        let f = self.flows.slots[idx as usize].flow.as_ref().expect("flow");
+        let at = self.outbox.out.len();
+        let data = self.io.reply_data(bid, result.max(0) as u32);
+        let len = data.len();
+        self.outbox.buf[at * MAX_DATAGRAM..at * MAX_DATAGRAM + len].copy_from_slice(data);
+        self.io.recycle_reply(bid);
+        self.outbox.out.push(crate::sys::OutDatagram {
+            offset: at * MAX_DATAGRAM,
+            len,
+            to: f.client,
+            from: f.local,
+        });
+        self.outbox.from.push((f.listener, idx, generation));
+        f.member.connect_succeeded();
     }
 
     /// Upstream sockets UDP flows may hold on this worker: its share of half the descriptor

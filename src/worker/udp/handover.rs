@@ -2,7 +2,8 @@
 //! listener, backend and a duplicate of the connected upstream socket), the new process's
 //! workers take them in, so a client keeps its backend and its upstream source port whatever
 //! the balancing policy. Must not: read or write a datagram (the sockets' queued datagrams stay
-//! in the kernel for whichever process polls next).
+//! in the kernel for whichever process polls next). What the old worker had already taken when
+//! it handed over (a ring-received reply, a client datagram) still goes on, in `udp.rs`.
 
 use super::{Flow, FlowSlot, NIL};
 use crate::io::{Driver, Op, Token};
@@ -24,7 +25,10 @@ impl Worker {
             if f.closing {
                 continue;
             }
-            let Ok(socket) = f.socket.as_fd().try_clone_to_owned() else {
+            let (Ok(socket), Ok(kept)) = (
+                f.socket.as_fd().try_clone_to_owned(),
+                f.socket.as_fd().try_clone_to_owned(),
+            ) else {
                 continue;
             };
             out.push(HandedFlow {
@@ -34,6 +38,11 @@ impl Worker {
                 backend: f.member.address,
                 socket,
             });
+            let key = (f.listener, f.client);
+            self.flows.handed.insert(key, (kept, f.member.clone()));
+            if let Some(f) = self.flows.slots[idx as usize].flow.as_mut() {
+                f.handed = true;
+            }
             self.close_flow(idx);
         }
         debug!("worker {}: {} UDP flow(s) handed over", self.id, out.len());
@@ -73,6 +82,7 @@ impl Worker {
                 next: NIL,
                 inflight: 1,
                 closing: false,
+                handed: false,
             };
             let idx = match self.flows.free.pop() {
                 Some(i) => {
