@@ -487,3 +487,128 @@ fn busy_udp_flows_lose_no_datagram_at_the_handover() {
     assert!(results.iter().all(|r| r.0 > 10), "{results:?}");
     assert_eq!(lost, 0, "datagrams lost at the handover: {results:?}");
 }
+
+/// A backend that writes its tag byte on accept, then echoes.
+fn tagged_echo(tag: u8) -> common::Server {
+    common::Server::start(&format!("tagged{tag}"), move |s| {
+        s.write_all(&[tag])?;
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return s.shutdown(std::net::Shutdown::Write),
+                Ok(n) => s.write_all(&buf[..n])?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+}
+
+/// A connection through `addr` and the tag of the backend it reached.
+fn open_tagged(addr: SocketAddr) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tag = [0u8; 1];
+    s.read_exact(&mut tag).expect("backend tag");
+    (s, tag[0])
+}
+
+/// `active_connections` per backend address of listener `name` in `/status`.
+fn active_by_backend(admin: SocketAddr, name: &str) -> Vec<(String, u64)> {
+    let (code, body) = common::admin::http_get(admin, "/status");
+    assert_eq!(code, 200, "{body}");
+    let st: serde_json::Value = serde_json::from_str(&body).expect("/status JSON");
+    let l = st["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<(String, u64)> = l["backends"]
+        .as_array()
+        .map(|bs| {
+            bs.iter()
+                .map(|b| {
+                    let a = b["address"].as_str().unwrap_or_default().to_string();
+                    (a, b["active_connections"].as_u64().unwrap_or(u64::MAX))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn least_connections_in_the_new_process_counts_what_the_old_still_carries() {
+    let servers = [tagged_echo(0), tagged_echo(1)];
+    let toml = LbConfig::default()
+        .drain_timeout("20s")
+        .listener(
+            listener("web")
+                .balance("least_connections")
+                .backend(servers[0].addr())
+                .backend(servers[1].addr()),
+        )
+        .to_toml();
+    let mut lb = Lb::start(&toml);
+    let addr = lb.addr("web");
+    let admin = lb.admin_addr().expect("admin address");
+    let mut old: Vec<(TcpStream, u8)> = (0..4).map(|_| open_tagged(addr)).collect();
+    let tags: Vec<u8> = old.iter().map(|c| c.1).collect();
+    assert_eq!(tags.iter().filter(|&&t| t == 0).count(), 2, "{tags:?}");
+    let expect = |a: u64, b: u64| {
+        let mut v = vec![
+            (servers[0].addr().to_string(), a),
+            (servers[1].addr().to_string(), b),
+        ];
+        v.sort();
+        v
+    };
+
+    lb.signal(Signal::SIGUSR2);
+    let pid = new_pid(&lb);
+    let _new = NewProcess(Some(pid));
+    assert!(
+        lb.wait_for_log("the new process serves the admin endpoint", WAIT),
+        "{}",
+        lb.stderr_tail(30)
+    );
+    // The new process's counts include the old one's 2 + 2 (reported every 250 ms).
+    let mut last = Vec::new();
+    let seen = common::wait_until(Duration::from_secs(5), || {
+        last = active_by_backend(admin, "web");
+        last == expect(2, 2)
+    });
+    assert!(seen, "new process /status: {last:?}");
+
+    // The old process's connections to backend 0 end: the new process sees 0 and 2 ...
+    old.retain(|c| c.1 != 0);
+    assert!(
+        servers[0].wait_live(0, WAIT),
+        "backend 0 still has connections"
+    );
+    let seen = common::wait_until(Duration::from_secs(5), || {
+        last = active_by_backend(admin, "web");
+        last == expect(0, 2)
+    });
+    assert!(seen, "new process /status after the old closed 2: {last:?}");
+    // ... and least_connections sends its next two connections both to backend 0.
+    let new: Vec<(TcpStream, u8)> = (0..2).map(|_| open_tagged(addr)).collect();
+    let new_tags: Vec<u8> = new.iter().map(|c| c.1).collect();
+    assert_eq!(
+        new_tags,
+        vec![0, 0],
+        "the old process's 2 on backend 1 count"
+    );
+
+    // The old process exits with its last connection; what it carried is taken away.
+    drop(old);
+    let status = lb.wait_exit_only(WAIT);
+    assert!(status.is_some_and(|s| s.success()), "old exit: {status:?}");
+    let seen = common::wait_until(Duration::from_secs(5), || {
+        last = active_by_backend(admin, "web");
+        last == expect(2, 0)
+    });
+    assert!(seen, "new process /status once the old exited: {last:?}");
+    drop(new);
+}
