@@ -510,6 +510,7 @@ impl Worker {
             self.flow_op_ended(idx, ended);
             return;
         }
+        self.flow_op_ended(idx, ended);
         if let Some(bid) = bid {
             self.queue_ring_reply(idx, bid, c.result);
             self.touch(idx, self.now_ms);
