@@ -777,7 +777,6 @@ fn sigterm_with_hostile_postgres_sessions_exits_within_the_drain_timeout() {
 /// between hands the client a cut message. Expected: the client's bytes end at a message
 /// boundary (the close waits for the notice's end, or for drain_timeout).
 #[test]
-#[ignore = "defect: drain_mode postgres closes a session mid-message (PgTracker::is_idle ignores the backend framer's boundary)"]
 fn a_drain_never_cuts_a_backend_message_in_half() {
     for io in io_backends() {
         // The backend: login, then a notice's first 15 bytes, 3 s later the remaining 90.

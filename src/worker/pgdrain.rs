@@ -148,9 +148,11 @@ impl PgTracker {
         }
     }
 
-    /// The session is idle: a connection closed now loses no transaction and no request.
+    /// The session is idle: a connection closed now loses no transaction and no request, and
+    /// cuts no message in half either way (a notice the backend is partway through sending
+    /// waits for its last byte).
     pub fn is_idle(&self) -> bool {
-        self.idle && !self.opaque
+        self.idle && !self.opaque && self.down.at_boundary() && self.up.at_boundary()
     }
 
     /// The session cannot be read (encrypted, or not PostgreSQL): it never reports idle.
@@ -183,9 +185,11 @@ impl PgTracker {
                 Some(Event::Untyped(_)) => {
                     // The startup message (or a cancel request, after which the server closes).
                     self.up_typed = true;
-                    self.outstanding += 1;
+                    self.outstanding = self.outstanding.saturating_add(1);
                 }
-                Some(Event::Typed(b'Q' | b'S' | b'F')) => self.outstanding += 1,
+                Some(Event::Typed(b'Q' | b'S' | b'F')) => {
+                    self.outstanding = self.outstanding.saturating_add(1);
+                }
                 Some(Event::Bad) => self.opaque = true,
                 Some(Event::Typed(_) | Event::Ready(_)) | None => {}
             }
@@ -296,8 +300,16 @@ mod tests {
             feed(&mut t, &msg(b'Q', b"COMMIT\0"), size, true);
             feed(&mut t, &answer(b'I'), size, false);
             assert!(t.is_idle(), "split {size}: after COMMIT");
-            // A notice while idle keeps it idle; the client's next byte ends it.
-            feed(&mut t, &msg(b'N', b"Mhello\0\0"), size, false);
+            // A notice while idle keeps it idle once it is whole (never halfway through: a
+            // close then would cut the client's stream mid-message); the client's next byte
+            // ends it.
+            let notice = msg(b'N', b"Mhello\0\0");
+            for cut in 1..notice.len() {
+                let mut half = t;
+                feed(&mut half, &notice[..cut], size, false);
+                assert!(!half.is_idle(), "split {size}: {cut} bytes of a notice");
+            }
+            feed(&mut t, &notice, size, false);
             assert!(t.is_idle(), "split {size}: a notice");
             t.client_bytes(b"Q");
             assert!(!t.is_idle(), "split {size}: half a query");
