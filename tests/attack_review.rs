@@ -997,7 +997,6 @@ fn five_hundred_a_records_make_a_pool_of_five_hundred() {
 /// from ringlb to itself, up to max_connections. Expected: the address is not used (with a
 /// warning), so one client is one accepted connection.
 #[test]
-#[ignore = "defect: DNS discovery accepts the listener's own address as a backend (self-connect storm)"]
 fn a_dns_answer_that_is_the_listener_itself_is_not_used() {
     for io in io_backends() {
         let port = common::procs::free_port();
@@ -1037,7 +1036,6 @@ fn a_dns_answer_that_is_the_listener_itself_is_not_used() {
 /// 0.0.0.0 reaches whatever listens on the local host at that port. Expected: skipped with a
 /// warning, so the pool has no backend from that answer.
 #[test]
-#[ignore = "defect: DNS discovery accepts 0.0.0.0 as a backend (reaches local services)"]
 fn a_dns_answer_of_0_0_0_0_is_not_a_backend() {
     let local = NamedServer::start("local-service");
     let dns = Dns::start("0.0.0.0 sink.ringlb.test\n", &[]);

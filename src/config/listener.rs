@@ -527,22 +527,27 @@ pub(super) fn validate_backends(
 /// (`0.0.0.0`, `[::]`), a loopback address of the same family and port (the wildcard listens
 /// there too). Not detected: a wildcard bind with one of the host's own non-loopback addresses
 /// (that needs the interface list, and config loading does not touch the network).
+/// Whether a listener bound to `bind` that connects to `backend` reaches itself: the same
+/// address, or a loopback address on the port of a wildcard bind. A port 0 bind is never a
+/// configured one (the port is not known until the socket is bound).
+pub fn loops_to_itself(bind: SocketAddr, backend: SocketAddr) -> bool {
+    bind.port() != 0
+        && (backend == bind
+            || (bind.ip().is_unspecified()
+                && backend.port() == bind.port()
+                && backend.is_ipv4() == bind.is_ipv4()
+                && backend.ip().is_loopback()))
+}
+
 fn check_self_loop(
     scope: &str,
     bind: SocketAddr,
     backends: &[BackendConfig],
 ) -> Result<(), ConfigError> {
-    if bind.port() == 0 {
-        return Ok(()); // an ephemeral port is not known yet, and never a configured one
-    }
-    let loops = |b: SocketAddr| {
-        b == bind
-            || (bind.ip().is_unspecified()
-                && b.port() == bind.port()
-                && b.is_ipv4() == bind.is_ipv4()
-                && b.ip().is_loopback())
-    };
-    let Some(i) = backends.iter().position(|b| loops(b.address)) else {
+    let Some(i) = backends
+        .iter()
+        .position(|b| loops_to_itself(bind, b.address))
+    else {
         return Ok(());
     };
     let address = backends[i].address;

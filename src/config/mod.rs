@@ -54,6 +54,7 @@ pub use health::{
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MAX_EJECTED_PERCENT,
     DEFAULT_MAX_EJECTION_TIME, DEFAULT_RISE, MAX_PROBE_BYTES,
 };
+pub use listener::loops_to_itself;
 use listener::{is_valid_name, validate_listener};
 pub use log::{AccessLog, LogConfig, LogFormat};
 pub use pool::{

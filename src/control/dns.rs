@@ -52,6 +52,8 @@ const MIN_TTL_REFRESH: Duration = Duration::from_secs(1);
 struct Source {
     key: SourceKey,
     discovery: Discovery,
+    /// The listener's bind address: an answer naming it is refused (a loop to itself).
+    bind: SocketAddr,
     /// The last good set (`None`: never resolved yet).
     good: Option<Vec<Found>>,
     /// Since when answers have been empty (hold running).
@@ -123,10 +125,15 @@ impl DnsState {
                     field: d.field.clone(),
                 };
                 match old.iter().position(|s| s.key == key && s.discovery == *d) {
-                    Some(i) => self.sources.push(old.swap_remove(i)),
+                    Some(i) => {
+                        let mut s = old.swap_remove(i);
+                        s.bind = l.bind;
+                        self.sources.push(s);
+                    }
                     None => self.sources.push(Source {
                         key,
                         discovery: d.clone(),
+                        bind: l.bind,
                         good: None,
                         empty_since: None,
                         due: now,
@@ -228,13 +235,35 @@ impl DnsState {
             s.discovery.describe()
         );
         match a.outcome {
-            Outcome::Found { found, ttl } => {
+            Outcome::Found { mut found, ttl } => {
                 s.counts.ok += 1;
                 if respect_ttl {
                     s.due = now + ttl.clamp(MIN_TTL_REFRESH, every.max(MIN_TTL_REFRESH));
                 }
                 s.empty_since = None;
-                s.problem = None;
+                // What the static config refuses is refused from DNS too: a sinkhole's 0.0.0.0
+                // (a connect to it reaches the local host) and the listener itself (a loop).
+                let bind = s.bind;
+                let refused: Vec<SocketAddr> = found
+                    .iter()
+                    .map(|f| f.address)
+                    .filter(|&a| a.ip().is_unspecified() || crate::config::loops_to_itself(bind, a))
+                    .collect();
+                found.retain(|f| !refused.contains(&f.address));
+                let problem = (!refused.is_empty()).then(|| {
+                    let list: Vec<String> = refused.iter().map(ToString::to_string).collect();
+                    format!(
+                        "answer not used as backends: {} (an unspecified address, or the \
+                         listener's own {bind}: it would connect to itself)",
+                        list.join(", ")
+                    )
+                });
+                if let Some(p) = &problem {
+                    if s.problem.as_ref() != Some(p) {
+                        warn!("dns: {what}: {p}");
+                    }
+                }
+                s.problem = problem;
                 s.good = Some(found);
             }
             Outcome::Empty(why) => {
