@@ -65,6 +65,11 @@ pub enum Step {
 /// try reading again at once instead of arming a poll first (saves one round trip per chunk).
 const BULK_HINT: u32 = 16 * 1024;
 
+/// A POLLOUT wake-up that means the socket can take bytes (or that writing will fail at once,
+/// which the write then reports).
+pub(super) const ROOM: i32 =
+    (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as i32;
+
 /// A flow whose last read was smaller than this copies its next message instead of splicing it
 /// (request/response traffic); a stream whose reads are large keeps splicing.
 const COPY_BELOW: u32 = 4 * 1024;
@@ -236,8 +241,7 @@ impl Flow {
         if res < 0 {
             return Step::DestFailed(res);
         }
-        let room = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as i32;
-        if res & room == 0 {
+        if res & ROOM == 0 {
             self.phase = Phase::WaitWritable;
             return Step::PollOutWakeups;
         }

@@ -185,8 +185,7 @@ impl Worker {
         if !conn.out_wait[di] {
             return; // a completion after the wait ended (its cancel in flight)
         }
-        let room = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as i32;
-        if res == -libc::ECANCELED || (res >= 0 && res & room == 0) {
+        if res == -libc::ECANCELED || (res >= 0 && res & super::conn::ROOM == 0) {
             // Our own cancel raced a new wait, or a wake-up without room: keep waiting.
             if !more {
                 conn.out_multi[di] = true;
