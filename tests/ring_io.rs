@@ -29,8 +29,39 @@ fn syscalls_during(pid: u32, work: impl FnOnce()) -> std::collections::BTreeMap<
         .stderr(Stdio::piped())
         .spawn()
         .expect("strace (apt-get install strace; .ci/run installs it)");
-    // strace says "attached" per thread on stderr; give it a moment to attach to all.
-    std::thread::sleep(Duration::from_millis(700));
+    // strace says "attached" per thread on stderr: wait for one line per thread (a fixed pause
+    // missed the first syscalls under load), then a moment more.
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = st.stderr.take().expect("strace stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // "Process N attached with T threads", or one "Process N attached" per thread.
+            let n = match line.split("attached with ").nth(1) {
+                Some(rest) => rest.split_whitespace().next().and_then(|t| t.parse().ok()),
+                None => line.contains("attached").then_some(1),
+            };
+            if let Some(n) = n {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut attached = 0;
+    while attached < threads {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(n) => attached += n,
+            Err(_) => break,
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
     work();
     // SAFETY: plain kill(2) on the child we spawned.
     unsafe { libc::kill(st.id() as i32, libc::SIGINT) };
