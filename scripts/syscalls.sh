@@ -35,9 +35,10 @@ sleep 0.5
 
 # run NAME ENV...: one ringlb with ENV, a keepalive run and a short-connection run under strace.
 run() {
-    local name=$1 lb_port cfg lb trace reqs conns
+    local name=$1 lb_port rate_port cfg lb trace reqs conns
     shift
     lb_port=$(free_port)
+    rate_port=$(free_port)
     cfg="$tmp/$name.toml"
     cat >"$cfg" <<EOF
 [runtime]
@@ -50,7 +51,7 @@ bind = "127.0.0.1:$lb_port"
 backends = [{ address = "127.0.0.1:$http_port" }]
 [[listeners]]
 name = "rate"
-bind = "127.0.0.1:$((lb_port + 1))"
+bind = "127.0.0.1:$rate_port"
 backends = [{ address = "127.0.0.1:$echo_port" }]
 EOF
     env "$@" "$bin/ringlb" run --config "$cfg" 2>"$tmp/$name.log" &
@@ -70,7 +71,7 @@ EOF
     strace -f -c -o "$trace" -p "$lb" 2>/dev/null &
     st=$!
     sleep 1
-    conns=$("$bin/examples/connrate" --target "127.0.0.1:$((lb_port + 1))" --duration-secs "$secs" \
+    conns=$("$bin/examples/connrate" --target "127.0.0.1:$rate_port" --duration-secs "$secs" \
         --concurrency 16 2>/dev/null | jq -r '.conns')
     kill -INT "$st"; wait "$st" 2>/dev/null || true
     report "$name" "short conn" "$conns" connection "$trace"
