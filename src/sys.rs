@@ -513,7 +513,8 @@ fn as_result(n: isize) -> i32 {
 }
 
 /// Takes ownership of a descriptor the kernel just installed in this process (received by
-/// `SCM_RIGHTS`, or inherited across exec and named by the binary-upgrade environment variable).
+/// `SCM_RIGHTS`, inherited across exec and named by the binary-upgrade environment variable, or
+/// created by a ring `SOCKET` whose completion carries its number).
 /// The caller guarantees nothing else owns `fd`.
 pub fn own_received_fd(fd: RawFd) -> OwnedFd {
     // SAFETY: `fd` was installed by the kernel for this process moments ago (SCM_RIGHTS) or left

@@ -143,21 +143,22 @@ fn short_conns(lb: &Lb, n: usize) {
     }
 }
 
-/// Half-closes, closes and the backend socket's options go through the ring too: per short
-/// connection no `shutdown`, `close` or `setsockopt` syscall on io_uring (the one half-close,
-/// both closes and the 5 options, TCP_NODELAY and keepalive, are SQEs), against one half-close,
-/// two closes and 5 setsockopt per connection with the features off.
+/// The backend socket, its options, half-closes and closes go through the ring too: per short
+/// connection no `socket`, `setsockopt`, `shutdown` or `close` syscall on io_uring (the socket,
+/// the 5 options, TCP_NODELAY and keepalive, the one half-close and both closes are SQEs),
+/// against one socket, 5 setsockopt, one half-close and two closes per connection with the
+/// features off.
 #[test]
-fn short_connections_half_close_and_close_in_the_ring() {
+fn short_connections_make_their_socket_and_close_it_in_the_ring() {
     const CONNS: usize = 200;
     let echo = EchoServer::start();
     for (what, env, ring) in [
         ("io_uring", vec![("RINGLB_IO", "io_uring")], true),
         (
-            "io_uring without ring_close and ring_sockopt",
+            "io_uring without ring_close, ring_sockopt and ring_socket",
             vec![
                 ("RINGLB_IO", "io_uring"),
-                ("RINGLB_IO_DISABLE", "ring_close,ring_sockopt"),
+                ("RINGLB_IO_DISABLE", "ring_close,ring_sockopt,ring_socket"),
             ],
             false,
         ),
@@ -178,20 +179,22 @@ fn short_connections_half_close_and_close_in_the_ring() {
         let closes = counts.get("close").copied().unwrap_or(0);
         let shutdowns = counts.get("shutdown").copied().unwrap_or(0);
         let opts = counts.get("setsockopt").copied().unwrap_or(0);
+        let sockets = counts.get("socket").copied().unwrap_or(0);
         if ring {
             assert!(
-                closes + shutdowns + opts < 20,
-                "{what}: {closes} close + {shutdowns} shutdown + {opts} setsockopt for {CONNS} \
-                 connections: {counts:?}"
+                closes + shutdowns + opts + sockets < 20,
+                "{what}: {sockets} socket + {closes} close + {shutdowns} shutdown + {opts} \
+                 setsockopt for {CONNS} connections: {counts:?}"
             );
         } else {
             assert!(
                 // (strace may attach a moment after the first connection started)
                 closes >= 2 * CONNS as u64 - 4
                     && shutdowns >= CONNS as u64 - 2
-                    && opts >= 5 * (CONNS as u64 - 2),
-                "{what}: {closes} close, {shutdowns} shutdown, {opts} setsockopt for {CONNS} \
-                 connections: {counts:?}"
+                    && opts >= 5 * (CONNS as u64 - 2)
+                    && sockets >= CONNS as u64 - 2,
+                "{what}: {sockets} socket, {closes} close, {shutdowns} shutdown, {opts} \
+                 setsockopt for {CONNS} connections: {counts:?}"
             );
         }
         // Nothing leaks either way: back to the sockets it had before.

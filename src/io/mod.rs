@@ -157,6 +157,11 @@ pub trait Driver {
     /// before it, and `fd` stays open until then. False, and nothing done, where it cannot:
     /// the caller makes the syscalls.
     fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool;
+    /// Creates a non-blocking, close-on-exec stream socket of address family `domain` in the
+    /// ring, where the driver can: true, and `token` completes with the new descriptor (owned
+    /// by the completion's handler from then on) or -errno. False, and nothing done, where it
+    /// cannot: the caller makes the syscall.
+    fn socket(&mut self, domain: i32, token: Token) -> bool;
     /// Ends the multishot poll, or the one-shot POLLIN, `token` names on `fd` (its last
     /// completion says -ECANCELED);
     /// the cancel's own completion, if any, carries [`Op::Detached`].
@@ -288,6 +293,9 @@ impl Driver for Io {
     }
     fn set_options(&mut self, fd: RawFd, opts: &[(i32, i32, i32)]) -> bool {
         each!(self, x => x.set_options(fd, opts))
+    }
+    fn socket(&mut self, domain: i32, token: Token) -> bool {
+        each!(self, x => x.socket(domain, token))
     }
     fn cancel_poll(&mut self, fd: RawFd, token: Token) {
         each!(self, x => x.cancel_poll(fd, token))

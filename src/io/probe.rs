@@ -77,6 +77,9 @@ pub struct Features {
     /// Socket options of backend sockets as `URING_CMD` SQEs (`SOCKET_URING_OP_SETSOCKOPT`,
     /// 6.7), in the same submission as the connect; else `setsockopt(2)` per option.
     pub ring_sockopt: bool,
+    /// Backend sockets created by `SOCKET` SQEs (5.19), so a connection's setup makes no
+    /// syscall of its own; else `socket(2)`.
+    pub ring_socket: bool,
 }
 
 impl Features {
@@ -88,6 +91,7 @@ impl Features {
         ring_close: true,
         ring_udp: true,
         ring_sockopt: true,
+        ring_socket: true,
     };
 
     fn list(&self) -> Vec<&'static str> {
@@ -100,6 +104,7 @@ impl Features {
             (self.ring_close, "ring shutdown/close"),
             (self.ring_udp, "ring udp recv"),
             (self.ring_sockopt, "ring setsockopt"),
+            (self.ring_socket, "ring socket"),
         ] {
             v.push(if on { name } else { "" });
         }
@@ -129,6 +134,9 @@ impl Features {
         }
         if !self.ring_sockopt {
             v.push("ring setsockopt (setsockopt syscalls for backend sockets instead)");
+        }
+        if !self.ring_socket {
+            v.push("ring socket (a socket syscall per backend connection instead)");
         }
         v
     }
@@ -241,6 +249,7 @@ fn disable_from_env(f: &mut Features) {
             "ring_close" => f.ring_close = false,
             "ring_udp" => f.ring_udp = false,
             "ring_sockopt" => f.ring_sockopt = false,
+            "ring_socket" => f.ring_socket = false,
             _ => {}
         }
     }
@@ -344,6 +353,7 @@ fn probe_uring() -> Result<Features, Unavailable> {
         probe.is_supported(opcode::Shutdown::CODE) && probe.is_supported(opcode::Close::CODE);
     let ring_udp = probe.is_supported(opcode::Recv::CODE) && probe_recv_multi(&mut ring)?;
     let ring_sockopt = probe.is_supported(opcode::SetSockOpt::CODE) && probe_sockopt(&mut ring)?;
+    let ring_socket = probe.is_supported(opcode::Socket::CODE) && probe_socket(&mut ring);
     Ok(Features {
         multishot_accept,
         multishot_timeout,
@@ -352,7 +362,23 @@ fn probe_uring() -> Result<Features, Unavailable> {
         ring_close,
         ring_udp,
         ring_sockopt,
+        ring_socket,
     })
+}
+
+/// `SOCKET` (5.19): a non-blocking, close-on-exec TCP socket made by the ring (closed at once).
+fn probe_socket(ring: &mut IoUring) -> bool {
+    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    let e = opcode::Socket::new(libc::AF_INET, ty, 0)
+        .build()
+        .user_data(9);
+    match one(ring, e, 9) {
+        Some(fd) if fd >= 0 => {
+            drop(crate::sys::own_received_fd(fd));
+            true
+        }
+        _ => false,
+    }
 }
 
 fn push(ring: &mut IoUring, e: io_uring::squeue::Entry) {

@@ -55,6 +55,9 @@ pub enum Op {
     /// A ring half-close (the driver's own: its completion never reaches the worker); index =
     /// the descriptor number.
     Shutdown = 26,
+    /// A backend socket the ring creates (`SOCKET`); index = connection slot, result = the new
+    /// descriptor (owned by whoever handles the completion) or -errno.
+    Socket = 27,
 }
 
 impl Op {
@@ -87,6 +90,7 @@ impl Op {
             24 => UdpReply,
             25 => HelloIn,
             26 => Shutdown,
+            27 => Socket,
             _ => return None,
         })
     }

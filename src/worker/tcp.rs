@@ -15,7 +15,7 @@ use crate::snapshot::Pick;
 use crate::sys;
 use log::{debug, info};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,31 +170,26 @@ impl Worker {
         };
         let member = &snap.pools[pool].members[mi];
         let addr = member.address;
-        let connect_timeout = snap.settings.connect_timeout;
         let keepalive = snap.settings.tcp_keepalive;
         let stats = member.stats.clone();
-        let sock = match backend_socket(addr, keepalive, &mut self.io) {
-            Ok(s) => s,
-            Err(e) => {
-                let li = conn.listener as usize;
-                self.warn_resource(
-                    li,
-                    Shortage::Socket,
-                    "socket() for a backend failed",
-                    e,
-                    format_args!("closing the client (open connections keep being served)"),
-                );
-                self.close_conn(idx, CloseReason::Resource);
-                return;
+        let li = conn.listener as usize;
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // The ring makes the socket where it can (no syscall); the connect follows its
+        // completion (`on_socket`).
+        let ring = self.io.socket(domain, self.token(Op::Socket, idx));
+        let made = if ring {
+            None
+        } else {
+            match backend_socket(addr, keepalive, &mut self.io) {
+                Ok(s) => Some(OwnedFd::from(s)),
+                Err(e) => return self.socket_failed(idx, li, e),
             }
         };
-        let fd: OwnedFd = sock.into();
         stats.inc_active();
-        let ts = self.timespec_for(connect_timeout);
-        let (ct, tt) = (
-            self.token(Op::Connect, idx),
-            self.token(Op::ConnectTimeout, idx),
-        );
         let conn = self.slots[idx as usize]
             .conn
             .as_mut()
@@ -204,6 +199,57 @@ impl Worker {
         conn.attempts += 1;
         conn.member = Some(stats);
         conn.backend_addr = Some(addr);
+        match made {
+            Some(fd) => self.issue_connect(idx, fd),
+            None => conn.inflight += 1,
+        }
+    }
+
+    /// The ring made (or failed to make) the backend socket of connection `idx`: set its
+    /// options and connect (`fd`: the new descriptor, owned since the completion arrived).
+    fn on_socket(&mut self, idx: u32, res: i32, fd: Option<OwnedFd>) {
+        let conn = self.slots[idx as usize]
+            .conn
+            .as_ref()
+            .expect("caller checked");
+        let li = conn.listener as usize;
+        let Some(fd) = fd else {
+            let e = std::io::Error::from_raw_os_error(-res);
+            return self.socket_failed(idx, li, e);
+        };
+        let keepalive = self.listeners[li].reader.load().settings.tcp_keepalive;
+        backend_options(fd.as_fd(), keepalive, &mut self.io);
+        self.issue_connect(idx, fd);
+    }
+
+    /// No socket for a backend (descriptors or memory are short): the client is closed.
+    fn socket_failed(&mut self, idx: u32, li: usize, e: std::io::Error) {
+        self.warn_resource(
+            li,
+            Shortage::Socket,
+            "socket() for a backend failed",
+            e,
+            format_args!("closing the client (open connections keep being served)"),
+        );
+        self.close_conn(idx, CloseReason::Resource);
+    }
+
+    /// Connects connection `idx`'s backend socket `fd` to its chosen backend, within the
+    /// listener's `connect_timeout`.
+    fn issue_connect(&mut self, idx: u32, fd: OwnedFd) {
+        let conn = self.slots[idx as usize]
+            .conn
+            .as_ref()
+            .expect("caller checked");
+        let addr = conn.backend_addr.expect("a backend was chosen");
+        let li = conn.listener as usize;
+        let connect_timeout = self.listeners[li].reader.load().settings.connect_timeout;
+        let ts = self.timespec_for(connect_timeout);
+        let (ct, tt) = (
+            self.token(Op::Connect, idx),
+            self.token(Op::ConnectTimeout, idx),
+        );
+        let conn = self.slots[idx as usize].conn.as_mut().expect("live");
         self.io.connect(fd.as_raw_fd(), idx, &addr, ts, ct, tt);
         conn.backend = Some(fd);
         conn.inflight += 2;
@@ -211,6 +257,9 @@ impl Worker {
 
     pub(super) fn on_conn_completion(&mut self, op: Op, c: Completion) {
         let idx = c.token.index();
+        // A socket the ring made is ours from here: closed on return unless a live connection
+        // takes it.
+        let made = (op == Op::Socket && c.result >= 0).then(|| sys::own_received_fd(c.result));
         let live = self
             .slots
             .get(idx as usize)
@@ -246,6 +295,10 @@ impl Worker {
             Op::SendBuf1 => return self.on_ring_send(idx, Dir::Down, c),
             Op::PollOutWait0 => return self.on_out_wakeup(idx, Dir::Up, c),
             Op::PollOutWait1 => return self.on_out_wakeup(idx, Dir::Down, c),
+            Op::Socket => {
+                self.on_socket(idx, res, made);
+                return;
+            }
             Op::Connect => {
                 self.on_connect(idx, res);
                 return;
@@ -671,9 +724,8 @@ pub(super) fn count_bytes(member: &Option<Arc<BackendStats>>, worker: usize, d: 
     }
 }
 
-/// A non-blocking, close-on-exec TCP socket for a backend, with TCP_NODELAY and keepalive: set
-/// in the ring where the driver can (the connect that follows is queued behind them), else by
-/// `setsockopt`. Option failures are ignored either way (the connection works without them).
+/// A non-blocking, close-on-exec TCP socket for a backend made by `socket(2)` (where the ring
+/// cannot make it), with its options ([`backend_options`]).
 fn backend_socket(
     addr: SocketAddr,
     keepalive: Option<Duration>,
@@ -684,6 +736,14 @@ fn backend_socket(
         socket2::Type::STREAM.nonblocking().cloexec(),
         None,
     )?;
+    backend_options(sock.as_fd(), keepalive, io);
+    Ok(sock)
+}
+
+/// TCP_NODELAY and keepalive on a fresh backend socket: in the ring where the driver can (the
+/// connect that follows is queued behind them), else by `setsockopt`. Failures are ignored
+/// (the connection works without them).
+fn backend_options(fd: BorrowedFd<'_>, keepalive: Option<Duration>, io: &mut impl Driver) {
     let (tcp, sol) = (libc::IPPROTO_TCP, libc::SOL_SOCKET);
     let mut opts = [(tcp, libc::TCP_NODELAY, 1); 5];
     let n = match keepalive {
@@ -699,14 +759,14 @@ fn backend_socket(
         }
         None => 1,
     };
-    if io.set_options(sock.as_raw_fd(), &opts[..n]) {
-        return Ok(sock);
+    if io.set_options(fd.as_raw_fd(), &opts[..n]) {
+        return;
     }
+    let sock = socket2::SockRef::from(&fd);
     let _ = sock.set_tcp_nodelay(true);
     if let Some(idle) = keepalive {
         let _ = sock.set_tcp_keepalive(&keepalive_params(idle));
     }
-    Ok(sock)
 }
 
 /// Keepalive probing for an idle time, in seconds: (idle, interval idle/6 clamped to 1 ..= 75,

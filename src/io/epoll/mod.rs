@@ -570,6 +570,11 @@ impl Driver for Epoll {
     fn recycle_reply(&mut self, _bid: u16) {}
 
     /// No ring: the caller makes the syscalls.
+    fn socket(&mut self, _domain: i32, _token: Token) -> bool {
+        false
+    }
+
+    /// No ring: the caller makes the syscalls.
     fn set_options(&mut self, _fd: RawFd, _opts: &[(i32, i32, i32)]) -> bool {
         false
     }

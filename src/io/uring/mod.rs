@@ -557,6 +557,19 @@ impl Driver for Ring {
         true
     }
 
+    fn socket(&mut self, domain: i32, token: Token) -> bool {
+        if !self.features.ring_socket {
+            return false;
+        }
+        let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        self.push(
+            opcode::Socket::new(domain, ty, 0)
+                .build()
+                .user_data(token.0),
+        );
+        true
+    }
+
     fn recycle_reply(&mut self, bid: u16) {
         if let Some(b) = self.dgrams.as_mut() {
             b.recycle(bid);
