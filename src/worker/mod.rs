@@ -15,7 +15,7 @@
 mod admission;
 pub mod conn;
 mod hello;
-mod pgdrain;
+pub mod pgdrain;
 mod pipes;
 mod ringio;
 mod tcp;
