@@ -11,15 +11,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::admin::{http_post, metric, metric_sum, scrape, try_http_request, try_http_with};
 use common::attack::{closed_within, io_backends, must, rss_kib, start_on};
+use common::dns::Dns;
 use common::payload::try_connect;
 use common::tls::{client_hello_bytes, ClientOptions};
 use common::{listener, ringlb_config, EchoServer, Lb, NamedServer, WORKERS};
@@ -827,124 +826,10 @@ fn a_drain_never_cuts_a_backend_message_in_half() {
 // 3. DNS discovery answers
 // ---------------------------------------------------------------------------------------------
 
-/// A dnsmasq serving `ringlb.test` from a hosts file (SIGHUP re-reads it) and `--srv-host`s,
-/// on a free loopback port; killed on drop. (The same setup as tests/dns.rs.)
-struct Dns {
-    child: Option<Child>,
-    addr: SocketAddr,
-    hosts: PathBuf,
-    log: PathBuf,
-    srv: Vec<String>,
-}
-
-impl Dns {
-    fn start(hosts: &str, srv: &[String]) -> Dns {
-        common::procs::require_tool("dnsmasq", "dnsmasq-base");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        for attempt in 0..20 {
-            let Some(port) = common::procs::free_dns_port() else {
-                continue;
-            };
-            let tag = format!("review-{}-{port}-{attempt}", std::process::id());
-            let mut d = Dns {
-                child: None,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                hosts: dir.join(format!("dns-hosts-{tag}")),
-                log: dir.join(format!("dns-{tag}.log")),
-                srv: srv.to_vec(),
-            };
-            std::fs::write(&d.hosts, hosts).expect("hosts file");
-            if d.spawn() {
-                return d;
-            }
-        }
-        panic!("dnsmasq did not start in 20 attempts");
-    }
-
-    fn spawn(&mut self) -> bool {
-        let log = std::fs::File::create(&self.log).expect("dnsmasq log");
-        let mut cmd = Command::new("dnsmasq");
-        cmd.args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--local=/ringlb.test/",
-            "--conf-file=/dev/null",
-            "--local-ttl=0",
-        ])
-        .arg(format!("--port={}", self.addr.port()))
-        .arg(format!("--addn-hosts={}", self.hosts.display()))
-        .arg("--pid-file=")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-        for s in &self.srv {
-            cmd.arg(format!("--srv-host={s}"));
-        }
-        self.child = Some(cmd.spawn().expect("spawn dnsmasq"));
-        self.wait_answering()
-    }
-
-    fn wait_answering(&mut self) -> bool {
-        let mut q = 0x4242u16.to_be_bytes().to_vec();
-        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for label in ["probe", "ringlb", "test"] {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
-        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 512];
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if c.try_wait().expect("try_wait").is_some() {
-                    return false;
-                }
-            }
-            let _ = s.send_to(&q, self.addr);
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                if buf[..n].starts_with(&q[..2]) {
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
-    fn set_hosts(&self, hosts: &str) {
-        std::fs::write(&self.hosts, hosts).expect("hosts file");
-        let pid = self.child.as_ref().expect("running").id();
-        kill(Pid::from_raw(pid as i32), Signal::SIGHUP).expect("SIGHUP dnsmasq");
-    }
-
-    fn section(&self) -> String {
-        format!(
-            "[dns]\nresolvers = [\"{}\"]\nrefresh = \"200ms\"\n",
-            self.addr
-        )
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.hosts);
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 fn dns_config(dns: &Dns, listeners: &str) -> String {
     format!(
         "[runtime]\nworkers = {WORKERS}\ndrain_timeout = \"1s\"\n[admin]\nbind = \"127.0.0.1:0\"\n{}\n{listeners}",
-        dns.section()
+        dns.dns_section("")
     )
 }
 

@@ -7,33 +7,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::admin::{http_get, metric, scrape};
+use common::servers::tagged_echo;
 use common::*;
 use nix::sys::signal::Signal;
 
 /// How long a test waits for a counter or a log line to settle.
 const SETTLE: Duration = Duration::from_secs(10);
-
-/// A backend that writes its one-byte tag as soon as it accepts, then echoes everything: a client
-/// learns which backend it reached and the connection stays open for as long as it likes.
-fn tagged_echo(tag: u8) -> Server {
-    Server::start(&format!("tagged{tag}"), move |s| {
-        s.write_all(&[tag])?;
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return s.shutdown(std::net::Shutdown::Write),
-                Ok(n) => s.write_all(&buf[..n])?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    })
-}
 
 /// Reads a tagged echo's tag byte, then checks a round trip: the connection is established end
 /// to end (client, LB, backend) when this returns.

@@ -488,22 +488,6 @@ fn busy_udp_flows_lose_no_datagram_at_the_handover() {
     assert_eq!(lost, 0, "datagrams lost at the handover: {results:?}");
 }
 
-/// A backend that writes its tag byte on accept, then echoes.
-fn tagged_echo(tag: u8) -> common::Server {
-    common::Server::start(&format!("tagged{tag}"), move |s| {
-        s.write_all(&[tag])?;
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return s.shutdown(std::net::Shutdown::Write),
-                Ok(n) => s.write_all(&buf[..n])?,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    })
-}
-
 /// A connection through `addr` and the tag of the backend it reached.
 fn open_tagged(addr: SocketAddr) -> (TcpStream, u8) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
@@ -540,7 +524,10 @@ fn active_by_backend(admin: SocketAddr, name: &str) -> Vec<(String, u64)> {
 
 #[test]
 fn least_connections_in_the_new_process_counts_what_the_old_still_carries() {
-    let servers = [tagged_echo(0), tagged_echo(1)];
+    let servers = [
+        common::servers::tagged_echo(0),
+        common::servers::tagged_echo(1),
+    ];
     let toml = LbConfig::default()
         .drain_timeout("20s")
         .listener(

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod attack;
 pub mod config;
+pub mod dns;
 pub mod http;
 pub mod lb;
 pub mod ops;

@@ -228,6 +228,23 @@ impl std::ops::Deref for EchoServer {
     }
 }
 
+/// A backend that writes its one-byte tag as soon as it accepts, then echoes everything: a client
+/// learns which backend it reached and the connection stays open for as long as it likes.
+pub fn tagged_echo(tag: u8) -> Server {
+    Server::start(&format!("tagged{tag}"), move |s| {
+        s.write_all(&[tag])?;
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return s.shutdown(std::net::Shutdown::Write),
+                Ok(n) => s.write_all(&buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+}
+
 /// Writes its name, then closes: tells the test which backend a connection reached.
 pub struct NamedServer {
     server: Server,
